@@ -1,0 +1,2 @@
+//! Evolve's benchmark scenarios and demos.
+fn main() {}

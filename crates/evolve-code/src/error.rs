@@ -1,0 +1,214 @@
+//! The engine's error type: what went wrong, with the addresses and bytes involved.
+
+use crate::site::SiteInsn;
+use std::fmt;
+
+/// An error from the code engine.
+///
+/// Every error names its cause and carries the addresses, bytes or OS error involved, so that a
+/// refused change can be explained to an operator without a debugger. An operation that returns
+/// an error has changed nothing (see each operation's documentation for the exact guarantee).
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+}
+
+/// The cause of an [`Error`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The address was never registered as a patch site.
+    UnknownSite {
+        /// The address given.
+        address: usize,
+    },
+    /// The bytes at the address are not one of the 5-byte instructions a site may hold
+    /// (`jmp rel32`, `call rel32`, 5-byte NOP).
+    NotASiteInstruction {
+        /// The address given.
+        address: usize,
+        /// The bytes found there.
+        found: [u8; 5],
+    },
+    /// The address does not lie in an executable mapping of this process.
+    NotExecutable {
+        /// The address given.
+        address: usize,
+    },
+    /// The bytes at a site are not what the engine last wrote there: something else modified the
+    /// code behind the engine's back.
+    UnexpectedBytes {
+        /// The site's address.
+        address: usize,
+        /// The bytes the caller expected.
+        expected: [u8; 5],
+        /// The bytes actually found.
+        found: [u8; 5],
+    },
+    /// The site does not hold the instruction the caller expected (someone else retargeted it,
+    /// or the caller's view is stale).
+    UnexpectedInstruction {
+        /// The site's address.
+        address: usize,
+        /// What the caller expected.
+        expected: SiteInsn,
+        /// What the site holds.
+        found: SiteInsn,
+    },
+    /// The target cannot be reached from the site, not even through a springboard (no near
+    /// memory could be reserved within ±2 GiB).
+    Unreachable {
+        /// The site's address.
+        site: usize,
+        /// The target asked for.
+        target: usize,
+    },
+    /// The same site appears twice in one batch.
+    DuplicateSite {
+        /// The site's address.
+        address: usize,
+    },
+    /// No memory could be reserved within ±2 GiB of the address.
+    NoNearMemory {
+        /// The address the memory had to be near.
+        near: usize,
+        /// The size asked for.
+        size: usize,
+    },
+    /// A system call failed.
+    Os {
+        /// What the engine was doing.
+        operation: &'static str,
+        /// The OS error number.
+        errno: i32,
+    },
+    /// The kernel lacks a facility the engine needs, and there is no safe fallback.
+    Unsupported {
+        /// What is missing, and why it is needed.
+        what: &'static str,
+    },
+    /// An ELF image of the process could not be read or parsed.
+    Image {
+        /// The file involved.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An argument was invalid.
+    InvalidArgument {
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Creates an error of the given kind.
+    pub fn new(kind: ErrorKind) -> Error {
+        Error { kind }
+    }
+
+    /// The cause of this error.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// An [`ErrorKind::Os`] error from the current `errno`.
+    pub(crate) fn last_os(operation: &'static str) -> Error {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        Error::new(ErrorKind::Os { operation, errno })
+    }
+}
+
+impl From<ErrorKind> for Error {
+    fn from(kind: ErrorKind) -> Error {
+        Error::new(kind)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ErrorKind::UnknownSite { address } => {
+                write!(f, "{address:#x} is not a registered patch site")
+            }
+            ErrorKind::NotASiteInstruction { address, found } => write!(
+                f,
+                "{address:#x} holds [{}], which is not a 5-byte jmp rel32, call rel32 or NOP",
+                hex(found)
+            ),
+            ErrorKind::NotExecutable { address } => {
+                write!(f, "{address:#x} is not in an executable mapping of this process")
+            }
+            ErrorKind::UnexpectedBytes {
+                address,
+                expected,
+                found,
+            } => write!(
+                f,
+                "patch site {address:#x} holds [{}], but the engine left [{}] there: the code was \
+                 modified behind the engine's back; nothing was changed",
+                hex(found),
+                hex(expected)
+            ),
+            ErrorKind::UnexpectedInstruction {
+                address,
+                expected,
+                found,
+            } => write!(
+                f,
+                "patch site {address:#x} holds `{found}`, expected `{expected}`; nothing was changed"
+            ),
+            ErrorKind::Unreachable { site, target } => write!(
+                f,
+                "target {target:#x} is out of rel32 range of site {site:#x} and no springboard \
+                 could be placed near the site"
+            ),
+            ErrorKind::DuplicateSite { address } => {
+                write!(f, "patch site {address:#x} appears twice in one batch")
+            }
+            ErrorKind::NoNearMemory { near, size } => write!(
+                f,
+                "no free address range of {size} bytes within ±2 GiB of {near:#x}"
+            ),
+            ErrorKind::Os { operation, errno } => write!(
+                f,
+                "{operation} failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            ErrorKind::Unsupported { what } => write!(f, "unsupported: {what}"),
+            ErrorKind::Image { path, reason } => write!(f, "cannot read image {path}: {reason}"),
+            ErrorKind::InvalidArgument { reason } => write!(f, "invalid argument: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The engine's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unexpected_bytes_message_names_address_and_both_byte_strings() {
+        let e = Error::new(ErrorKind::UnexpectedBytes {
+            address: 0x1000,
+            expected: [0xe9, 1, 2, 3, 4],
+            found: [0xe8, 0, 0, 0, 0],
+        });
+        let msg = e.to_string();
+        assert!(msg.contains("0x1000"), "{msg}");
+        assert!(msg.contains("e9 01 02 03 04"), "{msg}");
+        assert!(msg.contains("e8 00 00 00 00"), "{msg}");
+    }
+}

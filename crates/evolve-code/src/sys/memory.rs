@@ -1,0 +1,275 @@
+//! Mappings, page protection and raw access to code bytes.
+//!
+//! # Safety
+//!
+//! The unsafe functions here read or write raw addresses; their callers must guarantee that the
+//! addresses lie in mappings with the needed permission at the time of the access. The safe
+//! wrappers (`mprotect`, `map_*`, `unmap`) only pass integers to the kernel, and `unmap` is
+//! restricted by its own contract (see its docs).
+#![allow(unsafe_code)]
+
+use crate::error::{Error, ErrorKind, Result};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The page size of this machine.
+pub fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf only reads a configuration value.
+    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize)
+}
+
+/// The first byte of the page holding `addr`.
+pub fn page_of(addr: usize) -> usize {
+    addr & !(page_size() - 1)
+}
+
+/// Access rights of a mapping, as `mprotect(2)` understands them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Protection {
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+}
+
+impl Protection {
+    /// `r-x`: the protection of live code.
+    pub const READ_EXEC: Protection = Protection {
+        read: true,
+        write: false,
+        exec: true,
+    };
+
+    fn to_prot(self) -> libc::c_int {
+        let mut prot = libc::PROT_NONE;
+        if self.read {
+            prot |= libc::PROT_READ;
+        }
+        if self.write {
+            prot |= libc::PROT_WRITE;
+        }
+        if self.exec {
+            prot |= libc::PROT_EXEC;
+        }
+        prot
+    }
+}
+
+/// One line of `/proc/self/maps`.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// The addresses covered.
+    pub range: Range<usize>,
+    /// Its current protection.
+    pub protection: Protection,
+}
+
+/// Parses `/proc/self/maps`: every mapping of this process, in address order.
+pub fn mappings() -> Result<Vec<Mapping>> {
+    let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
+        Error::new(ErrorKind::Os {
+            operation: "read /proc/self/maps",
+            errno: e.raw_os_error().unwrap_or(0),
+        })
+    })?;
+    Ok(text.lines().filter_map(parse_maps_line).collect())
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.split_ascii_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?.as_bytes();
+    Some(Mapping {
+        range: usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?,
+        protection: Protection {
+            read: perms.first() == Some(&b'r'),
+            write: perms.get(1) == Some(&b'w'),
+            exec: perms.get(2) == Some(&b'x'),
+        },
+    })
+}
+
+/// The mapping containing `addr`, from a list sorted by address.
+pub fn mapping_containing(maps: &[Mapping], addr: usize) -> Option<&Mapping> {
+    let i = maps.partition_point(|m| m.range.end <= addr);
+    maps.get(i).filter(|m| m.range.contains(&addr))
+}
+
+/// `int mprotect(void *addr, size_t len, int prot)`; see mprotect(2). `range` must be
+/// page-aligned.
+pub fn mprotect(range: Range<usize>, protection: Protection) -> Result<()> {
+    // SAFETY: mprotect validates the range itself and fails with ENOMEM on unmapped pages. Changing
+    // the protection of our own code pages is the engine's business; callers in this crate only
+    // ever add write permission to executable pages temporarily, keeping read and exec, so
+    // no thread executing there can fault.
+    let rc = unsafe {
+        libc::mprotect(
+            range.start as *mut libc::c_void,
+            range.end - range.start,
+            protection.to_prot(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::last_os("mprotect"));
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of fresh anonymous memory exactly at `addr` if that range is free
+/// (`MAP_FIXED_NOREPLACE`); `Ok(None)` if something is already there.
+pub fn map_fixed_noreplace(
+    addr: usize,
+    len: usize,
+    protection: Protection,
+) -> Result<Option<usize>> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory of the process
+    // is affected; the new mapping is anonymous and owned by the caller.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            protection.to_prot(),
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if err == libc::EEXIST || err == libc::EPERM {
+            return Ok(None);
+        }
+        return Err(Error::new(ErrorKind::Os {
+            operation: "mmap near",
+            errno: err,
+        }));
+    }
+    if p as usize != addr {
+        // Kernels older than 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
+        // SAFETY: p is the mapping just created by us, of length len, used by nobody.
+        unsafe { libc::munmap(p, len) };
+        return Ok(None);
+    }
+    Ok(Some(addr))
+}
+
+/// Maps `len` bytes of fresh anonymous memory wherever the kernel likes.
+#[cfg(test)]
+pub fn map_anywhere(len: usize, protection: Protection) -> Result<usize> {
+    // SAFETY: a new anonymous mapping at an address of the kernel's choice affects no existing
+    // memory.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            protection.to_prot(),
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::last_os("mmap"));
+    }
+    Ok(p as usize)
+}
+
+/// Reads `N` bytes at `addr` with volatile loads (code may change under us).
+///
+/// # Safety
+///
+/// `addr..addr + N` must be mapped readable for the duration of the call.
+pub unsafe fn read<const N: usize>(addr: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        // SAFETY: within the readable range promised by the caller.
+        *byte = unsafe { std::ptr::read_volatile((addr + i) as *const u8) };
+    }
+    out
+}
+
+/// Writes `bytes` at `addr` with volatile byte stores.
+///
+/// # Safety
+///
+/// `addr..addr + bytes.len()` must be mapped writable, and no thread may execute those bytes in a
+/// way that a partial write could harm (the write protocol guarantees that).
+pub unsafe fn write(addr: usize, bytes: &[u8]) {
+    for (i, byte) in bytes.iter().enumerate() {
+        // SAFETY: within the writable range promised by the caller.
+        unsafe { std::ptr::write_volatile((addr + i) as *mut u8, *byte) };
+    }
+}
+
+/// Replaces `len` bytes at `addr` inside the naturally aligned 8-byte word that holds them with
+/// one atomic 8-byte store, keeping the word's other bytes as they are.
+///
+/// # Safety
+///
+/// The word must be mapped readable and writable, `addr % 8 + len <= 8`, and no other thread may
+/// store to the word concurrently (the engine's write lock guarantees that).
+pub unsafe fn store_in_word(addr: usize, bytes: &[u8]) {
+    let word_addr = addr & !7;
+    let offset = addr - word_addr;
+    debug_assert!(offset + bytes.len() <= 8);
+    // SAFETY: word_addr is 8-aligned and mapped read-write (caller). AtomicU64 has the layout
+    // of u64; code pages are ordinary memory.
+    let word = unsafe { &*(word_addr as *const AtomicU64) };
+    let mut value = word.load(Ordering::Relaxed).to_le_bytes();
+    value[offset..offset + bytes.len()].copy_from_slice(bytes);
+    word.store(u64::from_le_bytes(value), Ordering::SeqCst);
+}
+
+/// Writes `bytes` at `addr` through `/proc/self/mem`, which the kernel allows even on pages
+/// that are not writable (as a debugger does). The fallback when `mprotect` to RWX is forbidden.
+pub fn write_via_proc_mem(addr: usize, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    static FILE: std::sync::OnceLock<std::io::Result<std::fs::File>> = std::sync::OnceLock::new();
+    let file = FILE
+        .get_or_init(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/self/mem")
+        })
+        .as_ref()
+        .map_err(|e| {
+            Error::new(ErrorKind::Os {
+                operation: "open /proc/self/mem",
+                errno: e.raw_os_error().unwrap_or(0),
+            })
+        })?;
+    file.write_all_at(bytes, addr as u64).map_err(|e| {
+        Error::new(ErrorKind::Os {
+            operation: "write /proc/self/mem",
+            errno: e.raw_os_error().unwrap_or(0),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_line_parses_range_and_protection() {
+        let m = parse_maps_line(
+            "55d0c0a00000-55d0c0a21000 r-xp 00001000 fd:01 123 /usr/bin/some thing",
+        )
+        .unwrap();
+        assert_eq!(m.range, 0x55d0c0a00000..0x55d0c0a21000);
+        assert_eq!(m.protection, Protection::READ_EXEC);
+        let anon = parse_maps_line("7f0000000000-7f0000001000 rw-p 00000000 00:00 0").unwrap();
+        assert!(anon.protection.write && !anon.protection.exec);
+    }
+
+    #[test]
+    fn own_code_is_in_an_executable_mapping() {
+        let maps = mappings().unwrap();
+        let here = own_code_is_in_an_executable_mapping as *const () as usize;
+        let m = mapping_containing(&maps, here).unwrap();
+        assert!(m.protection.exec && !m.protection.write, "{m:?}");
+    }
+}

@@ -1,0 +1,589 @@
+//! Safe live writes: changing patch sites while other threads execute them.
+//!
+//! # The problem
+//!
+//! A thread may be fetching a site's 5 bytes at any moment. If it sees some old bytes and some
+//! new ones it executes a torn instruction and the process dies, or worse, jumps somewhere
+//! plausible. Cores may also run stale bytes they fetched before the write (cross-modifying code).
+//!
+//! # The protocol
+//!
+//! All writes happen under one global lock ([`WRITER`]), in batches ([`Batch`]). A batch is
+//! validated completely before the first byte changes; then:
+//!
+//! 1. **Permissions.** Every page holding a site of the batch is made `rwx` (never writable
+//!    without exec: a thread executing there must not fault), contiguous pages in one `mprotect`,
+//!    and restored to its original protection after the batch. If the kernel forbids writable
+//!    executable pages (W^X policies), the engine writes through `/proc/self/mem` instead, as a
+//!    debugger does, and uses only the int3 path (those writes are not guaranteed atomic).
+//! 2. **Aligned sites** — the 5 bytes lie in one naturally aligned 8-byte word — change with one
+//!    atomic 8-byte store of the whole word (read-modify-write; only the writer stores to code,
+//!    under the lock). A fetch sees the old or the new instruction, never a mix.
+//! 3. **Other sites** follow the kernel's `text_poke_bp`: arm the trap table with the new bytes
+//!    (see [`crate::sys::trap`]), write `int3` on the first byte of every such site, sync cores;
+//!    write bytes 1..4, sync cores; write the first byte, (sync cores: step 4). A thread that
+//!    reaches a site meanwhile traps and the handler emulates the new instruction.
+//! 4. **Sync cores** once more ([`crate::sys::membarrier`]): every thread now executes the new
+//!    bytes. Only then are the trap slots disarmed and springboards no longer in use considered.
+//!
+//! A batch therefore costs one core sync if all its sites are aligned, three otherwise, plus two
+//! `mprotect` calls per run of contiguous pages: cheap enough to retarget thousands of sites at
+//! once (XRay measured that per-site `mprotect` dominates; we batch).
+//!
+//! Each site switches at one instant, but the sites of a batch do not switch together; callers
+//! that need a group to switch atomically use safe points (a higher layer).
+//!
+//! # Failure
+//!
+//! Nothing is written until every edit is validated (registered site, expected instruction
+//! present, target reachable, bytes in memory as the engine left them) and every page is
+//! writable. A failure before that point leaves the process exactly as it was.
+//!
+//! # Safety
+//!
+//! The unsafe blocks here read and write site bytes. Sites are mapped while registered
+//! (the contract of [`PatchSite::register`]); writes happen only inside a [`Window`] that made
+//! the pages writable, under the write lock, in the order the protocol above requires.
+#![allow(unsafe_code)]
+
+use crate::arch::{self, INT3, SITE_LEN};
+use crate::error::{Error, ErrorKind, Result};
+use crate::site::{PatchSite, SiteInsn};
+use crate::springboard::Springboards;
+use crate::sys::memory::{self, Protection};
+use crate::sys::{membarrier, trap::TrapSites};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// How a batch writes its sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WritePath {
+    /// Atomic 8-byte store where the site sits in one aligned word, int3 protocol elsewhere.
+    #[default]
+    Auto,
+    /// The int3 protocol for every site (tests use it to cover that path on any layout).
+    Int3,
+}
+
+/// The engine's state, all of it behind the write lock.
+pub(crate) struct Writer {
+    sites: HashMap<usize, SiteState>,
+    traps: TrapSites,
+    /// Original protection of every code page the engine has written, from `/proc/self/maps`.
+    protections: HashMap<usize, Protection>,
+    pub(crate) springboards: Springboards,
+    /// Set once `mprotect` to `rwx` was refused: write through `/proc/self/mem` from then on.
+    via_proc_mem: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SiteState {
+    original: [u8; SITE_LEN],
+    /// What the site means (far targets as themselves, not as their springboard).
+    current: SiteInsn,
+    /// What the site holds in memory.
+    bytes: [u8; SITE_LEN],
+}
+
+static WRITER: Mutex<Option<Writer>> = Mutex::new(None);
+static DEFAULT_PATH: AtomicU8 = AtomicU8::new(0);
+
+/// The write lock, with the engine state created on first use.
+pub(crate) fn lock() -> WriterGuard {
+    let mut guard = WRITER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if guard.is_none() {
+        *guard = Some(Writer {
+            sites: HashMap::new(),
+            traps: TrapSites::new(),
+            protections: HashMap::new(),
+            springboards: Springboards::default(),
+            via_proc_mem: std::env::var_os("EVOLVE_WRITE_VIA_PROC_MEM").is_some(),
+        });
+    }
+    WriterGuard(guard)
+}
+
+/// Holds the write lock.
+pub(crate) struct WriterGuard(MutexGuard<'static, Option<Writer>>);
+
+impl std::ops::Deref for WriterGuard {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        self.0.as_ref().expect("initialised in lock()")
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard {
+    fn deref_mut(&mut self) -> &mut Writer {
+        self.0.as_mut().expect("initialised in lock()")
+    }
+}
+
+/// Sets the write path used by batches that do not choose one. `EVOLVE_WRITE_PATH=int3` in the
+/// environment sets it to [`WritePath::Int3`] at start-up.
+pub fn set_default_write_path(path: WritePath) {
+    DEFAULT_PATH.store(path as u8 + 1, Ordering::Relaxed);
+}
+
+fn default_write_path() -> WritePath {
+    match DEFAULT_PATH.load(Ordering::Relaxed) {
+        0 => {
+            let int3 = std::env::var("EVOLVE_WRITE_PATH").is_ok_and(|v| v == "int3");
+            let path = if int3 {
+                WritePath::Int3
+            } else {
+                WritePath::Auto
+            };
+            set_default_write_path(path);
+            path
+        }
+        1 => WritePath::Auto,
+        _ => WritePath::Int3,
+    }
+}
+
+fn executable_mapping_check(address: usize) -> Result<()> {
+    let maps = memory::mappings()?;
+    for byte in [address, address + SITE_LEN - 1] {
+        match memory::mapping_containing(&maps, byte) {
+            Some(m) if m.protection.exec && m.protection.read => {}
+            _ => return Err(Error::new(ErrorKind::NotExecutable { address })),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a registered site's bytes.
+fn read_site(address: usize) -> [u8; SITE_LEN] {
+    // SAFETY: only called for registered sites, which are mapped readable while registered
+    // (contract of `PatchSite::register`), or after `executable_mapping_check`.
+    unsafe { memory::read::<SITE_LEN>(address) }
+}
+
+pub(crate) fn register(address: usize) -> Result<()> {
+    let mut w = lock();
+    if w.sites.contains_key(&address) {
+        return Ok(());
+    }
+    executable_mapping_check(address)?;
+    let bytes = read_site(address);
+    let current = arch::decode(bytes, address).ok_or(ErrorKind::NotASiteInstruction {
+        address,
+        found: bytes,
+    })?;
+    let current = w.springboards.resolve(current);
+    w.sites.insert(
+        address,
+        SiteState {
+            original: bytes,
+            current,
+            bytes,
+        },
+    );
+    Ok(())
+}
+
+pub(crate) fn is_registered(address: usize) -> bool {
+    lock().sites.contains_key(&address)
+}
+
+pub(crate) fn current(address: usize) -> Option<SiteInsn> {
+    lock().sites.get(&address).map(|s| s.current)
+}
+
+pub(crate) fn original(address: usize) -> Option<SiteInsn> {
+    let w = lock();
+    let s = w.sites.get(&address)?;
+    arch::decode(s.original, address)
+}
+
+pub(crate) fn unregister(address: usize) -> Result<()> {
+    let mut w = lock();
+    w.sites
+        .remove(&address)
+        .map(|_| ())
+        .ok_or(Error::new(ErrorKind::UnknownSite { address }))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NewInsn {
+    Insn(SiteInsn),
+    Original,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Edit {
+    site: usize,
+    expected: Option<SiteInsn>,
+    new: NewInsn,
+}
+
+/// Several site changes applied together: validated all first, written with shared core syncs.
+///
+/// # Example
+///
+/// ```
+/// use evolve_code::{Batch, FnSite};
+///
+/// extern "C" fn a() -> u64 { 1 }
+/// extern "C" fn b() -> u64 { 2 }
+/// type F = extern "C" fn() -> u64;
+///
+/// let sites: Vec<FnSite<F>> = (0..3).map(|_| FnSite::new(a as F).unwrap()).collect();
+/// let mut batch = Batch::new();
+/// for s in &sites {
+///     batch.retarget(s.patch_site(), s.patch_site().current(), evolve_code::SiteInsn::Jmp(b as usize));
+/// }
+/// let report = batch.apply().unwrap();
+/// assert_eq!(report.changed, 3);
+/// assert!(sites.iter().all(|s| (s.entry())() == 2));
+/// ```
+#[derive(Debug, Default)]
+pub struct Batch {
+    edits: Vec<Edit>,
+    path: Option<WritePath>,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchReport {
+    /// Sites whose bytes changed.
+    pub changed: usize,
+    /// Sites that already held the new instruction.
+    pub unchanged: usize,
+    /// Sites written with one atomic store.
+    pub stored: usize,
+    /// Sites written with the int3 protocol.
+    pub via_int3: usize,
+    /// Sites that reach their target through a springboard.
+    pub via_springboard: usize,
+    /// Core syncs issued.
+    pub core_syncs: usize,
+    /// `mprotect` calls issued (both directions).
+    pub mprotects: usize,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Chooses the write path for this batch (default: [`set_default_write_path`]).
+    pub fn path(&mut self, path: WritePath) -> &mut Batch {
+        self.path = Some(path);
+        self
+    }
+
+    /// Adds: change `site` from `expected` to `new`.
+    pub fn retarget(&mut self, site: PatchSite, expected: SiteInsn, new: SiteInsn) -> &mut Batch {
+        self.edits.push(Edit {
+            site: site.address(),
+            expected: Some(expected),
+            new: NewInsn::Insn(new),
+        });
+        self
+    }
+
+    /// Adds: put `site`'s original bytes back, whatever it holds now.
+    pub fn restore(&mut self, site: PatchSite) -> &mut Batch {
+        self.edits.push(Edit {
+            site: site.address(),
+            expected: None,
+            new: NewInsn::Original,
+        });
+        self
+    }
+
+    /// Number of edits.
+    pub fn len(&self) -> usize {
+        self.edits.len()
+    }
+
+    /// True if the batch has no edits.
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty()
+    }
+
+    /// Validates every edit, then writes them all (see the module docs for the protocol).
+    ///
+    /// On error nothing was written, except where the error says a system call failed after
+    /// writing began (restoring page protection), which does not happen on a sane kernel.
+    pub fn apply(&self) -> Result<BatchReport> {
+        let path = self.path.unwrap_or_else(default_write_path);
+        let mut w = lock();
+        let plan = w.plan(&self.edits)?;
+        w.write(&plan, path)
+    }
+}
+
+/// A validated edit: the bytes to write and the state to record.
+struct Planned {
+    site: usize,
+    bytes: [u8; SITE_LEN],
+    insn: SiteInsn,
+    via_springboard: bool,
+}
+
+impl Writer {
+    fn plan(&mut self, edits: &[Edit]) -> Result<(Vec<Planned>, usize)> {
+        let mut seen = HashSet::with_capacity(edits.len());
+        let mut planned = Vec::with_capacity(edits.len());
+        let mut unchanged = 0;
+        for edit in edits {
+            let address = edit.site;
+            if !seen.insert(address) {
+                return Err(Error::new(ErrorKind::DuplicateSite { address }));
+            }
+            let state = *self
+                .sites
+                .get(&address)
+                .ok_or(Error::new(ErrorKind::UnknownSite { address }))?;
+            let found = read_site(address);
+            if found != state.bytes {
+                // Somebody else wrote the site behind the engine's back.
+                return Err(Error::new(ErrorKind::UnexpectedBytes {
+                    address,
+                    expected: state.bytes,
+                    found,
+                }));
+            }
+            if let Some(expected) = edit.expected {
+                if expected != state.current {
+                    return Err(Error::new(ErrorKind::UnexpectedInstruction {
+                        address,
+                        expected,
+                        found: state.current,
+                    }));
+                }
+            }
+            let (insn, bytes, via_springboard) = match edit.new {
+                NewInsn::Original => {
+                    let insn =
+                        arch::decode(state.original, address).expect("validated at register");
+                    (self.springboards.resolve(insn), state.original, false)
+                }
+                NewInsn::Insn(insn) => match arch::encode(insn, address) {
+                    Some(bytes) => (insn, bytes, false),
+                    None => {
+                        let target = insn.target().expect("only branches can be out of range");
+                        let board = self.springboard_near(address, target)?;
+                        let bytes = match insn {
+                            SiteInsn::Jmp(_) => arch::encode(SiteInsn::Jmp(board), address),
+                            _ => arch::encode(SiteInsn::Call(board), address),
+                        }
+                        .expect("springboard within rel32 range");
+                        (insn, bytes, true)
+                    }
+                },
+            };
+            if bytes == state.bytes {
+                unchanged += 1;
+                continue;
+            }
+            planned.push(Planned {
+                site: address,
+                bytes,
+                insn,
+                via_springboard,
+            });
+        }
+        Ok((planned, unchanged))
+    }
+
+    fn write(&mut self, plan: &(Vec<Planned>, usize), path: WritePath) -> Result<BatchReport> {
+        let (planned, unchanged) = plan;
+        let mut report = BatchReport {
+            unchanged: *unchanged,
+            ..BatchReport::default()
+        };
+        if planned.is_empty() {
+            return Ok(report);
+        }
+        membarrier::ensure_registered()?;
+        let mut window = self.open_window(planned.iter().map(|p| p.site))?;
+        report.mprotects += window.runs.len();
+        let store_atomically = |site: usize| {
+            path == WritePath::Auto && !window.via_proc_mem && site % 8 + SITE_LEN <= 8
+        };
+        let (stored, trapped): (Vec<&Planned>, Vec<&Planned>) =
+            planned.iter().partition(|p| store_atomically(p.site));
+
+        if !trapped.is_empty() {
+            crate::sys::trap::install()?;
+            // Keys first (may grow the table), then arm: growth never happens while armed.
+            for p in &trapped {
+                self.traps.insert(p.site);
+            }
+            for p in &trapped {
+                self.traps.arm(p.site, p.bytes);
+            }
+            for p in &trapped {
+                window.write(p.site, &[INT3])?;
+            }
+            membarrier::sync_cores()?;
+            for p in &trapped {
+                window.write(p.site + 1, &p.bytes[1..])?;
+            }
+            membarrier::sync_cores()?;
+            for p in &trapped {
+                window.write(p.site, &p.bytes[..1])?;
+            }
+            report.core_syncs += 2;
+        }
+        for p in &stored {
+            // SAFETY: the window made the page writable; the site lies in one aligned word
+            // (checked by `store_atomically`); we hold the write lock.
+            unsafe { memory::store_in_word(p.site, &p.bytes) };
+        }
+        membarrier::sync_cores()?;
+        report.core_syncs += 1;
+        for p in &trapped {
+            self.traps.disarm(p.site);
+        }
+        for p in planned {
+            let state = self.sites.get_mut(&p.site).expect("validated");
+            state.bytes = p.bytes;
+            state.current = p.insn;
+        }
+        report.changed = planned.len();
+        report.stored = stored.len();
+        report.via_int3 = trapped.len();
+        report.via_springboard = planned.iter().filter(|p| p.via_springboard).count();
+        report.mprotects += window.close()?;
+        Ok(report)
+    }
+
+    /// Makes the pages of `addresses` (each the start of `SITE_LEN` bytes) writable.
+    fn open_window(&mut self, addresses: impl Iterator<Item = usize>) -> Result<Window> {
+        let mut pages = BTreeMap::new();
+        for a in addresses {
+            pages.insert(memory::page_of(a), ());
+            pages.insert(memory::page_of(a + SITE_LEN - 1), ());
+        }
+        let missing: Vec<usize> = pages
+            .keys()
+            .copied()
+            .filter(|p| !self.protections.contains_key(p))
+            .collect();
+        if !missing.is_empty() {
+            let maps = memory::mappings()?;
+            for page in missing {
+                let m = memory::mapping_containing(&maps, page)
+                    .filter(|m| m.protection.exec)
+                    .ok_or(ErrorKind::NotExecutable { address: page })?;
+                self.protections.insert(page, m.protection);
+            }
+        }
+        // Runs of contiguous pages with the same protection: one mprotect each.
+        let page_size = memory::page_size();
+        let mut runs: Vec<(Range<usize>, Protection)> = Vec::new();
+        for &page in pages.keys() {
+            let protection = self.protections[&page];
+            match runs.last_mut() {
+                Some((range, p)) if range.end == page && *p == protection => range.end += page_size,
+                _ => runs.push((page..page + page_size, protection)),
+            }
+        }
+        let mut window = Window {
+            runs: Vec::new(),
+            via_proc_mem: self.via_proc_mem,
+        };
+        if window.via_proc_mem {
+            return Ok(window);
+        }
+        for (range, protection) in runs {
+            let writable = Protection {
+                write: true,
+                ..protection
+            };
+            if let Err(e) = memory::mprotect(range.clone(), writable) {
+                window.close()?;
+                if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::EACCES) {
+                    // W^X policy: fall back to /proc/self/mem for good (see module docs).
+                    self.via_proc_mem = true;
+                    window.via_proc_mem = true;
+                    return Ok(window);
+                }
+                if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::ENOMEM) {
+                    // Unmapped since we cached it: forget, so the next attempt re-reads maps.
+                    self.protections.retain(|p, _| !range.contains(p));
+                }
+                return Err(e);
+            }
+            window.runs.push((range, protection));
+        }
+        Ok(window)
+    }
+
+    /// Writes fresh code (not yet reachable by any thread) and syncs cores, so that a later
+    /// site write publishing it is seen after the code.
+    pub(crate) fn write_fresh_code(&mut self, address: usize, code: &[u8]) -> Result<()> {
+        membarrier::ensure_registered()?;
+        let mut window = self.open_window(
+            (address..address + code.len())
+                .step_by(memory::page_size())
+                .chain([address + code.len().saturating_sub(SITE_LEN)]),
+        )?;
+        window.write(address, code)?;
+        window.close()?;
+        membarrier::sync_cores()
+    }
+}
+
+/// Pages made writable for one batch.
+struct Window {
+    runs: Vec<(Range<usize>, Protection)>,
+    via_proc_mem: bool,
+}
+
+impl Window {
+    fn write(&self, address: usize, bytes: &[u8]) -> Result<()> {
+        if self.via_proc_mem {
+            return memory::write_via_proc_mem(address, bytes);
+        }
+        // SAFETY: the window made every page of the batch writable (and kept them executable);
+        // the protocol guarantees no thread executes a partially written instruction.
+        unsafe { memory::write(address, bytes) };
+        Ok(())
+    }
+
+    /// Restores the original protections; returns the number of `mprotect` calls.
+    fn close(&mut self) -> Result<usize> {
+        let n = self.runs.len();
+        for (range, protection) in self.runs.drain(..) {
+            memory::mprotect(range, protection)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Whether the engine has fallen back to writing through `/proc/self/mem`.
+pub fn writes_via_proc_mem() -> bool {
+    lock().via_proc_mem
+}
+
+/// Threads that reached a site while the int3 protocol was rewriting it, as resolved by the
+/// `SIGTRAP` handler since the process started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrapCounts {
+    /// The handler emulated the new instruction.
+    pub emulated: u64,
+    /// The write had completed before the handler ran; the thread re-executed the site.
+    pub rewound: u64,
+}
+
+/// How often threads have met a site under the int3 protocol (see [`TrapCounts`]).
+pub fn trap_counts() -> TrapCounts {
+    let (emulated, rewound) = crate::sys::trap::counts();
+    TrapCounts { emulated, rewound }
+}
+
+/// Reads the current bytes at a registered site (for tests and diagnostics).
+pub fn site_bytes(site: PatchSite) -> [u8; SITE_LEN] {
+    read_site(site.address())
+}
