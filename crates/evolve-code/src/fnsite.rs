@@ -91,7 +91,8 @@ pub enum Placement {
 /// ```
 pub struct FnSite<F: FnPtr> {
     site: PatchSite,
-    _block: NearBlock,
+    /// The generated code, if the engine made it (None for a stub compiled into the program).
+    _block: Option<NearBlock>,
     _type: PhantomData<F>,
 }
 
@@ -122,7 +123,34 @@ impl<F: FnPtr> FnSite<F> {
         let site = unsafe { PatchSite::register(address)? };
         Ok(FnSite {
             site,
-            _block: block,
+            _block: Some(block),
+            _type: PhantomData,
+        })
+    }
+
+    /// The typed handle of a jump stub compiled into the program (e.g. by a macro with
+    /// `global_asm!`): a `jmp rel32` at `address`, which callers call as `F`.
+    ///
+    /// Fails if `address` is not executable or does not hold a `jmp rel32`.
+    ///
+    /// # Safety
+    ///
+    /// Callers call `address` as a function of type `F`, the jump's current target has type
+    /// `F`, and the code stays mapped while the handle exists.
+    pub unsafe fn at(address: usize) -> Result<FnSite<F>> {
+        // SAFETY: forwarded from the caller: the stub is called as F and jumps to an F; every
+        // later target has type F by `retarget`'s signature.
+        let site = unsafe { PatchSite::register(address)? };
+        if !matches!(site.current(), SiteInsn::Jmp(_)) {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::InvalidArgument {
+                    reason: format!("{address:#x} is a patch site but not a jump stub"),
+                },
+            ));
+        }
+        Ok(FnSite {
+            site,
+            _block: None,
             _type: PhantomData,
         })
     }
@@ -157,8 +185,11 @@ impl<F: FnPtr> FnSite<F> {
 
 impl<F: FnPtr> Drop for FnSite<F> {
     fn drop(&mut self) {
-        // Only the registration ends. The block is not freed (dropping a `NearBlock` keeps its
-        // memory reserved): a thread may still be about to execute the entry it was handed.
-        let _ = self.site.unregister();
+        // A generated site's registration ends; its block is not freed (dropping a `NearBlock`
+        // keeps its memory reserved): a thread may still be about to execute the entry it was
+        // handed. A compiled-in stub stays registered, keeping its original bytes on record.
+        if self._block.is_some() {
+            let _ = self.site.unregister();
+        }
     }
 }
