@@ -63,6 +63,13 @@ pub enum ErrorKind {
         /// The target asked for.
         target: usize,
     },
+    /// A branch target is not in executable memory (null, data, unmapped).
+    TargetNotExecutable {
+        /// The site's address.
+        site: usize,
+        /// The target asked for.
+        target: usize,
+    },
     /// The same site appears twice in one batch.
     DuplicateSite {
         /// The site's address.
@@ -170,6 +177,11 @@ impl fmt::Display for Error {
                 f,
                 "target {target:#x} is out of rel32 range of site {site:#x} and no springboard \
                  could be placed near the site"
+            ),
+            ErrorKind::TargetNotExecutable { site, target } => write!(
+                f,
+                "cannot point patch site {site:#x} at {target:#x}: the target is not in \
+                 executable memory; nothing was changed"
             ),
             ErrorKind::DuplicateSite { address } => {
                 write!(f, "patch site {address:#x} appears twice in one batch")

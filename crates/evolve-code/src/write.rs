@@ -39,6 +39,12 @@
 //! present, target reachable, bytes in memory as the engine left them) and every page is
 //! writable. A failure before that point leaves the process exactly as it was.
 //!
+//! # Knobs
+//!
+//! `EVOLVE_WRITE_PATH=int3` makes every batch use the int3 protocol (see [`WritePath`]);
+//! `EVOLVE_WRITE_VIA_PROC_MEM=1` writes through `/proc/self/mem` from the start, as on a
+//! system that forbids writable executable pages. Both exist so that tests cover every path.
+//!
 //! # Safety
 //!
 //! The unsafe blocks here read and write site bytes. Sites are mapped while registered
@@ -76,6 +82,8 @@ pub(crate) struct Writer {
     pub(crate) springboards: Springboards,
     /// Set once `mprotect` to `rwx` was refused: write through `/proc/self/mem` from then on.
     via_proc_mem: bool,
+    /// Executable mappings as last read from `/proc/self/maps`, sorted (re-read on a miss).
+    executable: Vec<Range<usize>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +110,7 @@ pub(crate) fn lock() -> WriterGuard {
             protections: HashMap::new(),
             springboards: Springboards::default(),
             via_proc_mem: std::env::var_os("EVOLVE_WRITE_VIA_PROC_MEM").is_some(),
+            executable: Vec::new(),
         });
     }
     WriterGuard(guard)
@@ -361,6 +370,16 @@ impl Writer {
                     }));
                 }
             }
+            if let NewInsn::Insn(insn) = edit.new {
+                if let Some(target) = insn.target() {
+                    if !self.is_executable(target)? {
+                        return Err(Error::new(ErrorKind::TargetNotExecutable {
+                            site: address,
+                            target,
+                        }));
+                    }
+                }
+            }
             let (insn, bytes, via_springboard) = match edit.new {
                 NewInsn::Original => {
                     let insn =
@@ -393,6 +412,23 @@ impl Writer {
             });
         }
         Ok((planned, unchanged))
+    }
+
+    /// Whether `address` lies in executable memory (cached; the maps are re-read on a miss).
+    fn is_executable(&mut self, address: usize) -> Result<bool> {
+        let cached = |ranges: &[Range<usize>]| {
+            let i = ranges.partition_point(|r| r.end <= address);
+            ranges.get(i).is_some_and(|r| r.contains(&address))
+        };
+        if cached(&self.executable) {
+            return Ok(true);
+        }
+        self.executable = memory::mappings()?
+            .into_iter()
+            .filter(|m| m.protection.exec)
+            .map(|m| m.range)
+            .collect();
+        Ok(cached(&self.executable))
     }
 
     fn write(&mut self, plan: &(Vec<Planned>, usize), path: WritePath) -> Result<BatchReport> {
