@@ -70,6 +70,15 @@ pub enum ErrorKind {
         /// The target asked for.
         target: usize,
     },
+    /// A stub was asked to jump to code compiled for another signature.
+    FingerprintMismatch {
+        /// The stub's address.
+        stub: usize,
+        /// The stub's signature fingerprint.
+        expected: u64,
+        /// The fingerprint of the code offered.
+        found: u64,
+    },
     /// The same site appears twice in one batch.
     DuplicateSite {
         /// The site's address.
@@ -182,6 +191,15 @@ impl fmt::Display for Error {
                 f,
                 "cannot point patch site {site:#x} at {target:#x}: the target is not in \
                  executable memory; nothing was changed"
+            ),
+            ErrorKind::FingerprintMismatch {
+                stub,
+                expected,
+                found,
+            } => write!(
+                f,
+                "stub {stub:#x} has signature fingerprint {expected:016x}, the code offered has \
+                 {found:016x}: the signatures differ"
             ),
             ErrorKind::DuplicateSite { address } => {
                 write!(f, "patch site {address:#x} appears twice in one batch")

@@ -51,12 +51,14 @@
 #![deny(unsafe_code)]
 
 mod arch;
+pub mod dylib;
 pub mod error;
 mod fnsite;
 pub mod inspect;
 mod near;
 mod site;
 mod springboard;
+pub mod stub;
 mod sys;
 pub mod write;
 

@@ -18,3 +18,5 @@
 //! ```
 
 pub use evolve_code as code;
+pub use evolve_hot as hot;
+pub use evolve_hot::hot;

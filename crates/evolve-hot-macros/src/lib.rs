@@ -1,0 +1,382 @@
+//! `#[evolve::hot]`: makes functions hot-updatable.
+//!
+//! On a free function, or on an inherent `impl` block (every method in it), the attribute splits
+//! each function into:
+//!
+//! - the function callers see, `#[inline(always)]`, which calls the **stub**;
+//! - the **stub** `__evolve_stub_{id}`: an aligned 5-byte `jmp rel32` emitted with `global_asm!`,
+//!   the patch site that an update retargets;
+//! - the **implementation** `__evolve_impl_{id}_{fingerprint}`: the original body, exported under
+//!   a name that a patch built from edited source shares;
+//! - an entry in the engine's link-time table of stubs (name, id, signature fingerprint,
+//!   addresses): nothing runs at start-up.
+//!
+//! The `id` is derived from the crate, the source file, the impl's type and the function name,
+//! so the host and a patch built from edited source agree on it; the fingerprint hashes the
+//! parameter and return types, so a patch that changes a signature is recognised.
+//!
+//! Generic, `async` and `const` functions, trait impls and C-variadic functions are refused with
+//! an error that says what to do instead.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, ToTokens};
+use syn::visit_mut::VisitMut;
+use syn::{
+    parse_macro_input, FnArg, ImplItem, ImplItemFn, Item, ItemFn, ItemImpl, Pat, ReturnType,
+    Signature, Type,
+};
+
+/// Makes a function, or every method of an inherent `impl` block, hot-updatable.
+///
+/// ```ignore
+/// #[evolve::hot]
+/// pub fn price(quantity: u64) -> u64 {
+///     quantity * 10
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn hot(attr: TokenStream, item: TokenStream) -> TokenStream {
+    if !attr.is_empty() {
+        return syn::Error::new(Span::call_site(), "#[evolve::hot] takes no arguments")
+            .to_compile_error()
+            .into();
+    }
+    let item = parse_macro_input!(item as Item);
+    let result = match item {
+        Item::Fn(f) => hot_fn(f),
+        Item::Impl(i) => hot_impl(i),
+        other => Err(syn::Error::new_spanned(
+            other,
+            "#[evolve::hot] applies to a function or an inherent impl block",
+        )),
+    };
+    result.unwrap_or_else(|e| e.to_compile_error()).into()
+}
+
+/// FNV-1a: stable across compilers and runs, unlike `DefaultHasher`.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn symbol_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn compact(tokens: impl ToTokens) -> String {
+    tokens.to_token_stream().to_string().replace(' ', "")
+}
+
+fn check_signature(sig: &Signature) -> syn::Result<()> {
+    let refuse = |tokens: &dyn ToTokens, what: &str| {
+        Err(syn::Error::new_spanned(
+            tokens.to_token_stream(),
+            format!("#[evolve::hot] cannot prepare {what}"),
+        ))
+    };
+    if sig.asyncness.is_some() {
+        return refuse(
+            &sig.asyncness,
+            "an async fn: make a hot non-async function that does the work and call it from \
+             the async one",
+        );
+    }
+    if sig.constness.is_some() {
+        return refuse(
+            &sig.constness,
+            "a const fn: it may be evaluated at compile time",
+        );
+    }
+    if sig.variadic.is_some() {
+        return refuse(&sig.variadic, "a C-variadic function");
+    }
+    if sig.abi.is_some() {
+        return refuse(
+            &sig.abi,
+            "a function with an explicit ABI: use the Rust ABI",
+        );
+    }
+    if let Some(param) = sig
+        .generics
+        .params
+        .iter()
+        .find(|p| !matches!(p, syn::GenericParam::Lifetime(_)))
+    {
+        return refuse(
+            param,
+            "a generic function (every instantiation is separate code): make a hot \
+             non-generic function for each type you need, or a hot function taking `&dyn Trait`",
+        );
+    }
+    let impl_trait_arg = sig
+        .inputs
+        .iter()
+        .find(|a| matches!(a, FnArg::Typed(t) if matches!(*t.ty, Type::ImplTrait(_))));
+    if let Some(arg) = impl_trait_arg {
+        return refuse(arg, "`impl Trait` arguments (a hidden generic)");
+    }
+    Ok(())
+}
+
+/// Replaces `Self` with the impl's type, so signatures can be written outside the impl.
+struct ReplaceSelf<'a>(&'a Type);
+
+impl VisitMut for ReplaceSelf<'_> {
+    fn visit_type_mut(&mut self, ty: &mut Type) {
+        if let Type::Path(p) = ty {
+            if p.qself.is_none() && p.path.is_ident("Self") {
+                *ty = self.0.clone();
+                return;
+            }
+        }
+        syn::visit_mut::visit_type_mut(self, ty);
+    }
+}
+
+/// What the generated pieces need to know about one function.
+struct Prepared {
+    /// The parameter types, `Self` replaced, receiver included.
+    param_types: Vec<Type>,
+    output: ReturnType,
+    id: String,
+    fingerprint: u64,
+    /// The function's display path below `module_path!()`.
+    display: String,
+}
+
+fn prepare(sig: &Signature, self_ty: Option<&Type>) -> syn::Result<Prepared> {
+    check_signature(sig)?;
+    let replace = |ty: &Type| {
+        let mut ty = ty.clone();
+        if let Some(s) = self_ty {
+            ReplaceSelf(s).visit_type_mut(&mut ty);
+        }
+        ty
+    };
+    let mut param_types = Vec::new();
+    for input in &sig.inputs {
+        param_types.push(match input {
+            FnArg::Receiver(r) => replace(&r.ty),
+            FnArg::Typed(t) => replace(&t.ty),
+        });
+    }
+    let output = match &sig.output {
+        ReturnType::Default => ReturnType::Default,
+        ReturnType::Type(arrow, ty) => ReturnType::Type(*arrow, Box::new(replace(ty))),
+    };
+    let crate_name = std::env::var("CARGO_CRATE_NAME").unwrap_or_else(|_| "crate".into());
+    let file = Span::call_site().unwrap().file();
+    let self_text = self_ty.map(compact).unwrap_or_default();
+    let name = sig.ident.to_string();
+    let identity = format!("{crate_name}|{file}|{self_text}|{name}");
+    let id = format!(
+        "{}_{}{}_{:08x}",
+        symbol_safe(&crate_name),
+        if self_text.is_empty() {
+            String::new()
+        } else {
+            format!("{}_", symbol_safe(&self_text))
+        },
+        name,
+        fnv1a(&identity) as u32
+    );
+    let signature_text = format!(
+        "fn({})->{}",
+        param_types
+            .iter()
+            .map(compact)
+            .collect::<Vec<_>>()
+            .join(","),
+        compact(&output)
+    );
+    let display = if self_text.is_empty() {
+        name
+    } else {
+        format!("{self_text}::{name}")
+    };
+    Ok(Prepared {
+        param_types,
+        output,
+        id,
+        fingerprint: fnv1a(&signature_text),
+        display,
+    })
+}
+
+/// The wrapper's parameter list and the argument list that forwards it to the stub.
+fn forwarding(sig: &Signature) -> (Vec<TokenStream2>, Vec<TokenStream2>) {
+    let mut params = Vec::new();
+    let mut args = Vec::new();
+    for (i, input) in sig.inputs.iter().enumerate() {
+        match input {
+            FnArg::Receiver(r) => {
+                params.push(r.to_token_stream());
+                args.push(quote!(self));
+            }
+            FnArg::Typed(t) => {
+                let name = match &*t.pat {
+                    Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
+                    _ => format_ident!("__evolve_arg{}", i),
+                };
+                let ty = &t.ty;
+                let attrs = &t.attrs;
+                params.push(quote!(#(#attrs)* #name: #ty));
+                args.push(quote!(#name));
+            }
+        }
+    }
+    (params, args)
+}
+
+/// The stub, its declaration and the table entry (module-level items).
+fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
+    let stub = format_ident!("__evolve_stub_{}", p.id);
+    let stub_name = stub.to_string();
+    let entry = format_ident!("__EVOLVE_HOT_ENTRY_{}", p.id.to_uppercase());
+    let (param_types, output) = (&p.param_types, &p.output);
+    let (id, fingerprint, display) = (&p.id, p.fingerprint, &p.display);
+    let section = format!(".text.{stub_name}");
+    quote! {
+        // The stub: an aligned `jmp rel32` to the implementation, spelled as bytes so that the
+        // assembler cannot shorten it; the patch site an update retargets.
+        ::core::arch::global_asm!(
+            concat!(".pushsection ", #section, ",\"ax\",@progbits"),
+            ".p2align 4",
+            concat!(".globl ", #stub_name),
+            concat!(".type ", #stub_name, ",@function"),
+            concat!(#stub_name, ":"),
+            ".byte 0xe9",
+            ".long {implementation} - . - 4",
+            concat!(".size ", #stub_name, ", 5"),
+            ".popsection",
+            implementation = sym #implementation,
+        );
+
+        #[allow(unsafe_code, improper_ctypes)]
+        // SAFETY: the stub above is a complete function: it jumps to an implementation with
+        // exactly this signature (or, after an update, to one whose fingerprint matches).
+        unsafe extern "Rust" {
+            safe fn #stub(#(_: #param_types),*) #output;
+        }
+
+        #[allow(unsafe_code)]
+        #[::evolve::hot::__private::linkme::distributed_slice(::evolve::hot::__private::STUBS)]
+        #[linkme(crate = ::evolve::hot::__private::linkme)]
+        #[doc(hidden)]
+        static #entry: ::evolve::hot::__private::StubEntry =
+            // SAFETY: generated by #[evolve::hot]: the stub jumps to the implementation, both
+            // with the signature whose fingerprint is given, and the implementation's exported
+            // name follows the `__evolve_impl_{id}_{fingerprint}` convention.
+            unsafe {
+                ::evolve::hot::__private::StubEntry::new(
+                    concat!(module_path!(), "::", #display),
+                    #id,
+                    #fingerprint,
+                    || #stub as *const () as usize,
+                    || #implementation as *const () as usize,
+                )
+            };
+    }
+}
+
+fn impl_attrs(p: &Prepared) -> TokenStream2 {
+    let export = format!("__evolve_impl_{}_{:016x}", p.id, p.fingerprint);
+    quote! {
+        #[doc(hidden)]
+        #[allow(unsafe_code)]
+        #[unsafe(export_name = #export)]
+        #[inline(never)]
+    }
+}
+
+fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
+    let p = prepare(&f.sig, None)?;
+    let (params, args) = forwarding(&f.sig);
+    let stub = format_ident!("__evolve_stub_{}", p.id);
+    let implementation = format_ident!("__evolve_impl_{}", f.sig.ident);
+    let ItemFn {
+        attrs,
+        vis,
+        sig,
+        block,
+    } = f;
+    let mut impl_sig = sig.clone();
+    impl_sig.ident = implementation.clone();
+    let (name, generics, output) = (&sig.ident, &sig.generics, &sig.output);
+    let impl_attrs = impl_attrs(&p);
+    let module = module_items(&p, quote!(#implementation));
+    Ok(quote! {
+        #(#attrs)*
+        #[inline(always)]
+        #vis fn #name #generics (#(#params),*) #output {
+            #stub(#(#args),*)
+        }
+
+        #impl_attrs
+        #vis #impl_sig #block
+
+        #module
+    })
+}
+
+fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
+    if let Some((_, path, _)) = &block.trait_ {
+        return Err(syn::Error::new_spanned(
+            path,
+            "#[evolve::hot] cannot prepare a trait impl: put it on an inherent impl with the \
+             methods the trait impl calls",
+        ));
+    }
+    if !block.generics.params.is_empty() {
+        return Err(syn::Error::new_spanned(
+            &block.generics,
+            "#[evolve::hot] cannot prepare methods of a generic type: make hot methods on a \
+             concrete type",
+        ));
+    }
+    let self_ty = (*block.self_ty).clone();
+    let mut module = TokenStream2::new();
+    let mut items = Vec::new();
+    for item in block.items.drain(..) {
+        let ImplItem::Fn(method) = item else {
+            items.push(item);
+            continue;
+        };
+        let p = prepare(&method.sig, Some(&self_ty))?;
+        let (params, args) = forwarding(&method.sig);
+        let stub = format_ident!("__evolve_stub_{}", p.id);
+        let implementation = format_ident!("__evolve_impl_{}", method.sig.ident);
+        let ImplItemFn {
+            attrs,
+            vis,
+            sig,
+            block: body,
+            ..
+        } = method;
+        let mut impl_sig = sig.clone();
+        impl_sig.ident = implementation.clone();
+        let (name, generics, output) = (&sig.ident, &sig.generics, &sig.output);
+        let impl_attrs = impl_attrs(&p);
+        items.push(syn::parse_quote! {
+            #(#attrs)*
+            #[inline(always)]
+            #vis fn #name #generics (#(#params),*) #output {
+                #stub(#(#args),*)
+            }
+        });
+        items.push(syn::parse_quote! {
+            #impl_attrs
+            #vis #impl_sig #body
+        });
+        module.extend(module_items(&p, quote!(<#self_ty>::#implementation)));
+    }
+    block.items = items;
+    Ok(quote! {
+        #block
+        #module
+    })
+}

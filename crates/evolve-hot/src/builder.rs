@@ -1,0 +1,428 @@
+//! The patch builder: from the edited source of a running program's crate, a thin patch.
+//!
+//! 1. **Base.** Read the running binary — by path, or by pid through `/proc/PID/exe`, which
+//!    still reaches the file a process was started from after it is replaced on disk — for its
+//!    build id, the symbols it exports, its statics' sizes and the libraries it needs.
+//! 2. **Compile** the changed crate with the same toolchain, lockfile and profile, through
+//!    `cargo rustc -- --emit=obj=…`: cargo computes the same symbol hashes as for the program's
+//!    build (extra arguments change only its file names), so the patch's references name the
+//!    program's definitions exactly.
+//! 3. **Check** before writing anything: every hot implementation in the object becomes a
+//!    manifest entry; every symbol the object needs must be exported by the base or defined by a
+//!    library it needs (those that are not — e.g. inlined away by LTO — are listed); statics
+//!    whose size changed are reported.
+//! 4. **Link** `cc -shared -nostartfiles -Wl,-Bsymbolic-functions`: no initializers (loading runs
+//!    no code), and calls inside the patch bind to the patch's own new functions while its data
+//!    references still bind to the program's statics (one of every static).
+//! 5. **Embed** the manifest as the exported symbol `evolve_patch_manifest`.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{hex, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL};
+use object::{Object, ObjectSymbol, SymbolKind};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Which binary the patch is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    /// A binary file.
+    Path(PathBuf),
+    /// A running process (its binary through `/proc/PID/exe`).
+    Pid(u32),
+}
+
+impl Base {
+    fn file(&self) -> PathBuf {
+        match self {
+            Base::Path(p) => p.clone(),
+            Base::Pid(pid) => PathBuf::from(format!("/proc/{pid}/exe")),
+        }
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The `Cargo.toml` of the program's workspace (the same path it was built from).
+    pub manifest_path: PathBuf,
+    /// The package whose library carries the changed code.
+    pub package: String,
+    /// The binary the patch is for.
+    pub base: Base,
+    /// Where to write the patch.
+    pub output: PathBuf,
+    /// The cargo profile the program was built with.
+    pub profile: String,
+    /// Extra environment for cargo (e.g. `CARGO_TARGET_DIR`), as the program's build had it.
+    pub env: Vec<(String, String)>,
+}
+
+/// What [`build_patch`] produced.
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    /// The patch file.
+    pub output: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Things the operator should know (e.g. statics whose size changed).
+    pub warnings: Vec<String>,
+    /// Seconds spent compiling.
+    pub compile_seconds: f64,
+}
+
+fn build_error(step: &str, detail: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Build {
+        step: step.to_string(),
+        detail: detail.into(),
+    })
+}
+
+fn run(step: &str, command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .map_err(|e| build_error(step, format!("cannot run {command:?}: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+        return Err(build_error(
+            step,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// What the builder needs to know about the base binary.
+struct BaseInfo {
+    build_id: String,
+    exported: HashSet<String>,
+    object_sizes: HashMap<String, u64>,
+    needed: Vec<String>,
+}
+
+fn read_base(path: &Path) -> Result<BaseInfo> {
+    let data = std::fs::read(path).map_err(|e| {
+        build_error(
+            "reading the base binary",
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    let file = object::File::parse(&*data).map_err(|e| {
+        build_error(
+            "reading the base binary",
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    let build_id = file
+        .build_id()
+        .ok()
+        .flatten()
+        .map(hex)
+        .ok_or_else(|| build_error("reading the base binary", "it has no GNU build id"))?;
+    let exported = file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect();
+    let object_sizes = file
+        .symbols()
+        .filter(|s| s.kind() == SymbolKind::Data && s.is_definition())
+        .filter_map(|s| Some((s.name().ok()?.to_string(), s.size())))
+        .collect();
+    let needed = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data)
+        .ok()
+        .map(|elf| needed_libraries(&elf))
+        .unwrap_or_default();
+    Ok(BaseInfo {
+        build_id,
+        exported,
+        object_sizes,
+        needed,
+    })
+}
+
+fn needed_libraries(elf: &object::read::elf::ElfFile64<object::Endianness>) -> Vec<String> {
+    use object::read::elf::{Dyn, FileHeader, SectionHeader};
+    let (endian, data) = (elf.endian(), elf.data());
+    let Ok(sections) = elf.elf_header().sections(endian, data) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for section in sections.iter() {
+        let Ok(Some((entries, _))) = section.dynamic(endian, data) else {
+            continue;
+        };
+        let Ok(strings) = sections.strings(
+            endian,
+            data,
+            object::SectionIndex(section.sh_link(endian) as usize),
+        ) else {
+            continue;
+        };
+        for entry in entries {
+            if entry.d_tag(endian) as u32 == object::elf::DT_NEEDED {
+                if let Ok(name) = strings.get(entry.d_val(endian) as u32) {
+                    names.push(String::from_utf8_lossy(name).into_owned());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Symbols defined by the libraries the base needs (found in the usual library directories).
+fn library_symbols(needed: &[String]) -> HashSet<String> {
+    let dirs = [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    ];
+    let mut symbols = HashSet::new();
+    for name in needed {
+        let Some(data) = dirs
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find_map(|p| std::fs::read(p).ok())
+        else {
+            continue;
+        };
+        if let Ok(file) = object::File::parse(&*data) {
+            symbols.extend(
+                file.dynamic_symbols()
+                    .filter(|s| s.is_definition())
+                    .filter_map(|s| {
+                        s.name()
+                            .ok()
+                            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+                    }),
+            );
+        }
+    }
+    symbols
+}
+
+/// The hot functions, adaptors, undefined symbols and statics of the compiled object.
+struct ObjectInfo {
+    functions: Vec<FunctionEntry>,
+    adaptors: Vec<FunctionEntry>,
+    undefined: Vec<String>,
+    statics: Vec<(String, u64)>,
+}
+
+fn split_fingerprint(rest: &str) -> Option<FunctionEntry> {
+    let (id, fingerprint) = rest.rsplit_once('_')?;
+    (fingerprint.len() == 16 && u64::from_str_radix(fingerprint, 16).is_ok()).then(|| {
+        FunctionEntry {
+            id: id.to_string(),
+            fingerprint: fingerprint.to_string(),
+        }
+    })
+}
+
+fn read_object(path: &Path) -> Result<ObjectInfo> {
+    let data = std::fs::read(path).map_err(|e| build_error("reading the object", e.to_string()))?;
+    let file = object::File::parse(&*data)
+        .map_err(|e| build_error("reading the object", e.to_string()))?;
+    let mut info = ObjectInfo {
+        functions: Vec::new(),
+        adaptors: Vec::new(),
+        undefined: Vec::new(),
+        statics: Vec::new(),
+    };
+    let mut defined = HashSet::new();
+    for symbol in file.symbols() {
+        let Ok(name) = symbol.name() else { continue };
+        if symbol.is_undefined() {
+            if !name.is_empty() {
+                info.undefined.push(name.to_string());
+            }
+            continue;
+        }
+        defined.insert(name.to_string());
+        if let Some(rest) = name.strip_prefix("__evolve_impl_") {
+            info.functions.extend(split_fingerprint(rest));
+        } else if let Some(rest) = name.strip_prefix("__evolve_adaptor_") {
+            info.adaptors.extend(split_fingerprint(rest));
+        } else if symbol.kind() == SymbolKind::Data && symbol.is_global() {
+            info.statics.push((name.to_string(), symbol.size()));
+        }
+    }
+    info.undefined.retain(|u| !defined.contains(u));
+    info.functions.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(info)
+}
+
+fn toolchain(workdir: &Path) -> Result<String> {
+    Ok(run(
+        "rustc -V",
+        Command::new("rustc").arg("-V").current_dir(workdir),
+    )?
+    .trim()
+    .to_string())
+}
+
+/// A C file holding the manifest as the exported, NUL-terminated `evolve_patch_manifest`.
+fn manifest_source(json: &str) -> String {
+    let bytes: Vec<String> = json.bytes().chain([0]).map(|b| b.to_string()).collect();
+    format!(
+        "__attribute__((visibility(\"default\"), used)) const unsigned char {MANIFEST_SYMBOL}[] = {{{}}};\n",
+        bytes.join(",")
+    )
+}
+
+/// Builds a thin patch (see the module docs). Nothing is written to `output` unless every check
+/// passed.
+pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
+    let base_file = options.base.file();
+    let base = read_base(&base_file)?;
+    let workdir = options
+        .manifest_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let toolchain = toolchain(&workdir)?;
+    let scratch = std::env::temp_dir().join(format!(
+        "evolve-patch-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| build_error("scratch directory", e.to_string()))?;
+    let result = build_in(options, &base, toolchain, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn build_in(
+    options: &BuildOptions,
+    base: &BaseInfo,
+    toolchain: String,
+    scratch: &Path,
+) -> Result<BuildReport> {
+    let object_path = scratch.join("patch.o");
+    let compile_start = Instant::now();
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo
+        .arg("rustc")
+        .arg("--manifest-path")
+        .arg(&options.manifest_path)
+        .args([
+            "--profile",
+            &options.profile,
+            "-p",
+            &options.package,
+            "--lib",
+            "--quiet",
+        ])
+        .arg("--")
+        .arg(format!("--emit=obj={}", object_path.display()))
+        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    run("cargo rustc", &mut cargo)?;
+    let compile_seconds = compile_start.elapsed().as_secs_f64();
+
+    let object = read_object(&object_path)?;
+    if object.functions.is_empty() {
+        return Err(build_error(
+            "reading the object",
+            format!(
+                "package {} has no #[evolve::hot] functions",
+                options.package
+            ),
+        ));
+    }
+    let mut available = base.exported.clone();
+    available.extend(library_symbols(&base.needed));
+    let missing: Vec<String> = object
+        .undefined
+        .iter()
+        .filter(|u| !available.contains(*u) && !u.starts_with("_GLOBAL_OFFSET_TABLE_"))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::new(ErrorKind::Unresolved {
+            path: options.output.display().to_string(),
+            symbols: missing,
+        }));
+    }
+    let warnings: Vec<String> = object
+        .statics
+        .iter()
+        .filter_map(|(name, size)| {
+            let running = base.object_sizes.get(name)?;
+            (running != size).then(|| {
+                Error::new(ErrorKind::StaticLayoutChanged {
+                    symbol: name.clone(),
+                    running: *running,
+                    patch: *size,
+                })
+                .to_string()
+            })
+        })
+        .collect();
+
+    let manifest = Manifest {
+        format: FORMAT,
+        base_build_id: base.build_id.clone(),
+        toolchain,
+        crates: vec![options.package.clone()],
+        functions: object.functions,
+        adaptors: object.adaptors,
+    };
+    let json = serde_json::to_string(&manifest).expect("manifest serializes");
+    let manifest_c = scratch.join("manifest.c");
+    std::fs::write(&manifest_c, manifest_source(&json))
+        .map_err(|e| build_error("writing the manifest", e.to_string()))?;
+    let linked = scratch.join("patch.so");
+    run(
+        "cc -shared",
+        Command::new("cc")
+            .args([
+                "-shared",
+                "-nostartfiles",
+                "-fPIC",
+                "-Wl,-Bsymbolic-functions",
+                "-o",
+            ])
+            .arg(&linked)
+            .arg(&object_path)
+            .arg(&manifest_c),
+    )?;
+    if let Some(dir) = options.output.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| build_error("writing the patch", e.to_string()))?;
+    }
+    std::fs::copy(&linked, &options.output)
+        .map_err(|e| build_error("writing the patch", e.to_string()))?;
+    Ok(BuildReport {
+        output: options.output.clone(),
+        manifest,
+        warnings,
+        compile_seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implementation_symbols_split_into_id_and_fingerprint() {
+        let e = split_fingerprint("kv_get_1234abcd_00112233aabbccdd").unwrap();
+        assert_eq!(e.id, "kv_get_1234abcd");
+        assert_eq!(e.fingerprint, "00112233aabbccdd");
+        assert!(split_fingerprint("kv_get_nothex").is_none());
+    }
+
+    #[test]
+    fn manifest_source_is_a_nul_terminated_byte_array() {
+        let c = manifest_source("{}");
+        assert!(c.contains("evolve_patch_manifest[] = {123,125,0};"), "{c}");
+    }
+}

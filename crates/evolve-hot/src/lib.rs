@@ -1,0 +1,40 @@
+//! Evolve hot update: ship new code into a running multi-threaded Rust process.
+//!
+//! Functions marked `#[evolve::hot]` are called through a stub (one direct `jmp`). A **thin
+//! patch** — a shared object built from the edited source of the crates that changed, carrying
+//! only their code and binding to the running program for everything else — is applied with
+//! [`patch::apply`]: verified against the running program, loaded, and bound by retargeting the
+//! stubs of the functions it changes, while threads keep running. Calls already running finish on
+//! the code they started with; new calls run the new code; statics of the program (and of every
+//! dependency) are shared, so state, connections, loggers and runtimes carry over.
+//!
+//! Patches are built by [`builder`] (the `evolve build-patch` command calls the same code).
+//!
+//! # Example
+//!
+//! ```no_run
+//! // In the program (its build.rs calls `evolve_build::host()`):
+//! #[evolve::hot]
+//! fn price(quantity: u64) -> u64 {
+//!     quantity * 10
+//! }
+//!
+//! // Later, with the source edited and a patch built:
+//! let report = evolve::hot::patch::apply("target/evolve/price-fix.so")?;
+//! println!("updated {:?} in {:.2} ms", report.updated, report.total_ms);
+//! # Ok::<(), evolve::hot::Error>(())
+//! ```
+
+pub mod builder;
+mod error;
+pub mod manifest;
+pub mod patch;
+
+pub use error::{Error, ErrorKind, Result};
+pub use evolve_hot_macros::hot;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use evolve_code::stub::{StubEntry, STUBS};
+    pub use linkme;
+}

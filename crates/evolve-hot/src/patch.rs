@@ -1,0 +1,478 @@
+//! Applying and reverting patches, and the versions of every hot function.
+//!
+//! # Apply
+//!
+//! 1. **Read** the manifest from the file without loading it ([`Manifest`]); a file without one
+//!    is not a patch, one whose manifest does not parse is corrupt.
+//! 2. **Verify** it against the running program: its build id, its toolchain, and for every hot
+//!    function it implements, the signature fingerprint — a changed signature needs an adaptor
+//!    with the old one.
+//! 3. **Load** it (`RTLD_NOW`: every undefined symbol binds to the program now, or the load fails
+//!    naming the symbol; the engine refuses objects with initializers, so loading runs no code).
+//! 4. **Bind** in one engine batch: every changed function's stub in the program jumps to the
+//!    patch's implementation (or adaptor), and the patch's own stubs jump to the program's stubs,
+//!    so that every call, from old code or new, reaches the newest version. No thread is paused:
+//!    a call already running finishes on the code it started with.
+//!
+//! Any failure before step 4 leaves the process as it was; step 4 is validated whole before the
+//! first byte changes ([`evolve_code::Batch`]). The patch stays loaded after a refusal at step 4
+//! (nothing points into it; reclamation may unload it).
+//!
+//! # Versions
+//!
+//! Every hot function has a stack of versions: the program's own, then one per patch that
+//! changed it. Reverting a patch removes its versions (the stubs whose top version it was go back
+//! to the version below); reverting a function to version `k` drops the versions above `k`.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{hex, Manifest, FORMAT, MANIFEST_SYMBOL};
+use evolve_code::dylib::PatchObject;
+use evolve_code::stub::{Code, Stub, StubEntry, STUBS};
+use evolve_code::Batch;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// The toolchain the running program was built with.
+pub const HOST_TOOLCHAIN: &str = env!("EVOLVE_HOST_TOOLCHAIN");
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApplyReport {
+    /// The patch's name in the history.
+    pub patch: String,
+    /// Hot functions of the program now running the patch's code.
+    pub updated: Vec<String>,
+    /// Hot functions the patch adds (the program had none of that name).
+    pub added: Vec<String>,
+    /// Functions reached through an adaptor (their signature changed).
+    pub adapted: Vec<String>,
+    /// Reading and verifying the manifest, in milliseconds.
+    pub verify_ms: f64,
+    /// Loading and binding the object.
+    pub load_ms: f64,
+    /// Retargeting the stubs (the only part that touches running code).
+    pub apply_ms: f64,
+    /// All of it.
+    pub total_ms: f64,
+}
+
+/// One applied patch, as the history shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatchRecord {
+    /// Its name (the file name without extension, made unique).
+    pub name: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// When it was applied (seconds since the Unix epoch).
+    pub applied_at: u64,
+    /// When it was reverted, if it was.
+    pub reverted_at: Option<u64>,
+    /// The hot functions it changed.
+    pub functions: Vec<String>,
+}
+
+/// A hot function and its versions, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionStatus {
+    /// Its path.
+    pub name: String,
+    /// Version 0 is the program's own; each patch that changed it adds one.
+    pub versions: Vec<String>,
+    /// Index in `versions` of the version callers reach now.
+    pub current: usize,
+}
+
+struct Version {
+    patch: Option<usize>,
+    code: Code,
+}
+
+struct Function {
+    entry: &'static StubEntry,
+    stub: Stub,
+    versions: Vec<Version>,
+}
+
+struct Applied {
+    record: PatchRecord,
+    /// Kept loaded: threads may run its code (see module docs).
+    _object: PatchObject,
+}
+
+#[derive(Default)]
+struct State {
+    functions: HashMap<&'static str, Function>,
+    patches: Vec<Applied>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+    let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    let state = guard.get_or_insert_with(State::default);
+    f(state)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+impl State {
+    fn function(&mut self, entry: &'static StubEntry) -> Result<&mut Function> {
+        if !self.functions.contains_key(entry.id()) {
+            let stub = Stub::of(entry)?;
+            self.functions.insert(
+                entry.id(),
+                Function {
+                    entry,
+                    stub,
+                    versions: vec![Version {
+                        patch: None,
+                        code: entry.implementation(),
+                    }],
+                },
+            );
+        }
+        Ok(self.functions.get_mut(entry.id()).expect("inserted"))
+    }
+}
+
+/// Reads and checks a patch's manifest against the running program.
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    let shown = path.display().to_string();
+    let bytes = evolve_code::dylib::read_symbol_bytes(path, MANIFEST_SYMBOL).map_err(|e| {
+        let reason = match e.kind() {
+            evolve_code::ErrorKind::Image { reason, .. } => reason.clone(),
+            _ => e.to_string(),
+        };
+        let reason = if reason.starts_with("no symbol") {
+            "it has no Evolve manifest".to_string()
+        } else {
+            reason
+        };
+        Error::new(ErrorKind::NotAPatch {
+            path: shown.clone(),
+            reason,
+        })
+    })?;
+    // The symbol is a C string: its size counts the terminating NUL.
+    let text = bytes.split(|b| *b == 0).next().unwrap_or_default();
+    let manifest: Manifest = serde_json::from_slice(text).map_err(|e| {
+        Error::new(ErrorKind::Corrupt {
+            path: shown.clone(),
+            reason: format!("manifest: {e}"),
+        })
+    })?;
+    if manifest.format != FORMAT {
+        return Err(Error::new(ErrorKind::Corrupt {
+            path: shown,
+            reason: format!(
+                "manifest format {} (this Evolve reads {FORMAT})",
+                manifest.format
+            ),
+        }));
+    }
+    Ok(manifest)
+}
+
+/// What the manifest asks of each function, verified.
+struct Plan {
+    /// (entry, patch fingerprint, via adaptor)
+    changes: Vec<(&'static StubEntry, u64, bool)>,
+    added: Vec<String>,
+}
+
+fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
+    let running = evolve_code::inspect::build_id()?
+        .map(|id| hex(&id))
+        .unwrap_or_default();
+    if manifest.base_build_id != running {
+        return Err(Error::new(ErrorKind::WrongBase {
+            expected: manifest.base_build_id.clone(),
+            running,
+        }));
+    }
+    if manifest.toolchain != HOST_TOOLCHAIN {
+        return Err(Error::new(ErrorKind::WrongToolchain {
+            patch: manifest.toolchain.clone(),
+            running: HOST_TOOLCHAIN.to_string(),
+        }));
+    }
+    let corrupt = |reason: String| {
+        Error::new(ErrorKind::Corrupt {
+            path: path.display().to_string(),
+            reason,
+        })
+    };
+    let mut plan = Plan {
+        changes: Vec::new(),
+        added: Vec::new(),
+    };
+    for f in &manifest.functions {
+        let fingerprint = f
+            .fingerprint_value()
+            .ok_or_else(|| corrupt(format!("bad fingerprint {:?} of {}", f.fingerprint, f.id)))?;
+        let Some(entry) = STUBS.iter().find(|e| e.id() == f.id) else {
+            plan.added.push(f.id.clone());
+            continue;
+        };
+        if fingerprint == entry.fingerprint() {
+            plan.changes.push((entry, fingerprint, false));
+            continue;
+        }
+        let has_adaptor = manifest
+            .adaptors
+            .iter()
+            .any(|a| a.id == f.id && a.fingerprint_value() == Some(entry.fingerprint()));
+        if !has_adaptor {
+            return Err(Error::new(ErrorKind::SignatureChanged {
+                function: entry.name().to_string(),
+                running: format!("{:016x}", entry.fingerprint()),
+                patch: f.fingerprint.clone(),
+            }));
+        }
+        plan.changes.push((entry, fingerprint, true));
+    }
+    Ok(plan)
+}
+
+fn unique_name(state: &State, path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "patch".to_string(), |s| s.to_string_lossy().into_owned());
+    let taken = |n: &str| state.patches.iter().any(|p| p.record.name == n);
+    if !taken(&stem) {
+        return stem;
+    }
+    (2..)
+        .map(|i| format!("{stem}#{i}"))
+        .find(|n| !taken(n))
+        .expect("some suffix is free")
+}
+
+/// Applies the patch at `path` to this process (see the module docs).
+///
+/// # Example
+///
+/// ```
+/// // A file that is not a patch is refused, naming the cause; nothing changes.
+/// let err = evolve_hot::patch::apply("/etc/hostname").unwrap_err();
+/// assert!(err.to_string().contains("is not an Evolve patch"));
+/// ```
+pub fn apply(path: impl AsRef<Path>) -> Result<ApplyReport> {
+    let path = path.as_ref();
+    let start = Instant::now();
+    let manifest = read_manifest(path)?;
+    let plan = verify(&manifest, path)?;
+    let verify_ms = ms(start);
+
+    let load_start = Instant::now();
+    let object = PatchObject::open(path).map_err(|e| match e.kind() {
+        evolve_code::ErrorKind::Image { reason, .. } if reason.contains("undefined symbol") => {
+            Error::new(ErrorKind::Unresolved {
+                path: path.display().to_string(),
+                symbols: vec![reason.clone()],
+            })
+        }
+        _ => Error::from(e),
+    })?;
+    with_state(|state| {
+        let mut batch = Batch::new();
+        let mut new_versions = Vec::new();
+        for &(entry, fingerprint, adapted) in &plan.changes {
+            let code = if adapted {
+                object.adaptor(entry.id(), entry.fingerprint())?
+            } else {
+                object.implementation(entry.id(), fingerprint)?
+            };
+            let function = state.function(entry)?;
+            let current = function.versions.last().expect("base version").code;
+            function
+                .stub
+                .retarget_in(&mut batch, current.address(), code)?;
+            if !adapted {
+                // The patch's own callers go through the program's stub: the newest version.
+                let patch_stub = object.stub(entry.id(), fingerprint)?;
+                let host_stub = function.stub.as_code();
+                patch_stub.retarget_in(&mut batch, patch_stub.target(), host_stub)?;
+            }
+            new_versions.push((entry, code));
+        }
+        let load_ms = ms(load_start);
+        let apply_start = Instant::now();
+        batch.apply()?;
+        let apply_ms = ms(apply_start);
+
+        let name = unique_name(state, path);
+        let index = state.patches.len();
+        for &(entry, code) in &new_versions {
+            let function = state.functions.get_mut(entry.id()).expect("registered");
+            function.versions.push(Version {
+                patch: Some(index),
+                code,
+            });
+        }
+        let name_of = |e: &&StubEntry| e.name().to_string();
+        let updated: Vec<String> = plan.changes.iter().map(|c| name_of(&c.0)).collect();
+        let adapted = plan
+            .changes
+            .iter()
+            .filter(|c| c.2)
+            .map(|c| name_of(&c.0))
+            .collect();
+        state.patches.push(Applied {
+            record: PatchRecord {
+                name: name.clone(),
+                path: path.to_path_buf(),
+                applied_at: now(),
+                reverted_at: None,
+                functions: updated.clone(),
+            },
+            _object: object,
+        });
+        Ok(ApplyReport {
+            patch: name,
+            updated,
+            added: plan.added.clone(),
+            adapted,
+            verify_ms,
+            load_ms,
+            apply_ms,
+            total_ms: ms(start),
+        })
+    })
+}
+
+/// What to revert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revert {
+    /// The most recently applied patch that is still active.
+    Last,
+    /// The patch with this name.
+    Patch(String),
+    /// One hot function, back to an earlier version (0 = the program's own).
+    Function {
+        /// The function's path (or a unique suffix of it, e.g. `handlers::get`).
+        name: String,
+        /// The version to return to.
+        version: usize,
+    },
+}
+
+/// Reverts a patch or a function; returns the functions whose code changed.
+pub fn revert(what: Revert) -> Result<Vec<String>> {
+    with_state(|state| {
+        let mut batch = Batch::new();
+        let mut changed = Vec::new();
+        match what {
+            Revert::Last | Revert::Patch(_) => {
+                let index = match &what {
+                    Revert::Patch(name) => state
+                        .patches
+                        .iter()
+                        .position(|p| &p.record.name == name && p.record.reverted_at.is_none()),
+                    _ => state
+                        .patches
+                        .iter()
+                        .rposition(|p| p.record.reverted_at.is_none()),
+                }
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::NoSuchPatch {
+                        name: match &what {
+                            Revert::Patch(n) => n.clone(),
+                            _ => "(last)".into(),
+                        },
+                    })
+                })?;
+                for function in state.functions.values_mut() {
+                    let Some(at) = function
+                        .versions
+                        .iter()
+                        .position(|v| v.patch == Some(index))
+                    else {
+                        continue;
+                    };
+                    if at == function.versions.len() - 1 {
+                        let (from, to) =
+                            (function.versions[at].code, function.versions[at - 1].code);
+                        function.stub.retarget_in(&mut batch, from.address(), to)?;
+                        changed.push(function.entry.name().to_string());
+                    }
+                }
+                batch.apply()?;
+                for function in state.functions.values_mut() {
+                    function.versions.retain(|v| v.patch != Some(index));
+                }
+                state.patches[index].record.reverted_at = Some(now());
+            }
+            Revert::Function { name, version } => {
+                let function = state
+                    .functions
+                    .values_mut()
+                    .find(|f| {
+                        f.entry.name() == name || f.entry.name().ends_with(&format!("::{name}"))
+                    })
+                    .ok_or_else(|| Error::new(ErrorKind::NoSuchFunction { name: name.clone() }))?;
+                if version >= function.versions.len() {
+                    return Err(Error::new(ErrorKind::NoSuchVersion {
+                        function: name,
+                        version,
+                    }));
+                }
+                let from = function.versions.last().expect("base").code;
+                function.stub.retarget_in(
+                    &mut batch,
+                    from.address(),
+                    function.versions[version].code,
+                )?;
+                batch.apply()?;
+                function.versions.truncate(version + 1);
+                changed.push(function.entry.name().to_string());
+            }
+        }
+        Ok(changed)
+    })
+}
+
+/// Every patch applied to this process, in order.
+pub fn history() -> Vec<PatchRecord> {
+    with_state(|state| Ok(state.patches.iter().map(|p| p.record.clone()).collect()))
+        .unwrap_or_default()
+}
+
+/// Every hot function of the program with its versions.
+pub fn functions() -> Vec<FunctionStatus> {
+    with_state(|state| {
+        Ok(STUBS
+            .iter()
+            .map(|entry| {
+                let versions = state.functions.get(entry.id()).map_or_else(
+                    || vec!["program".to_string()],
+                    |f| {
+                        f.versions
+                            .iter()
+                            .map(|v| match v.patch {
+                                None => "program".to_string(),
+                                Some(i) => state.patches[i].record.name.clone(),
+                            })
+                            .collect()
+                    },
+                );
+                FunctionStatus {
+                    name: entry.name().to_string(),
+                    current: versions.len() - 1,
+                    versions,
+                }
+            })
+            .collect())
+    })
+    .unwrap_or_default()
+}
