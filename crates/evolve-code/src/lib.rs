@@ -51,6 +51,7 @@
 #![deny(unsafe_code)]
 
 mod arch;
+pub mod callsite;
 pub mod error;
 mod fnsite;
 pub mod inspect;

@@ -2,7 +2,9 @@
 //!
 //! This facade re-exports the layers a user depends on. Today that is the machine-code engine
 //! ([`code`]): patch sites retargeted safely while threads run, near memory, springboards and
-//! self-inspection. Hot update, multiverse and probes build on it.
+//! self-inspection. On it: [`multiverse`], run-time configuration switches specialised into the
+//! live code (`#[evolve::switch]`, `#[evolve::multiverse(...)]`, [`multiverse::commit`]). Hot
+//! update and probes build on it too.
 //!
 //! # Example
 //!
@@ -18,3 +20,5 @@
 //! ```
 
 pub use evolve_code as code;
+pub use evolve_macros::{multiverse, switch, SwitchValue};
+pub use evolve_multiverse as multiverse;
