@@ -40,7 +40,7 @@ fn ten_thousand_commits_while_four_threads_call() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let x = (n ^ t) | 1;
-                    let r = if n % 2 == 0 {
+                    let r = if n.is_multiple_of(2) {
                         call_direct(x)
                     } else {
                         pointer(x)
@@ -53,7 +53,7 @@ fn ten_thousand_commits_while_four_threads_call() {
         }
         for i in 0..10_000u32 {
             SHIFT.set((i % 4) as u8);
-            NEGATE.set(i % 3 == 0);
+            NEGATE.set(i.is_multiple_of(3));
             mv::commit_fn(transform).unwrap();
             assert!(mv::is_committed(transform));
             mv::revert_fn(transform).unwrap();
