@@ -69,7 +69,11 @@ pub fn run(args: &Args) -> Result<Value, String> {
             });
         }
         for i in 0..args.retargets {
-            let (from, to) = if i % 2 == 0 { (v1, v2) } else { (v2, v1) };
+            let (from, to) = if i.is_multiple_of(2) {
+                (v1, v2)
+            } else {
+                (v2, v1)
+            };
             for site in &sites {
                 let report = site.retarget(from, to).expect("retarget");
                 retargets += report.changed;

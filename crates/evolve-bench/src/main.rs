@@ -4,9 +4,15 @@
 //! beat, measured in the same run, as a ratio of medians of repeated runs. `demo` shows the
 //! engine at work.
 
+mod apply_latency;
+mod call_overhead;
 mod demo;
+mod multiverse_commit;
+mod multiverse_lock_elision;
+mod multiverse_spinlock;
 mod patch_sites;
 mod stats;
+mod thread_create;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +35,28 @@ enum Scenario {
         #[arg(long)]
         json: bool,
     },
+    /// Multiverse, the paper's Figure 1: a spinlock elided in single-CPU mode, against the
+    /// build without the check and the run-time branch (`--iters`, `--runs`, `--only`).
+    MultiverseSpinlock(Raw),
+    /// Multiverse lock elision while one thread runs (fputc- and malloc-like paths), against
+    /// the always-locked build (`--iters`, `--runs`, `--only`).
+    MultiverseLockElision(Raw),
+    /// Multiverse commit and revert of N direct call sites (`--call-sites`, `--runs`).
+    MultiverseCommit(Raw),
+    /// Hot update: a call through a hot function's stub, against a direct call and a PSU-style
+    /// trampoline (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu` for callgrind).
+    CallOverhead(call_overhead::Args),
+    /// Hot update: thread create+join with Evolve active, against a process without it.
+    ThreadCreate(thread_create::Args),
+    /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
+    ApplyLatency(apply_latency::Args),
+}
+
+/// The arguments a scenario parses itself (`--json` is accepted and implied).
+#[derive(clap::Args)]
+struct Raw {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 fn main() {
@@ -43,7 +71,21 @@ fn main() {
             record
         }),
         Scenario::PatchSites { args, .. } => patch_sites::run(args).inspect(|r| println!("{r}")),
+        Scenario::MultiverseSpinlock(raw) => Ok(multiverse_spinlock::run(&raw.args)),
+        Scenario::MultiverseLockElision(raw) => Ok(multiverse_lock_elision::run(&raw.args)),
+        Scenario::MultiverseCommit(raw) => Ok(multiverse_commit::run(&raw.args)),
+        Scenario::CallOverhead(args) => call_overhead::run(args),
+        Scenario::ThreadCreate(args) => thread_create::run(args),
+        Scenario::ApplyLatency(args) => apply_latency::run(args),
     };
+    if let Ok(record) = &result {
+        if !matches!(
+            cli.scenario,
+            Scenario::Demo(_) | Scenario::PatchSites { .. }
+        ) {
+            println!("{record}");
+        }
+    }
     match result {
         Ok(record) if record.get("errors").and_then(|e| e.as_u64()).unwrap_or(0) > 0 => {
             eprintln!("evolve-bench: errors observed");

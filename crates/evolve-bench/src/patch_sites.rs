@@ -42,7 +42,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let placement = |i: usize| match args.layout.as_str() {
         "aligned" => Ok(Placement::Aligned),
         "cross" => Ok(Placement::CrossWord),
-        "mixed" if i % 2 == 0 => Ok(Placement::Aligned),
+        "mixed" if i.is_multiple_of(2) => Ok(Placement::Aligned),
         "mixed" => Ok(Placement::CrossWord),
         other => Err(format!("unknown layout {other:?}: aligned, cross or mixed")),
     };

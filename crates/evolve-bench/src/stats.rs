@@ -18,7 +18,7 @@ pub fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
 pub fn median(samples: &mut [f64]) -> f64 {
     samples.sort_by(f64::total_cmp);
     let n = samples.len();
-    if n % 2 == 1 {
+    if !n.is_multiple_of(2) {
         samples[n / 2]
     } else {
         (samples[n / 2 - 1] + samples[n / 2]) / 2.0

@@ -4,7 +4,7 @@
 //! dependencies, statics), so the program must export its symbols to the dynamic loader. Add
 //! `evolve-build` to `[build-dependencies]` and one line to `build.rs`:
 //!
-//! ```no_run
+//! ```text
 //! // build.rs
 //! fn main() {
 //!     evolve_build::host();

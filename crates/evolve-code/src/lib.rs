@@ -51,6 +51,7 @@
 #![deny(unsafe_code)]
 
 mod arch;
+pub mod callsite;
 pub mod dylib;
 pub mod error;
 mod fnsite;

@@ -82,9 +82,9 @@ fn cross_word_call_site_retargeted_by_int3_under_4_threads() {
 
 #[test]
 fn batches_of_mixed_sites_switch_together_under_threads() {
-    let sites: Vec<FnSite<F>> = (0..64)
+    let sites: Vec<FnSite<F>> = (0..64usize)
         .map(|i| {
-            let placement = if i % 2 == 0 {
+            let placement = if i.is_multiple_of(2) {
                 Placement::Aligned
             } else {
                 Placement::CrossWord
@@ -92,9 +92,9 @@ fn batches_of_mixed_sites_switch_together_under_threads() {
             FnSite::with_placement(one as F, placement).unwrap()
         })
         .collect();
-    let (thunks, call_sites): (Vec<F>, Vec<_>) = (0..16)
+    let (thunks, call_sites): (Vec<F>, Vec<_>) = (0..16usize)
         .map(|i| {
-            let placement = if i % 2 == 0 {
+            let placement = if i.is_multiple_of(2) {
                 Placement::Aligned
             } else {
                 Placement::CrossWord
@@ -121,7 +121,7 @@ fn batches_of_mixed_sites_switch_together_under_threads() {
     eprintln!("mixed batches: {rounds} rounds, {calls} calls");
     assert!(rounds >= 1_000);
     // An even number of rounds leaves every site on `one`.
-    let expected = if rounds % 2 == 0 { 1 } else { 2 };
+    let expected = if rounds.is_multiple_of(2) { 1 } else { 2 };
     assert!(entries.iter().all(|f| f() == expected));
 }
 

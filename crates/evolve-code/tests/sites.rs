@@ -73,7 +73,7 @@ fn text_sites_in_the_executable_switch_under_threads_and_restore_byte_for_byte()
         rounds >= 1000 && calls > rounds as u64,
         "{rounds} rounds, {calls} calls"
     );
-    if rounds % 2 == 1 {
+    if !rounds.is_multiple_of(2) {
         assert!(entries.iter().all(|f| f() == 2));
     }
     for s in sites {

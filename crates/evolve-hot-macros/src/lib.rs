@@ -54,6 +54,59 @@ pub fn hot(attr: TokenStream, item: TokenStream) -> TokenStream {
     result.unwrap_or_else(|e| e.to_compile_error()).into()
 }
 
+/// Marks a function with the *old* signature of a hot function whose signature a patch changes
+/// (K42's adaptors): callers compiled against the old signature reach the adaptor, which calls
+/// the new function. The argument names the hot function (`name`, or `Type::method` for a
+/// method, whose receiver the adaptor takes as its first parameter); the adaptor must be in the
+/// same source file.
+///
+/// ```ignore
+/// #[evolve::hot]
+/// pub fn price(quantity: u64, discount: u32) -> u64 { /* new signature */ }
+///
+/// #[evolve::adaptor(price)]
+/// fn price_before_discounts(quantity: u64) -> u64 {
+///     price(quantity, 0)
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn adaptor(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let target = parse_macro_input!(attr as syn::Path);
+    let f = parse_macro_input!(item as ItemFn);
+    adaptor_fn(target, f)
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
+}
+
+fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
+    let segments: Vec<_> = target.segments.iter().collect();
+    let (self_ty, name): (Option<Type>, syn::Ident) = match segments.as_slice() {
+        [name] => (None, name.ident.clone()),
+        [ty, name] => {
+            let ty_ident = &ty.ident;
+            (Some(syn::parse_quote!(#ty_ident)), name.ident.clone())
+        }
+        _ => {
+            return Err(syn::Error::new_spanned(
+                &target,
+                "#[evolve::adaptor] takes the hot function's name, or `Type::method`",
+            ))
+        }
+    };
+    // The adaptor's identity is the hot function's; its fingerprint is its own (old) signature.
+    let mut as_target = f.sig.clone();
+    as_target.ident = name;
+    let p = prepare(&as_target, self_ty.as_ref())?;
+    let export = format!("__evolve_adaptor_{}_{:016x}", p.id, p.fingerprint);
+    Ok(quote! {
+        #[doc(hidden)]
+        #[allow(unsafe_code)]
+        #[unsafe(export_name = #export)]
+        #[inline(never)]
+        #f
+    })
+}
+
 /// FNV-1a: stable across compilers and runs, unlike `DefaultHasher`.
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

@@ -17,7 +17,7 @@
 //! 5. **Embed** the manifest as the exported symbol `evolve_patch_manifest`.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{hex, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL};
+use crate::manifest::{hex, ChangedStatic, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL};
 use object::{Object, ObjectSymbol, SymbolKind};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -257,6 +257,11 @@ fn read_object(path: &Path) -> Result<ObjectInfo> {
     Ok(info)
 }
 
+/// A symbol's demangled path without the hash (`hotfix::CALLS`), or the symbol itself.
+fn path_without_hash(symbol: &str) -> String {
+    format!("{:#}", rustc_demangle::demangle(symbol))
+}
+
 fn toolchain(workdir: &Path) -> Result<String> {
     Ok(run(
         "rustc -V",
@@ -351,19 +356,37 @@ fn build_in(
             symbols: missing,
         }));
     }
-    let warnings: Vec<String> = object
+    // A static changed if its size differs, or if its symbol did: the legacy mangling hashes an
+    // item's type, so a static whose type changed gets a new name and would silently start from
+    // a fresh copy instead of the program's value. Match by path without the hash.
+    let by_path: HashMap<String, (&String, u64)> = base
+        .object_sizes
+        .iter()
+        .map(|(name, size)| (path_without_hash(name), (name, *size)))
+        .collect();
+    let changed_statics: Vec<ChangedStatic> = object
         .statics
         .iter()
         .filter_map(|(name, size)| {
-            let running = base.object_sizes.get(name)?;
-            (running != size).then(|| {
-                Error::new(ErrorKind::StaticLayoutChanged {
-                    symbol: name.clone(),
-                    running: *running,
-                    patch: *size,
-                })
-                .to_string()
+            let (running_name, running) = *by_path.get(&path_without_hash(name))?;
+            (running_name != name || running != *size).then(|| ChangedStatic {
+                symbol: path_without_hash(name),
+                running,
+                patch: *size,
             })
+        })
+        .collect();
+    // The patch still builds (the operator sees why it will be refused, and a later Evolve
+    // with a transfer function for it can apply it); apply refuses it.
+    let warnings: Vec<String> = changed_statics
+        .iter()
+        .map(|c| {
+            Error::new(ErrorKind::StaticLayoutChanged {
+                symbol: c.symbol.clone(),
+                running: c.running,
+                patch: c.patch,
+            })
+            .to_string()
         })
         .collect();
 
@@ -374,6 +397,7 @@ fn build_in(
         crates: vec![options.package.clone()],
         functions: object.functions,
         adaptors: object.adaptors,
+        changed_statics,
     };
     let json = serde_json::to_string(&manifest).expect("manifest serializes");
     let manifest_c = scratch.join("manifest.c");

@@ -156,8 +156,8 @@ impl fmt::Display for Error {
                 patch,
             } => write!(
                 f,
-                "static {symbol} changed size ({running} -> {patch} bytes) and the patch has no \
-                 transfer function for it"
+                "static {symbol} changed its type or layout ({running} -> {patch} bytes) and the \
+                 patch has no transfer function for it"
             ),
             ErrorKind::Unresolved { path, symbols } => write!(
                 f,

@@ -12,7 +12,10 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! Through the `evolve` facade, whose paths the macro's expansion uses (this example is compiled
+//! in the facade's documentation):
+//!
+//! ```ignore
 //! // In the program (its build.rs calls `evolve_build::host()`):
 //! #[evolve::hot]
 //! fn price(quantity: u64) -> u64 {
@@ -31,7 +34,7 @@ pub mod manifest;
 pub mod patch;
 
 pub use error::{Error, ErrorKind, Result};
-pub use evolve_hot_macros::hot;
+pub use evolve_hot_macros::{adaptor, hot};
 
 #[doc(hidden)]
 pub mod __private {

@@ -27,6 +27,20 @@ pub struct Manifest {
     /// Adaptors: old-signature entry points of functions whose signature changed.
     #[serde(default)]
     pub adaptors: Vec<FunctionEntry>,
+    /// Statics of the patched crates whose size differs from the program's.
+    #[serde(default)]
+    pub changed_statics: Vec<ChangedStatic>,
+}
+
+/// A static whose size differs between the program and the patch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedStatic {
+    /// Its symbol.
+    pub symbol: String,
+    /// Its size in the program.
+    pub running: u64,
+    /// Its size in the patch.
+    pub patch: u64,
 }
 
 /// A hot function in a patch, by id and signature fingerprint (16 hex digits).

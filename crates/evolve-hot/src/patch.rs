@@ -206,6 +206,15 @@ fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
             running: HOST_TOOLCHAIN.to_string(),
         }));
     }
+    if let Some(changed) = manifest.changed_statics.first() {
+        // State transfer functions are not supported yet: the program's value cannot be
+        // converted, and sharing it with code that expects another layout is unsound.
+        return Err(Error::new(ErrorKind::StaticLayoutChanged {
+            symbol: changed.symbol.clone(),
+            running: changed.running,
+            patch: changed.patch,
+        }));
+    }
     let corrupt = |reason: String| {
         Error::new(ErrorKind::Corrupt {
             path: path.display().to_string(),

@@ -2,7 +2,9 @@
 //!
 //! This facade re-exports the layers a user depends on. Today that is the machine-code engine
 //! ([`code`]): patch sites retargeted safely while threads run, near memory, springboards and
-//! self-inspection. Hot update, multiverse and probes build on it.
+//! self-inspection. On it: [`multiverse`], run-time configuration switches specialised into the
+//! live code (`#[evolve::switch]`, `#[evolve::multiverse(...)]`, [`multiverse::commit`]). Hot
+//! update and probes build on it too.
 //!
 //! # Example
 //!
@@ -17,6 +19,29 @@
 //! assert_eq!((site.entry())(40), 42);
 //! ```
 
+/// Hot update: `#[evolve::hot]` functions take thin patches while the program runs.
+///
+/// Hot functions are module-level items (the stub is emitted with `global_asm!`).
+///
+/// ```no_run
+/// // The program's build.rs calls `evolve_build::host()`.
+/// #[evolve::hot]
+/// fn price(quantity: u64) -> u64 {
+///     quantity * 10
+/// }
+///
+/// fn main() -> Result<(), evolve::hot::Error> {
+///     assert_eq!(price(3), 30);
+///     // Later, with the source edited and a patch built (`evolve build-patch`):
+///     let report = evolve::hot::patch::apply("target/evolve/price-fix.so")?;
+///     println!("updated {:?} in {:.2} ms", report.updated, report.total_ms);
+///     Ok(())
+/// }
+/// ```
+pub mod hot_update_example {}
+
 pub use evolve_code as code;
 pub use evolve_hot as hot;
-pub use evolve_hot::hot;
+pub use evolve_hot::{adaptor, hot};
+pub use evolve_macros::{multiverse, switch, SwitchValue};
+pub use evolve_multiverse as multiverse;

@@ -111,7 +111,7 @@ pub fn hammer(
 
 /// The instruction that flips a jump site between `one` and `two` on round `i`.
 pub fn flip(i: usize, call: bool) -> (SiteInsn, SiteInsn) {
-    let (from, to) = if i % 2 == 0 {
+    let (from, to) = if i.is_multiple_of(2) {
         (one as F as usize, two as F as usize)
     } else {
         (two as F as usize, one as F as usize)

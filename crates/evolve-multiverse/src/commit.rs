@@ -1,0 +1,155 @@
+//! Commit and revert: binding multiversed functions to their switches' current values.
+//!
+//! # Semantics
+//!
+//! Until a function is committed it runs its generic body, which reads the switches at every
+//! call. [`commit`] reads each switch once, picks for each function the variant compiled for
+//! those values, and rewires the live code to it: the function's entry stub jumps to the variant
+//! (calls through pointers) and every direct call site in the executable calls the variant (or
+//! becomes a NOP if the variant is empty). From then on the function behaves as its variant,
+//! **even if a switch changes**: the binding changes only at the next commit (as in the
+//! multiverse paper). A switch whose current value has no variant makes the function run its
+//! generic code, and is reported in [`CommitReport::unmatched`]. [`revert`] restores every byte
+//! it changed.
+//!
+//! # Threads
+//!
+//! Commits and reverts are serialised by one lock, and all the sites of one operation are
+//! written in one engine [`Batch`], which is safe while other threads execute them: every call
+//! runs either the old binding or the new one, never a torn instruction. Sites switch one at a
+//! time, so during a commit a thread may run the old binding through one call site and the new
+//! one through another.
+
+use crate::registry::{Function, Plan, FUNCTIONS};
+use crate::switch::{AnySwitch, Switch, SwitchValue};
+use crate::Error;
+use evolve_code::{Batch, BatchReport, FnPtr};
+use std::sync::Mutex;
+
+static COMMIT: Mutex<()> = Mutex::new(());
+
+/// What a commit or revert did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// The functions whose installed code changed, in registry order.
+    pub changed: Vec<&'static str>,
+    /// Switches whose current value has no variant: those functions run their generic code.
+    pub unmatched: Vec<Unmatched>,
+    /// What the engine wrote.
+    pub batch: BatchReport,
+}
+
+/// A switch value without a variant in a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unmatched {
+    /// The function.
+    pub function: &'static str,
+    /// The switch.
+    pub switch: &'static str,
+    /// Its value, in raw form (`value as u64`).
+    pub value: u64,
+}
+
+fn run(select: impl Fn(&dyn Function) -> bool, commit: bool) -> Result<CommitReport, Error> {
+    let _guard = COMMIT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut report = CommitReport::default();
+    let mut batch = Batch::new();
+    let mut plans = Vec::new();
+    for function in FUNCTIONS.iter().copied().filter(|f| select(*f)) {
+        let plan = if commit {
+            function.plan_commit(&mut batch, &mut report)?
+        } else {
+            function.plan_revert(&mut batch)?
+        };
+        if plan != Plan::Unchanged {
+            plans.push((function, plan));
+        }
+    }
+    if !batch.is_empty() {
+        report.batch = batch.apply().map_err(|e| Error::code("commit", e))?;
+    }
+    for (function, plan) in plans {
+        function.finish(plan);
+        report.changed.push(function.name());
+    }
+    Ok(report)
+}
+
+/// Binds every multiversed function to the current values of its switches.
+///
+/// # Example
+///
+/// ```
+/// #[evolve::switch]
+/// static FAST: bool = false;
+///
+/// #[evolve::multiverse(FAST)]
+/// fn speed() -> u32 {
+///     if FAST.get() { 2 } else { 1 }
+/// }
+///
+/// FAST.set(true);
+/// let report = evolve::multiverse::commit().unwrap();
+/// assert!(report.changed.contains(&"speed"));
+/// FAST.set(false); // no effect until the next commit
+/// assert_eq!(speed(), 2);
+/// evolve::multiverse::revert().unwrap();
+/// assert_eq!(speed(), 1);
+/// ```
+pub fn commit() -> Result<CommitReport, Error> {
+    run(|_| true, true)
+}
+
+/// Restores the generic code of every multiversed function.
+pub fn revert() -> Result<CommitReport, Error> {
+    run(|_| true, false)
+}
+
+/// Commits only the functions that read `switch`.
+pub fn commit_refs<T: SwitchValue>(switch: &'static Switch<T>) -> Result<CommitReport, Error> {
+    let id = AnySwitch::id(switch);
+    run(|f| f.uses(id), true)
+}
+
+/// Reverts only the functions that read `switch`.
+pub fn revert_refs<T: SwitchValue>(switch: &'static Switch<T>) -> Result<CommitReport, Error> {
+    let id = AnySwitch::id(switch);
+    run(|f| f.uses(id), false)
+}
+
+fn find(address: usize) -> Result<&'static dyn Function, Error> {
+    FUNCTIONS
+        .iter()
+        .copied()
+        .find(|f| f.entry() == address)
+        .ok_or(Error::NotMultiversed { address })
+}
+
+/// Commits one function (`f` as named in the program: its entry).
+///
+/// # Errors
+/// [`Error::NotMultiversed`] if `f` is not a `#[evolve::multiverse]` function.
+pub fn commit_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
+    let entry = find(f.address())?.entry();
+    run(|g| g.entry() == entry, true)
+}
+
+/// Reverts one function.
+///
+/// # Errors
+/// [`Error::NotMultiversed`] if `f` is not a `#[evolve::multiverse]` function.
+pub fn revert_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
+    let entry = find(f.address())?.entry();
+    run(|g| g.entry() == entry, false)
+}
+
+/// Whether `f` runs a variant (it was committed and its switches had a variant); `false` for a
+/// function that is not multiversed.
+pub fn is_committed<F: FnPtr>(f: F) -> bool {
+    find(f.address()).is_ok_and(|g| g.is_committed())
+}
+
+/// The names of every multiversed function of the program.
+pub fn functions() -> Vec<&'static str> {
+    FUNCTIONS.iter().map(|f| f.name()).collect()
+}

@@ -1,0 +1,67 @@
+//! Commit and revert 10 000 times while 4 threads call the functions: every result must be
+//! consistent with either binding.
+use evolve::multiverse as mv;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+#[evolve::switch(in 0..=3)]
+static SHIFT: u8 = 0;
+
+#[evolve::switch]
+static NEGATE: bool = false;
+
+#[evolve::multiverse(SHIFT, NEGATE)]
+fn transform(x: u64) -> u64 {
+    let y = x << SHIFT.get();
+    if NEGATE.get() {
+        !y
+    } else {
+        y
+    }
+}
+
+#[inline(never)]
+fn call_direct(x: u64) -> u64 {
+    transform(x)
+}
+
+fn valid(x: u64, r: u64) -> bool {
+    (0..4).any(|s| r == x << s || r == !(x << s))
+}
+
+#[test]
+fn ten_thousand_commits_while_four_threads_call() {
+    let stop = AtomicBool::new(false);
+    let calls = AtomicU64::new(0);
+    let pointer: extern "C-unwind" fn(u64) -> u64 = std::hint::black_box(transform);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (stop, calls) = (&stop, &calls);
+            s.spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let x = (n ^ t) | 1;
+                    let r = if n.is_multiple_of(2) {
+                        call_direct(x)
+                    } else {
+                        pointer(x)
+                    };
+                    assert!(valid(x, r), "transform({x}) = {r}: no binding gives that");
+                    n += 1;
+                }
+                calls.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        for i in 0..10_000u32 {
+            SHIFT.set((i % 4) as u8);
+            NEGATE.set(i.is_multiple_of(3));
+            mv::commit_fn(transform).unwrap();
+            assert!(mv::is_committed(transform));
+            mv::revert_fn(transform).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(calls.load(Ordering::Relaxed) > 0);
+    SHIFT.set(2);
+    NEGATE.set(false);
+    assert_eq!(call_direct(1), 4);
+}
