@@ -32,9 +32,12 @@ pub mod builder;
 mod error;
 pub mod manifest;
 pub mod patch;
+pub mod safepoint;
+mod trial;
 
 pub use error::{Error, ErrorKind, Result};
 pub use evolve_hot_macros::{adaptor, hot};
+pub use safepoint::safe_point;
 
 #[doc(hidden)]
 pub mod __private {

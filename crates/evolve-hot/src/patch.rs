@@ -32,7 +32,7 @@ use evolve_code::Batch;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The toolchain the running program was built with.
 pub const HOST_TOOLCHAIN: &str = env!("EVOLVE_HOST_TOOLCHAIN");
@@ -113,6 +113,11 @@ fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
     let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
     let state = guard.get_or_insert_with(State::default);
     f(state)
+}
+
+/// Whether no thread holds the hot-update state now (for the trial's panic hook).
+pub(crate) fn state_is_free() -> bool {
+    STATE.try_lock().is_ok()
 }
 
 fn now() -> u64 {
@@ -267,6 +272,28 @@ fn unique_name(state: &State, path: &Path) -> String {
         .expect("some suffix is free")
 }
 
+/// How to apply a patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Switch all the patch's functions while every thread that uses safe points is held at
+    /// one ([`crate::safepoint`]), so no such thread sees some functions switched and others not.
+    pub atomic: bool,
+    /// How long to wait for threads to reach a safe point.
+    pub safe_point_timeout: Duration,
+    /// Revert the patch automatically if code inside it panics within this window.
+    pub trial: Option<Duration>,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> ApplyOptions {
+        ApplyOptions {
+            atomic: false,
+            safe_point_timeout: Duration::from_secs(5),
+            trial: None,
+        }
+    }
+}
+
 /// Applies the patch at `path` to this process (see the module docs).
 ///
 /// # Example
@@ -277,6 +304,11 @@ fn unique_name(state: &State, path: &Path) -> String {
 /// assert!(err.to_string().contains("is not an Evolve patch"));
 /// ```
 pub fn apply(path: impl AsRef<Path>) -> Result<ApplyReport> {
+    apply_with(path, &ApplyOptions::default())
+}
+
+/// Applies the patch at `path` with `options` (atomically at a safe point, on trial).
+pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<ApplyReport> {
     let path = path.as_ref();
     let start = Instant::now();
     let manifest = read_manifest(path)?;
@@ -317,7 +349,11 @@ pub fn apply(path: impl AsRef<Path>) -> Result<ApplyReport> {
         }
         let load_ms = ms(load_start);
         let apply_start = Instant::now();
-        batch.apply()?;
+        if options.atomic {
+            crate::safepoint::at_safe_point(options.safe_point_timeout, || batch.apply())??;
+        } else {
+            batch.apply()?;
+        }
         let apply_ms = ms(apply_start);
 
         let name = unique_name(state, path);
@@ -337,6 +373,9 @@ pub fn apply(path: impl AsRef<Path>) -> Result<ApplyReport> {
             .filter(|c| c.2)
             .map(|c| name_of(&c.0))
             .collect();
+        if let Some(window) = options.trial {
+            crate::trial::watch(&name, object.exec_ranges().to_vec(), window);
+        }
         state.patches.push(Applied {
             record: PatchRecord {
                 name: name.clone(),

@@ -57,8 +57,9 @@ fn a_live_process_takes_a_patch_while_calls_continue_and_keeps_its_state() {
     assert_eq!(host.send("probe")["compute"], 20);
     assert_eq!(reverted["errors"], 0);
 
-    // And again.
-    let again = host.send(&format!("apply {}", report.output.display()));
+    // And again, this time atomically: every worker held at its safe point while all five
+    // functions switch.
+    let again = host.send(&format!("apply-atomic {}", report.output.display()));
     assert_eq!(again["ok"], true, "{again}");
     assert_eq!(again["patch"], "v2#2");
     let last = host.stats_after(300);
