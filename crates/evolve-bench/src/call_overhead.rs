@@ -135,6 +135,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
             "only": name,
             "iters": args.iters,
             "result": result,
+            "psu_calls_counted": psu_calls(),
         }));
     }
     let threads = args.threads.max(1);
