@@ -107,6 +107,75 @@ fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
     })
 }
 
+/// Marks a state-transfer function for a static whose type changed in a patch: it receives the
+/// program's value in the old layout and returns the value in the new one. It runs once, while
+/// every thread that uses safe points is held at one, before the patch's functions take over.
+///
+/// The static must have interior mutability (atomics, `Mutex`, ...), since its new value is
+/// written in place. Code outside the patch compiled against the old layout keeps the old
+/// static; make the readers hot functions of the patched crate.
+///
+/// ```ignore
+/// pub static CALLS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+///
+/// #[evolve::transfer(CALLS)]
+/// fn calls_from_v1(old: &AtomicU64) -> [AtomicU64; 2] {
+///     [AtomicU64::new(old.load(Ordering::Relaxed)), AtomicU64::new(0)]
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn transfer(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let target = parse_macro_input!(attr as syn::Ident);
+    let f = parse_macro_input!(item as ItemFn);
+    transfer_fn(target, f)
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
+}
+
+fn transfer_fn(target: syn::Ident, f: ItemFn) -> syn::Result<TokenStream2> {
+    let shape_error = || {
+        syn::Error::new_spanned(
+            &f.sig,
+            "#[evolve::transfer(STATIC)] takes `fn(old: &OldType) -> NewType`",
+        )
+    };
+    let old_type = match f.sig.inputs.first() {
+        Some(FnArg::Typed(t)) if f.sig.inputs.len() == 1 => match &*t.ty {
+            Type::Reference(r) => (*r.elem).clone(),
+            _ => return Err(shape_error()),
+        },
+        _ => return Err(shape_error()),
+    };
+    if matches!(f.sig.output, ReturnType::Default) {
+        return Err(shape_error());
+    }
+    let crate_name = std::env::var("CARGO_CRATE_NAME").unwrap_or_else(|_| "crate".into());
+    let export = format!("__evolve_transfer_{}__{}", symbol_safe(&crate_name), target);
+    let name = &f.sig.ident;
+    let wrapper = format_ident!("__evolve_transfer_{}", target);
+    Ok(quote! {
+        #f
+
+        #[doc(hidden)]
+        #[allow(unsafe_code, non_snake_case)]
+        #[unsafe(export_name = #export)]
+        extern "C" fn #wrapper(old: *const u8) {
+            // SAFETY: Evolve calls this once, at a safe point, with the address of the running
+            // program's instance of the static in its old layout (`&OldType`), which stays
+            // valid; the new value is written over the patch's own instance, whose type has
+            // interior mutability (required by #[evolve::transfer]), so no shared reference to
+            // it is invalidated by the write.
+            unsafe {
+                let old = &*(old as *const #old_type);
+                let new = #name(old);
+                let slot = ::core::ptr::addr_of!(#target) as *mut _;
+                ::core::ptr::drop_in_place(slot);
+                ::core::ptr::write(slot, new);
+            }
+        }
+    })
+}
+
 /// FNV-1a: stable across compilers and runs, unlike `DefaultHasher`.
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

@@ -193,6 +193,8 @@ struct Plan {
     /// (entry, patch fingerprint, via adaptor)
     changes: Vec<(&'static StubEntry, u64, bool)>,
     added: Vec<String>,
+    /// (transfer symbol, address of the program's old static)
+    transfers: Vec<(String, usize)>,
 }
 
 fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
@@ -211,14 +213,33 @@ fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
             running: HOST_TOOLCHAIN.to_string(),
         }));
     }
-    if let Some(changed) = manifest.changed_statics.first() {
-        // State transfer functions are not supported yet: the program's value cannot be
-        // converted, and sharing it with code that expects another layout is unsound.
-        return Err(Error::new(ErrorKind::StaticLayoutChanged {
-            symbol: changed.symbol.clone(),
-            running: changed.running,
-            patch: changed.patch,
-        }));
+    let krate = manifest
+        .crates
+        .first()
+        .map(|c| c.replace('-', "_"))
+        .unwrap_or_default();
+    let mut transfers = Vec::new();
+    for changed in &manifest.changed_statics {
+        // Without a transfer function the program's value cannot be converted, and sharing it
+        // with code that expects another layout would be unsound.
+        let symbol = changed.transfer_symbol(&krate);
+        if !manifest.transfers.contains(&symbol) {
+            return Err(Error::new(ErrorKind::StaticLayoutChanged {
+                symbol: changed.symbol.clone(),
+                running: changed.running,
+                patch: changed.patch,
+            }));
+        }
+        let old = evolve_code::inspect::executable()?
+            .symbol_by_name(&changed.running_symbol)
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Corrupt {
+                    path: path.display().to_string(),
+                    reason: format!("the program has no static {}", changed.running_symbol),
+                })
+            })?
+            .address;
+        transfers.push((symbol, old));
     }
     let corrupt = |reason: String| {
         Error::new(ErrorKind::Corrupt {
@@ -229,6 +250,7 @@ fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
     let mut plan = Plan {
         changes: Vec::new(),
         added: Vec::new(),
+        transfers,
     };
     for f in &manifest.functions {
         let fingerprint = f
@@ -349,8 +371,14 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
         }
         let load_ms = ms(load_start);
         let apply_start = Instant::now();
-        if options.atomic {
-            crate::safepoint::at_safe_point(options.safe_point_timeout, || batch.apply())??;
+        if options.atomic || !plan.transfers.is_empty() {
+            // State transfer runs with every safe-point thread held, right before the switch.
+            crate::safepoint::at_safe_point(options.safe_point_timeout, || {
+                for (symbol, old) in &plan.transfers {
+                    object.run_transfer(symbol, *old)?;
+                }
+                batch.apply().map_err(Error::from)
+            })??;
         } else {
             batch.apply()?;
         }

@@ -42,6 +42,6 @@ pub mod hot_update_example {}
 
 pub use evolve_code as code;
 pub use evolve_hot as hot;
-pub use evolve_hot::{adaptor, hot, safe_point};
+pub use evolve_hot::{adaptor, hot, safe_point, transfer};
 pub use evolve_macros::{multiverse, switch, SwitchValue};
 pub use evolve_multiverse as multiverse;
