@@ -134,12 +134,7 @@ impl PatchObject {
             )
         }
         .map_err(|e| image_error(path, format!("the dynamic loader refused it: {e}")))?;
-        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let exec_ranges = crate::inspect::images()?
-            .into_iter()
-            .find(|i| std::fs::canonicalize(i.path()).ok().as_deref() == Some(&canonical))
-            .map(|i| i.exec_ranges().to_vec())
-            .unwrap_or_default();
+        let exec_ranges = crate::inspect::loaded_exec_ranges(path).unwrap_or_default();
         Ok(PatchObject {
             library: ManuallyDrop::new(library),
             path: path.to_path_buf(),
