@@ -19,6 +19,7 @@
 //!
 //! Then, from a shell: `evolve ps`, `evolve status <pid>`, `evolve apply <pid> fix.so`.
 
+pub mod client;
 mod dispatch;
 pub mod journal;
 pub mod paths;
