@@ -219,14 +219,17 @@ fn functions() -> Functions {
 }
 
 fn switches() -> Vec<SwitchInfo> {
-    evolve_multiverse::switches()
+    let mut switches: Vec<SwitchInfo> = evolve_multiverse::switches()
         .into_iter()
         .map(|s| SwitchInfo {
             name: s.name().to_string(),
             value: s.raw(),
             domain: s.domain().to_vec(),
         })
-        .collect()
+        .collect();
+    // Link order is arbitrary: show them by name.
+    switches.sort_by(|a, b| a.name.cmp(&b.name));
+    switches
 }
 
 fn status(context: &Context) -> Status {
