@@ -83,7 +83,7 @@ impl Connection {
         let id = self.next_id;
         self.next_id += 1;
         let reply = self.raw(&request.to_line(id), timeout)?;
-        if reply.id != serde_json::Value::from(id) && reply.ok {
+        if reply.id != id && reply.ok {
             return Err(ClientError::Protocol(format!(
                 "reply for id {} to request {id}",
                 reply.id
@@ -95,7 +95,9 @@ impl Connection {
                 kind: e.kind,
                 message: e.message,
             }),
-            _ => Err(ClientError::Protocol("a reply without result or error".into())),
+            _ => Err(ClientError::Protocol(
+                "a reply without result or error".into(),
+            )),
         }
     }
 

@@ -83,10 +83,7 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
         Request::Functions => Ok(to_value(&functions())),
         Request::History => Ok(to_value(&History {
             entries: context.journal.entries(),
-            file: context
-                .journal
-                .path()
-                .map(|p| p.display().to_string()),
+            file: context.journal.path().map(|p| p.display().to_string()),
         })),
         Request::Gc => {
             let message = "reclamation not available: this build of Evolve keeps every patch \
@@ -306,9 +303,9 @@ fn revert(target: Option<String>, version: Option<usize>) -> Result<Reverted, (E
             changed,
         });
     }
-    let function = evolve_hot::patch::functions().into_iter().find(|f| {
-        f.name == target || f.name.ends_with(&format!("::{target}"))
-    });
+    let function = evolve_hot::patch::functions()
+        .into_iter()
+        .find(|f| f.name == target || f.name.ends_with(&format!("::{target}")));
     let Some(function) = function else {
         return Err((
             ErrorKind::Failed,
@@ -320,7 +317,10 @@ fn revert(target: Option<String>, version: Option<usize>) -> Result<Reverted, (E
         None if function.current == 0 => {
             return Err((
                 ErrorKind::Failed,
-                format!("{} runs the program's own version: nothing to revert", function.name),
+                format!(
+                    "{} runs the program's own version: nothing to revert",
+                    function.name
+                ),
             ))
         }
         None => function.current - 1,

@@ -79,7 +79,12 @@ pub fn prepare_dir(dir: &Path) -> io::Result<()> {
         OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| io::Error::other(format!("{}: not a directory we can use ({e})", dir.display())))?;
+    .map_err(|e| {
+        io::Error::other(format!(
+            "{}: not a directory we can use ({e})",
+            dir.display()
+        ))
+    })?;
     let stat = rustix::fs::fstat(&fd)?;
     let me = rustix::process::geteuid().as_raw();
     if stat.st_uid != me {

@@ -30,7 +30,10 @@ fn socket_is_private_and_removed_when_the_agent_stops() {
     );
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
-    let dir_mode = std::fs::metadata(socket.parent().unwrap()).unwrap().permissions().mode();
+    let dir_mode = std::fs::metadata(socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(dir_mode & 0o777, 0o700);
     let mut c = Connection::connect(&socket).unwrap();
     let hello = c.call(&Request::Hello, T).unwrap();
@@ -49,14 +52,29 @@ fn malformed_unknown_and_bad_requests_get_error_replies_and_the_connection_goes_
         ("this is not json", ErrorKind::Malformed),
         ("[1,2,3]", ErrorKind::Malformed),
         ("{\"v\":1,\"id\":5}", ErrorKind::UnknownRequest),
-        ("{\"v\":1,\"op\":\"launch_missiles\"}", ErrorKind::UnknownRequest),
+        (
+            "{\"v\":1,\"op\":\"launch_missiles\"}",
+            ErrorKind::UnknownRequest,
+        ),
         ("{\"v\":2,\"op\":\"hello\"}", ErrorKind::UnsupportedVersion),
         ("{\"op\":\"hello\"}", ErrorKind::UnsupportedVersion),
         ("{\"v\":1,\"op\":\"apply\"}", ErrorKind::BadRequest),
-        ("{\"v\":1,\"op\":\"apply\",\"path\":7}", ErrorKind::BadRequest),
-        ("{\"v\":1,\"op\":\"apply\",\"path\":\"relative.so\"}", ErrorKind::BadRequest),
-        ("{\"v\":1,\"op\":\"apply\",\"path\":\"/etc/hostname\"}", ErrorKind::Failed),
-        ("{\"v\":1,\"op\":\"switch_set\",\"name\":\"NOPE\",\"value\":\"1\"}", ErrorKind::Failed),
+        (
+            "{\"v\":1,\"op\":\"apply\",\"path\":7}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"apply\",\"path\":\"relative.so\"}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"apply\",\"path\":\"/etc/hostname\"}",
+            ErrorKind::Failed,
+        ),
+        (
+            "{\"v\":1,\"op\":\"switch_set\",\"name\":\"NOPE\",\"value\":\"1\"}",
+            ErrorKind::Failed,
+        ),
         ("{\"v\":1,\"op\":\"revert\"}", ErrorKind::Failed),
         ("{\"v\":1,\"op\":\"gc\"}", ErrorKind::Unavailable),
     ];
@@ -78,7 +96,9 @@ fn malformed_unknown_and_bad_requests_get_error_replies_and_the_connection_goes_
     // Refused changes are journaled.
     let history = c.call(&Request::History, T).unwrap();
     let entries = history["entries"].as_array().unwrap();
-    assert!(entries.iter().any(|e| e["op"] == "apply" && e["outcome"] == "failed"));
+    assert!(entries
+        .iter()
+        .any(|e| e["op"] == "apply" && e["outcome"] == "failed"));
     assert!(entries.iter().any(|e| e["op"] == "gc"));
     assert_eq!(entries[0]["uid"], rustix::process::geteuid().as_raw());
 }

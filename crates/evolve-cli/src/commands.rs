@@ -20,8 +20,8 @@ pub fn run(cli: Cli) -> Result<()> {
     let socket = cli.socket.as_deref();
     let call = |pid: u32, request: Request, timeout: Duration| -> Result<Value> {
         let mut c = resolve::connect(pid, socket)?;
-        Ok(c.call(&request, timeout)
-            .with_context(|| format!("{} on process {pid}", request.op()))?)
+        c.call(&request, timeout)
+            .with_context(|| format!("{} on process {pid}", request.op()))
     };
     match cli.command {
         Command::Ps { prune } => ps(json, prune),
@@ -117,11 +117,7 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Commit { target, name } => {
-            let c: Committed = typed(call(
-                target.pid,
-                Request::Commit { switch: name },
-                TIMEOUT,
-            )?)?;
+            let c: Committed = typed(call(target.pid, Request::Commit { switch: name }, TIMEOUT)?)?;
             print(json, &c, || show_committed("committed", &c))
         }
         Command::RevertSwitches { target, name } => {
@@ -214,7 +210,10 @@ fn ps(json: bool, prune: bool) -> Result<()> {
     }
     let out = json!({"processes": live, "unreachable": stale});
     print(json, &out, || {
-        println!("{:>8}  {:<24} {:>6} {:>8}  SOCKET", "PID", "PROGRAM", "UID", "UPTIME");
+        println!(
+            "{:>8}  {:<24} {:>6} {:>8}  SOCKET",
+            "PID", "PROGRAM", "UID", "UPTIME"
+        );
         for p in &live {
             println!(
                 "{:>8}  {:<24} {:>6} {:>7}s  {}",
@@ -230,7 +229,13 @@ fn ps(json: bool, prune: bool) -> Result<()> {
                 "{:>8}  (unreachable: {}{}) {}",
                 s["pid"],
                 s["reason"].as_str().unwrap_or(""),
-                if s["removed"] == true { ", removed" } else if s["stale"] == true { ", stale: `evolve ps --prune` removes it" } else { "" },
+                if s["removed"] == true {
+                    ", removed"
+                } else if s["stale"] == true {
+                    ", stale: `evolve ps --prune` removes it"
+                } else {
+                    ""
+                },
                 s["socket"].as_str().unwrap_or("")
             );
         }
@@ -257,7 +262,11 @@ fn show_functions(f: &Functions) {
         println!(
             "  {:<40} {}",
             m.name,
-            if m.committed { "committed variant" } else { "generic" }
+            if m.committed {
+                "committed variant"
+            } else {
+                "generic"
+            }
         );
     }
 }
@@ -265,7 +274,12 @@ fn show_functions(f: &Functions) {
 fn show_status(s: &Status) {
     println!(
         "process {} ({}), uid {}, agent {} (protocol {}), up {} s",
-        s.hello.pid, s.hello.program, s.hello.uid, s.hello.agent, s.hello.protocol, s.hello.uptime_s
+        s.hello.pid,
+        s.hello.program,
+        s.hello.uid,
+        s.hello.agent,
+        s.hello.protocol,
+        s.hello.uptime_s
     );
     let patched = s.functions.hot.iter().filter(|h| h.current > 0).count();
     println!(
@@ -283,7 +297,11 @@ fn show_status(s: &Status) {
             p.name,
             p.path,
             p.functions.join(", "),
-            if p.reverted_at.is_some() { " (reverted)" } else { "" }
+            if p.reverted_at.is_some() {
+                " (reverted)"
+            } else {
+                ""
+            }
         );
     }
     println!(
@@ -298,7 +316,12 @@ fn show_status(s: &Status) {
     for sw in &s.switches {
         println!("  {} = {} (domain {:?})", sw.name, sw.value, sw.domain);
     }
-    let committed = s.functions.multiverse.iter().filter(|m| m.committed).count();
+    let committed = s
+        .functions
+        .multiverse
+        .iter()
+        .filter(|m| m.committed)
+        .count();
     println!(
         "multiverse functions: {} ({} committed)",
         s.functions.multiverse.len(),
@@ -414,6 +437,9 @@ mod tests {
     #[test]
     fn times_are_utc_civil() {
         assert_eq!(super::format_time(0), "1970-01-01 00:00:00.000Z");
-        assert_eq!(super::format_time(1_700_000_000_123), "2023-11-14 22:13:20.123Z");
+        assert_eq!(
+            super::format_time(1_700_000_000_123),
+            "2023-11-14 22:13:20.123Z"
+        );
     }
 }

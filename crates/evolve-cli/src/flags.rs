@@ -132,7 +132,12 @@ pub struct BuildPatch {
     #[arg(long, short)]
     pub package: String,
     /// The program's binary.
-    #[arg(long, value_name = "PATH", conflicts_with = "pid", required_unless_present = "pid")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "pid",
+        required_unless_present = "pid"
+    )]
     pub base: Option<PathBuf>,
     /// The running process (its binary through /proc/PID/exe).
     #[arg(long)]

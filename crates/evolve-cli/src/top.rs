@@ -35,7 +35,9 @@ pub fn run(
             println!("{}", serde_json::to_string(&status)?);
             return Ok(());
         }
-        let height = 12 + status.functions.hot.len() + status.functions.multiverse.len()
+        let height = 12
+            + status.functions.hot.len()
+            + status.functions.multiverse.len()
             + status.switches.len();
         let mut terminal = Terminal::new(TestBackend::new(100, height as u16))?;
         terminal.draw(|f| draw(f, pid, &status, None))?;
@@ -156,12 +158,15 @@ fn draw(frame: &mut Frame, pid: u32, status: &Status, error: Option<&str>) {
             ])
         }));
     frame.render_widget(
-        Table::new(rows, [Constraint::Percentage(45), Constraint::Percentage(55)])
-            .header(
-                Row::new(vec!["MULTIVERSE", "STATE"])
-                    .style(Style::default().add_modifier(Modifier::BOLD)),
-            )
-            .block(Block::default().borders(Borders::TOP).title("multiverse")),
+        Table::new(
+            rows,
+            [Constraint::Percentage(45), Constraint::Percentage(55)],
+        )
+        .header(
+            Row::new(vec!["MULTIVERSE", "STATE"])
+                .style(Style::default().add_modifier(Modifier::BOLD)),
+        )
+        .block(Block::default().borders(Borders::TOP).title("multiverse")),
         multi_area,
     );
     let mut lines = Vec::new();

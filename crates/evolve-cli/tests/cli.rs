@@ -13,7 +13,12 @@ fn names(list: &Value) -> Vec<String> {
     list.as_array()
         .unwrap()
         .iter()
-        .map(|v| v["name"].as_str().unwrap_or_else(|| v.as_str().unwrap()).to_string())
+        .map(|v| {
+            v["name"]
+                .as_str()
+                .unwrap_or_else(|| v.as_str().unwrap())
+                .to_string()
+        })
         .collect()
 }
 
@@ -29,19 +34,34 @@ fn every_command_against_a_running_process() {
     // ps
     let ps = evolve(&dir, &["ps", "--json"]).expect_json();
     let listed = ps["processes"].as_array().unwrap();
-    assert!(listed.iter().any(|p| p["pid"] == host.pid() && p["program"] == "ctlhost"), "{ps}");
+    assert!(
+        listed
+            .iter()
+            .any(|p| p["pid"] == host.pid() && p["program"] == "ctlhost"),
+        "{ps}"
+    );
     assert!(evolve(&dir, &["ps"]).stdout().contains("ctlhost"));
 
     // status, functions
     let status = evolve(&dir, &["status", pid, "--json"]).expect_json();
     assert_eq!(status["hello"]["pid"], host.pid());
     assert_eq!(status["reclamation"]["available"], false);
-    assert_eq!(names(&status["switches"]), ["FAST", "LEVEL"].map(String::from).to_vec());
+    assert_eq!(
+        names(&status["switches"]),
+        ["FAST", "LEVEL"].map(String::from).to_vec()
+    );
     let human = evolve(&dir, &["status", pid]);
-    assert!(human.ok() && human.stdout().contains("reclamation not available"), "{}", human.stdout());
+    assert!(
+        human.ok() && human.stdout().contains("reclamation not available"),
+        "{}",
+        human.stdout()
+    );
     let functions = evolve(&dir, &["functions", pid, "--json"]).expect_json();
     let hot = &functions["hot"][0];
-    assert!(hot["name"].as_str().unwrap().ends_with("price"), "{functions}");
+    assert!(
+        hot["name"].as_str().unwrap().ends_with("price"),
+        "{functions}"
+    );
     assert_eq!(hot["current"], 0);
     assert_eq!(functions["multiverse"][0]["name"], "checksum");
     assert_eq!(functions["multiverse"][0]["committed"], false);
@@ -51,14 +71,26 @@ fn every_command_against_a_running_process() {
     assert_eq!(set["value"], 1);
     let out_of_domain = evolve(&dir, &["switch", pid, "set", "LEVEL", "9"]);
     assert!(!out_of_domain.ok());
-    assert!(out_of_domain.stderr().contains("not in the domain"), "{}", out_of_domain.stderr());
-    assert_eq!(host.probe()["checksum"], 5, "the generic code reads the switch");
+    assert!(
+        out_of_domain.stderr().contains("not in the domain"),
+        "{}",
+        out_of_domain.stderr()
+    );
+    assert_eq!(
+        host.probe()["checksum"],
+        5,
+        "the generic code reads the switch"
+    );
     let committed = evolve(&dir, &["commit", pid, "FAST", "--json"]).expect_json();
     assert_eq!(committed["changed"], serde_json::json!(["checksum"]));
     let functions = evolve(&dir, &["functions", pid, "--json"]).expect_json();
     assert_eq!(functions["multiverse"][0]["committed"], true);
     evolve(&dir, &["switch", pid, "set", "FAST", "false", "--json"]).expect_json();
-    assert_eq!(host.probe()["checksum"], 5, "committed code keeps its binding");
+    assert_eq!(
+        host.probe()["checksum"],
+        5,
+        "committed code keeps its binding"
+    );
     let reverted = evolve(&dir, &["revert-switches", pid, "--json"]).expect_json();
     assert_eq!(reverted["changed"], serde_json::json!(["checksum"]));
     assert_eq!(host.probe()["checksum"], 155);
@@ -97,13 +129,24 @@ fn every_command_against_a_running_process() {
     assert_eq!(host.probe()["price"], 60);
     let functions = evolve(&dir, &["functions", pid, "--json"]).expect_json();
     assert_eq!(functions["hot"][0]["current"], 1);
-    assert_eq!(functions["hot"][0]["versions"], serde_json::json!(["program", "v2"]));
+    assert_eq!(
+        functions["hot"][0]["versions"],
+        serde_json::json!(["program", "v2"])
+    );
     let reverted = evolve(&dir, &["revert", pid, "--json"]).expect_json();
     assert_eq!(reverted["what"], "last patch");
     assert_eq!(host.probe()["price"], 30);
     let again = evolve(
         &dir,
-        &["apply", pid, output.to_str().unwrap(), "--atomic", "--trial", "30s", "--json"],
+        &[
+            "apply",
+            pid,
+            output.to_str().unwrap(),
+            "--atomic",
+            "--trial",
+            "30s",
+            "--json",
+        ],
     )
     .expect_json();
     assert_eq!(again["patch"], "v2#2");
@@ -111,16 +154,30 @@ fn every_command_against_a_running_process() {
     assert_eq!(again["trial_ms"], 30_000);
     assert_eq!(host.probe()["price"], 60);
     let by_function = evolve(&dir, &["revert", pid, "price", "--json"]).expect_json();
-    assert!(by_function["what"].as_str().unwrap().contains("to version 0"), "{by_function}");
+    assert!(
+        by_function["what"]
+            .as_str()
+            .unwrap()
+            .contains("to version 0"),
+        "{by_function}"
+    );
     assert_eq!(host.probe()["price"], 30);
     let refused = evolve(&dir, &["apply", pid, "/etc/hostname"]);
     assert!(!refused.ok());
-    assert!(refused.stderr().contains("not an Evolve patch"), "{}", refused.stderr());
+    assert!(
+        refused.stderr().contains("not an Evolve patch"),
+        "{}",
+        refused.stderr()
+    );
 
     // gc answers honestly
     let gc = evolve(&dir, &["gc", pid]);
     assert!(!gc.ok());
-    assert!(gc.stderr().contains("reclamation not available"), "{}", gc.stderr());
+    assert!(
+        gc.stderr().contains("reclamation not available"),
+        "{}",
+        gc.stderr()
+    );
 
     // history: the journal, with uid and outcome
     let history = evolve(&dir, &["history", pid, "--json"]).expect_json();
@@ -148,9 +205,15 @@ fn every_command_against_a_running_process() {
         ]
     );
     let me = rustix::process::geteuid().as_raw();
-    assert!(entries.iter().all(|e| e["uid"] == me && e["at_ms"].as_u64().unwrap() > 0));
+    assert!(entries
+        .iter()
+        .all(|e| e["uid"] == me && e["at_ms"].as_u64().unwrap() > 0));
     let file = std::fs::read_to_string(history["file"].as_str().unwrap()).unwrap();
-    assert_eq!(file.lines().count(), entries.len(), "the journal file has every entry");
+    assert_eq!(
+        file.lines().count(),
+        entries.len(),
+        "the journal file has every entry"
+    );
     assert!(evolve(&dir, &["history", pid]).stdout().contains("apply"));
 
     // status after all that
@@ -162,8 +225,14 @@ fn every_command_against_a_running_process() {
     let top = evolve(&dir, &["top", pid, "--once"]);
     assert!(top.ok(), "{}", top.stderr());
     let frame = top.stdout();
-    assert!(frame.contains("HOT FUNCTION") && frame.contains("price"), "{frame}");
-    assert!(frame.contains("switch FAST") && frame.contains("checksum"), "{frame}");
+    assert!(
+        frame.contains("HOT FUNCTION") && frame.contains("price"),
+        "{frame}"
+    );
+    assert!(
+        frame.contains("switch FAST") && frame.contains("checksum"),
+        "{frame}"
+    );
     assert!(frame.contains("call counts: not available"), "{frame}");
     let top = evolve(&dir, &["top", pid, "--once", "--json"]).expect_json();
     assert_eq!(top["hello"]["pid"], host.pid());
@@ -186,8 +255,18 @@ fn every_command_against_a_running_process() {
 fn every_command_has_help_and_usage_errors_exit_non_zero() {
     let dir = socket_dir("help");
     for command in [
-        "ps", "status", "functions", "build-patch", "apply", "revert", "history", "switch",
-        "commit", "revert-switches", "gc", "top",
+        "ps",
+        "status",
+        "functions",
+        "build-patch",
+        "apply",
+        "revert",
+        "history",
+        "switch",
+        "commit",
+        "revert-switches",
+        "gc",
+        "top",
     ] {
         let run = evolve(&dir, &[command, "--help"]);
         assert!(run.ok(), "{command} --help: {}", run.stderr());
@@ -207,7 +286,11 @@ fn a_process_without_an_agent_is_an_error_with_its_cause() {
     let me = std::process::id().to_string();
     let run = evolve(&dir, &["status", &me]);
     assert_eq!(run.output.status.code(), Some(1));
-    assert!(run.stderr().contains("has no evolve agent"), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("has no evolve agent"),
+        "{}",
+        run.stderr()
+    );
     let run = evolve(&dir, &["status", &me, "--json"]);
     assert_eq!(run.json()["ok"], false);
     let run = evolve(&dir, &["status", "4000000000"]);
@@ -251,7 +334,11 @@ fn another_uid_is_refused() {
     // First line of defence: the directory (0700) and socket (0600) keep others out.
     let run = evolve_with(&dir, &["--socket", &socket, "status", &pid], as_nobody);
     assert!(!run.ok());
-    assert!(run.stderr().contains("Permission denied"), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("Permission denied"),
+        "{}",
+        run.stderr()
+    );
     // Second: with the file permissions opened (only root can do that here), the agent still
     // refuses the peer by its credentials.
     use std::os::unix::fs::PermissionsExt;
@@ -260,7 +347,8 @@ fn another_uid_is_refused() {
     let run = evolve_with(&dir, &["--socket", &socket, "status", &pid], as_nobody);
     assert!(!run.ok());
     assert!(
-        run.stderr().contains("uid 65534 may not control") && run.stderr().contains("permission_denied"),
+        run.stderr().contains("uid 65534 may not control")
+            && run.stderr().contains("permission_denied"),
         "{}",
         run.stderr()
     );

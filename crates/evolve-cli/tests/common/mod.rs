@@ -205,8 +205,9 @@ impl Run {
     }
     /// Stdout parsed as one JSON value.
     pub fn json(&self) -> Value {
-        serde_json::from_str(self.stdout().trim())
-            .unwrap_or_else(|e| panic!("{e}: stdout {:?} stderr {:?}", self.stdout(), self.stderr()))
+        serde_json::from_str(self.stdout().trim()).unwrap_or_else(|e| {
+            panic!("{e}: stdout {:?} stderr {:?}", self.stdout(), self.stderr())
+        })
     }
     /// Asserts success and parses stdout.
     pub fn expect_json(&self) -> Value {
