@@ -24,14 +24,16 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::hidden::Hidden;
+use crate::scan::{scan_for_references, ScanReport, Scope};
 use crate::site::PatchSite;
 use crate::stub::{Code, Stub};
 use object::elf;
 use object::read::elf::{Dyn, ElfFile64, FileHeader, SectionHeader};
 use object::{Object, ObjectSymbol};
 use std::mem::ManuallyDrop;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 fn image_error(path: &Path, reason: impl Into<String>) -> Error {
     Error::new(ErrorKind::Image {
@@ -72,6 +74,53 @@ pub fn read_symbol_bytes(path: &Path, name: &str) -> Result<Vec<u8>> {
         .ok_or_else(|| image_error(path, format!("symbol {name} lies outside its section")))
 }
 
+/// A list of hidden address ranges.
+type HiddenRanges = Vec<(Hidden, Hidden)>;
+
+/// The loaded object's `PT_LOAD` segments, hidden: (executable ones, all).
+fn segments_of(
+    library: &libloading::os::unix::Library,
+    path: &Path,
+    data: &[u8],
+) -> Result<(HiddenRanges, HiddenRanges, Vec<Hidden>)> {
+    use object::read::elf::ProgramHeader;
+    let file = ElfFile64::<object::Endianness>::parse(data)
+        .map_err(|e| image_error(path, format!("not an ELF64 object: {e}")))?;
+    // The load bias: a defined dynamic symbol's run-time address minus its link-time value.
+    let symbol = file
+        .dynamic_symbols()
+        .find(|s| s.is_definition() && s.address() != 0 && !s.name().unwrap_or("").is_empty())
+        .ok_or_else(|| image_error(path, "no defined dynamic symbol to find its load address"))?;
+    let name = symbol.name().unwrap_or_default();
+    // SAFETY: looking up an address calls no code.
+    let runtime = unsafe { library.get::<*const ()>(name.as_bytes()) }
+        .map(|s| *s as usize)
+        .map_err(|e| image_error(path, format!("missing symbol {name}: {e}")))?;
+    let bias = runtime.wrapping_sub(symbol.address() as usize);
+    let (mut exec, mut all) = (Vec::new(), Vec::new());
+    let mut boundaries = vec![Hidden::new(bias)];
+    let endian = file.endian();
+    for header in file.elf_program_headers() {
+        if header.p_type(endian) == elf::PT_GNU_EH_FRAME {
+            boundaries.push(Hidden::new(
+                bias.wrapping_add(header.p_vaddr(endian) as usize),
+            ));
+        }
+        if header.p_type(endian) != elf::PT_LOAD {
+            continue;
+        }
+        let start = bias.wrapping_add(header.p_vaddr(endian) as usize);
+        let end = start + header.p_memsz(endian) as usize;
+        boundaries.extend([Hidden::new(start), Hidden::new(end)]);
+        let range = (Hidden::new(start), Hidden::new(end));
+        all.push(range);
+        if header.p_flags(endian) & elf::PF_X != 0 {
+            exec.push(range);
+        }
+    }
+    Ok((exec, all, boundaries))
+}
+
 /// Checks that `data` is an x86-64 ELF shared object with no initializers.
 fn check_loadable(path: &Path, data: &[u8]) -> Result<()> {
     let file = ElfFile64::<object::Endianness>::parse(data)
@@ -110,7 +159,26 @@ fn check_loadable(path: &Path, data: &[u8]) -> Result<()> {
 pub struct PatchObject {
     library: ManuallyDrop<libloading::os::unix::Library>,
     path: PathBuf,
-    exec_ranges: Vec<Range<usize>>,
+    /// Address ranges, hidden from reference scans (see [`crate::hidden`]).
+    exec_ranges: Vec<(Hidden, Hidden)>,
+    mapped: Vec<(Hidden, Hidden)>,
+    /// Words that pointed into the object right after loading, before any of its code could
+    /// run: the loader's bookkeeping, ignored by reference scans while they keep their value.
+    loader_words: Vec<(usize, Hidden)>,
+    /// Addresses no object of the program can have (segment boundaries, the base, the
+    /// unwinder's `.eh_frame_hdr`) but the loader's lookup tables hold and rewrite after every
+    /// `dlopen`/`dlclose`: words equal to them are not references.
+    boundaries: Vec<Hidden>,
+    unloaded: bool,
+}
+
+/// What [`PatchObject::unload`] concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unload {
+    /// Nothing referred to the object: it is unmapped and its range reserved `PROT_NONE`.
+    Unloaded(ScanReport),
+    /// Something may still reach it: it stays loaded. The report says where.
+    Referenced(ScanReport),
 }
 
 impl PatchObject {
@@ -134,11 +202,20 @@ impl PatchObject {
             )
         }
         .map_err(|e| image_error(path, format!("the dynamic loader refused it: {e}")))?;
-        let exec_ranges = crate::inspect::loaded_exec_ranges(path).unwrap_or_default();
+        // The segments from the file's program headers and the load bias: no list of plain
+        // run-time addresses is built (see `crate::hidden`).
+        let (exec_ranges, mapped, boundaries) = segments_of(&library, path, &data)?;
+        // No code of the object has run yet (it has no initializers): every word that points
+        // into it now is the loader's.
+        let loader_words = crate::scan::words_pointing_into(&mapped, &mapped)?;
         Ok(PatchObject {
             library: ManuallyDrop::new(library),
             path: path.to_path_buf(),
             exec_ranges,
+            mapped,
+            loader_words,
+            boundaries,
+            unloaded: false,
         })
     }
 
@@ -147,14 +224,113 @@ impl PatchObject {
         &self.path
     }
 
-    /// The executable address ranges of the loaded object.
-    pub fn exec_ranges(&self) -> &[Range<usize>] {
+    /// The executable address ranges of the loaded object, hidden (see [`crate::hidden`]).
+    pub fn exec_ranges(&self) -> &[(Hidden, Hidden)] {
         &self.exec_ranges
     }
 
     /// Whether `address` lies in the object's code.
     pub fn contains(&self, address: usize) -> bool {
-        self.exec_ranges.iter().any(|r| r.contains(&address))
+        !self.unloaded
+            && self
+                .exec_ranges
+                .iter()
+                .any(|r| (r.0.get()..r.1.get()).contains(&address))
+    }
+
+    /// Whether the object was unloaded.
+    pub fn is_unloaded(&self) -> bool {
+        self.unloaded
+    }
+
+    /// Unloads the object if nothing can reach it any more, naming it `name` in diagnostics.
+    ///
+    /// Under the engine's write lock (no site changes meanwhile): refuses if any registered
+    /// patch site still branches into the object; forgets the sites inside it (its stubs);
+    /// stops every other thread and scans their registers and stacks (`Scope::Stacks`), and
+    /// every private writable word (`Scope::Memory`), for an address inside any of its
+    /// segments, ignoring the loader's own bookkeeping recorded at load; resumes them; and only
+    /// if nothing was found, unloads it (`dlclose`) and reserves its range `PROT_NONE`, so a
+    /// stale pointer that escaped the scan faults with a diagnostic naming `name`.
+    pub fn unload(&mut self, scope: Scope, timeout: Duration, name: &str) -> Result<Unload> {
+        if self.unloaded {
+            return Err(image_error(&self.path, "already unloaded"));
+        }
+        let mut writer = crate::write::lock();
+        let inside = |a: usize| {
+            self.mapped
+                .iter()
+                .any(|r| (r.0.get()..r.1.get()).contains(&a))
+        };
+        let branching_in = writer.sites_branching_into(&inside);
+        if !branching_in.is_empty() {
+            return Ok(Unload::Referenced(ScanReport {
+                references: branching_in
+                    .iter()
+                    .map(|s| format!("patch site {s:#x} branches into it"))
+                    .collect(),
+                ..ScanReport::default()
+            }));
+        }
+        let loader_words = &self.loader_words;
+        // The object's own memory, page-rounded: its `.bss` tail is an anonymous mapping past
+        // the last file-backed page.
+        let page = crate::sys::memory::page_size();
+        let own = |a: usize| {
+            self.mapped.iter().any(|r| {
+                (crate::sys::memory::page_of(r.0.get())..r.1.get().next_multiple_of(page))
+                    .contains(&a)
+            })
+        };
+        let boundaries = &self.boundaries;
+        let excluded = |at: usize, value: usize| {
+            own(at)
+                || boundaries.iter().any(|b| b.get() == value)
+                || loader_words
+                    .iter()
+                    .any(|(w, v)| *w == at && v.get() == value)
+        };
+        let report = scan_for_references(&self.mapped, scope, timeout, &excluded)?;
+        if !report.references.is_empty() {
+            return Ok(Unload::Referenced(report));
+        }
+        writer.forget_sites_in(&inside);
+        drop(writer);
+        // SAFETY: the scan proved no thread can reach the object: no register, stack word (or
+        // memory word, for Scope::Memory) points into it, no patch site branches into it, and
+        // the engine holds its address only hidden. Nothing of it is used after this.
+        let library = unsafe { ManuallyDrop::take(&mut self.library) };
+        self.unloaded = true;
+        library
+            .close()
+            .map_err(|e| image_error(&self.path, format!("dlclose: {e}")))?;
+        let maps = crate::sys::memory::mappings()?;
+        for (start, end) in &self.mapped {
+            let (start, end) = (
+                crate::sys::memory::page_of(start.get()),
+                end.get().next_multiple_of(crate::sys::memory::page_size()),
+            );
+            if maps
+                .iter()
+                .any(|m| m.range.start < end && start < m.range.end)
+            {
+                return Err(image_error(
+                    &self.path,
+                    "still mapped after dlclose (the loader keeps it: NODELETE or another handle)",
+                ));
+            }
+            let none = crate::sys::memory::Protection {
+                read: false,
+                write: false,
+                exec: false,
+            };
+            // Best effort: if another mapping took the range meanwhile, there is nothing to
+            // reserve (and nothing of ours to protect).
+            if crate::sys::memory::map_fixed_noreplace(start, end - start, none)?.is_some() {
+                crate::fault::record(start, end, name);
+            }
+        }
+        Ok(Unload::Unloaded(report))
     }
 
     fn lookup(&self, symbol: &str) -> Result<usize> {

@@ -20,6 +20,7 @@
 
 use crate::arch::{self, SPRINGBOARD_LEN};
 use crate::error::{Error, ErrorKind, Result};
+use crate::hidden::Hidden;
 use crate::near::NearBlock;
 use crate::site::SiteInsn;
 use crate::write::Writer;
@@ -28,11 +29,13 @@ use std::collections::HashMap;
 /// The springboards made so far.
 #[derive(Debug, Default)]
 pub(crate) struct Springboards {
-    by_target: HashMap<usize, Vec<usize>>,
-    target_of: HashMap<usize, usize>,
+    /// Targets are hidden (see [`crate::hidden`]): they may lie in patches that reclamation
+    /// must be able to prove unreferenced.
+    by_target: HashMap<Hidden, Vec<usize>>,
+    target_of: HashMap<usize, Hidden>,
     /// Allocated for the batch being planned, not yet written: written together, with one core
     /// sync, before the batch's sites (see [`Writer::publish_springboards`]).
-    pending: Vec<(NearBlock, usize)>,
+    pending: Vec<(NearBlock, Hidden)>,
 }
 
 impl Springboards {
@@ -40,8 +43,8 @@ impl Springboards {
     /// springboard's target.
     pub(crate) fn resolve(&self, insn: SiteInsn) -> SiteInsn {
         match insn {
-            SiteInsn::Jmp(t) => SiteInsn::Jmp(*self.target_of.get(&t).unwrap_or(&t)),
-            SiteInsn::Call(t) => SiteInsn::Call(*self.target_of.get(&t).unwrap_or(&t)),
+            SiteInsn::Jmp(t) => SiteInsn::Jmp(self.target_of.get(&t).map_or(t, |h| h.get())),
+            SiteInsn::Call(t) => SiteInsn::Call(self.target_of.get(&t).map_or(t, |h| h.get())),
             SiteInsn::Nop => SiteInsn::Nop,
         }
     }
@@ -60,13 +63,13 @@ impl Writer {
         let boards = &self.springboards;
         if let Some(board) = boards
             .by_target
-            .get(&target)
+            .get(&Hidden::new(target))
             .and_then(|b| b.iter().copied().find(reachable))
             .or_else(|| {
                 boards
                     .pending
                     .iter()
-                    .map(|(block, t)| (block.address(), *t))
+                    .map(|(block, t)| (block.address(), t.get()))
                     .find(|(board, t)| *t == target && reachable(board))
                     .map(|(board, _)| board)
             })
@@ -76,7 +79,7 @@ impl Writer {
         let block = NearBlock::alloc(site, SPRINGBOARD_LEN)
             .map_err(|_| Error::new(ErrorKind::Unreachable { site, target }))?;
         let board = block.address();
-        self.springboards.pending.push((block, target));
+        self.springboards.pending.push((block, Hidden::new(target)));
         Ok(board)
     }
 
@@ -89,7 +92,7 @@ impl Writer {
         let pending = std::mem::take(&mut self.springboards.pending);
         let code: Vec<(usize, [u8; SPRINGBOARD_LEN])> = pending
             .iter()
-            .map(|(block, target)| (block.address(), arch::springboard(*target)))
+            .map(|(block, target)| (block.address(), arch::springboard(target.get())))
             .collect();
         // The blocks are fresh: no thread can execute them before a site is written to reach
         // them, which happens after this returns.

@@ -54,11 +54,12 @@
 
 use crate::arch::{self, INT3, SITE_LEN};
 use crate::error::{Error, ErrorKind, Result};
+use crate::hidden::{hide_insn, reveal_insn, Hidden};
 use crate::site::{PatchSite, SiteInsn};
 use crate::springboard::Springboards;
 use crate::sys::memory::{self, Protection};
 use crate::sys::{membarrier, trap::TrapSites};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -75,22 +76,24 @@ pub enum WritePath {
 
 /// The engine's state, all of it behind the write lock.
 pub(crate) struct Writer {
-    sites: HashMap<usize, SiteState>,
+    /// Keyed by hidden address (see [`crate::hidden`]): reclamation scans must not see them.
+    sites: HashMap<Hidden, SiteState>,
     traps: TrapSites,
     /// Original protection of every code page the engine has written, with the mapping that
     /// holds it, from `/proc/self/maps`.
-    protections: HashMap<usize, (Protection, Range<usize>)>,
+    protections: HashMap<Hidden, (Protection, Hidden, Hidden)>,
     pub(crate) springboards: Springboards,
     /// Set once `mprotect` to `rwx` was refused: write through `/proc/self/mem` from then on.
     via_proc_mem: bool,
     /// Executable mappings as last read from `/proc/self/maps`, sorted (re-read on a miss).
-    executable: Vec<Range<usize>>,
+    executable: Vec<(Hidden, Hidden)>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct SiteState {
     original: [u8; SITE_LEN],
-    /// What the site means (far targets as themselves, not as their springboard).
+    /// What the site means (far targets as themselves, not as their springboard), with its
+    /// target hidden.
     current: SiteInsn,
     /// What the site holds in memory.
     bytes: [u8; SITE_LEN],
@@ -159,15 +162,24 @@ fn default_write_path() -> WritePath {
 fn executable_mapping_readable(w: &mut Writer, address: usize) -> Result<()> {
     // Executable pages cached with their protection are known readable; others are checked.
     let page = memory::page_of(address);
-    if w.protections.get(&page).is_some_and(|p| p.0.read) {
+    if w.protections
+        .get(&Hidden::new(page))
+        .is_some_and(|p| p.0.read)
+    {
         return Ok(());
     }
     let maps = memory::mappings()?;
     for byte in [address, address + SITE_LEN - 1] {
         match memory::mapping_containing(&maps, byte) {
             Some(m) if m.protection.exec && m.protection.read => {
-                w.protections
-                    .insert(memory::page_of(byte), (m.protection, m.range.clone()));
+                w.protections.insert(
+                    Hidden::new(memory::page_of(byte)),
+                    (
+                        m.protection,
+                        Hidden::new(m.range.start),
+                        Hidden::new(m.range.end),
+                    ),
+                );
             }
             _ => return Err(Error::new(ErrorKind::NotExecutable { address })),
         }
@@ -184,7 +196,7 @@ fn read_site(address: usize) -> [u8; SITE_LEN] {
 
 pub(crate) fn register(address: usize) -> Result<()> {
     let mut w = lock();
-    if w.sites.contains_key(&address) {
+    if w.sites.contains_key(&Hidden::new(address)) {
         return Ok(());
     }
     // Cached executable ranges (re-read on a miss): registering many stubs reads the maps once.
@@ -198,9 +210,9 @@ pub(crate) fn register(address: usize) -> Result<()> {
         address,
         found: bytes,
     })?;
-    let current = w.springboards.resolve(current);
+    let current = hide_insn(w.springboards.resolve(current));
     w.sites.insert(
-        address,
+        Hidden::new(address),
         SiteState {
             original: bytes,
             current,
@@ -211,23 +223,26 @@ pub(crate) fn register(address: usize) -> Result<()> {
 }
 
 pub(crate) fn is_registered(address: usize) -> bool {
-    lock().sites.contains_key(&address)
+    lock().sites.contains_key(&Hidden::new(address))
 }
 
 pub(crate) fn current(address: usize) -> Option<SiteInsn> {
-    lock().sites.get(&address).map(|s| s.current)
+    lock()
+        .sites
+        .get(&Hidden::new(address))
+        .map(|s| reveal_insn(s.current))
 }
 
 pub(crate) fn original(address: usize) -> Option<SiteInsn> {
     let w = lock();
-    let s = w.sites.get(&address)?;
+    let s = w.sites.get(&Hidden::new(address))?;
     arch::decode(s.original, address)
 }
 
 pub(crate) fn unregister(address: usize) -> Result<()> {
     let mut w = lock();
     w.sites
-        .remove(&address)
+        .remove(&Hidden::new(address))
         .map(|_| ())
         .ok_or(Error::new(ErrorKind::UnknownSite { address }))
 }
@@ -240,7 +255,7 @@ enum NewInsn {
 
 #[derive(Debug, Clone, Copy)]
 struct Edit {
-    site: usize,
+    site: Hidden,
     expected: Option<SiteInsn>,
     new: NewInsn,
 }
@@ -304,10 +319,11 @@ impl Batch {
 
     /// Adds: change `site` from `expected` to `new`.
     pub fn retarget(&mut self, site: PatchSite, expected: SiteInsn, new: SiteInsn) -> &mut Batch {
+        // Hidden: a batch may outlive its use in freed memory (see `crate::hidden`).
         self.edits.push(Edit {
-            site: site.address(),
-            expected: Some(expected),
-            new: NewInsn::Insn(new),
+            site: Hidden::new(site.address()),
+            expected: Some(hide_insn(expected)),
+            new: NewInsn::Insn(hide_insn(new)),
         });
         self
     }
@@ -315,7 +331,7 @@ impl Batch {
     /// Adds: put `site`'s original bytes back, whatever it holds now.
     pub fn restore(&mut self, site: PatchSite) -> &mut Batch {
         self.edits.push(Edit {
-            site: site.address(),
+            site: Hidden::new(site.address()),
             expected: None,
             new: NewInsn::Original,
         });
@@ -346,7 +362,10 @@ impl Batch {
                 return Err(e);
             }
         };
-        w.write(&plan, path)
+        let result = w.write(&plan, path);
+        // The plan holds plain addresses: leave no stale copies (see `crate::scrub`).
+        crate::hidden::scrub_plain(plan.0);
+        result
     }
 }
 
@@ -360,17 +379,18 @@ struct Planned {
 
 impl Writer {
     fn plan(&mut self, edits: &[Edit]) -> Result<(Vec<Planned>, usize)> {
+        // Hidden: the set is freed after planning (see `crate::hidden`).
         let mut seen = HashSet::with_capacity(edits.len());
         let mut planned = Vec::with_capacity(edits.len());
         let mut unchanged = 0;
         for edit in edits {
-            let address = edit.site;
-            if !seen.insert(address) {
+            let address = edit.site.get();
+            if !seen.insert(edit.site) {
                 return Err(Error::new(ErrorKind::DuplicateSite { address }));
             }
             let state = *self
                 .sites
-                .get(&address)
+                .get(&Hidden::new(address))
                 .ok_or(Error::new(ErrorKind::UnknownSite { address }))?;
             let found = read_site(address);
             if found != state.bytes {
@@ -381,16 +401,21 @@ impl Writer {
                     found,
                 }));
             }
-            if let Some(expected) = edit.expected {
-                if expected != state.current {
+            let expected = edit.expected.map(reveal_insn);
+            let new = match edit.new {
+                NewInsn::Insn(insn) => NewInsn::Insn(reveal_insn(insn)),
+                NewInsn::Original => NewInsn::Original,
+            };
+            if let Some(expected) = expected {
+                if expected != reveal_insn(state.current) {
                     return Err(Error::new(ErrorKind::UnexpectedInstruction {
                         address,
                         expected,
-                        found: state.current,
+                        found: reveal_insn(state.current),
                     }));
                 }
             }
-            if let NewInsn::Insn(insn) = edit.new {
+            if let NewInsn::Insn(insn) = new {
                 if let Some(target) = insn.target() {
                     if !self.is_executable(target)? {
                         return Err(Error::new(ErrorKind::TargetNotExecutable {
@@ -400,7 +425,7 @@ impl Writer {
                     }
                 }
             }
-            let (insn, bytes, via_springboard) = match edit.new {
+            let (insn, bytes, via_springboard) = match new {
                 NewInsn::Original => {
                     let insn =
                         arch::decode(state.original, address).expect("validated at register");
@@ -434,19 +459,50 @@ impl Writer {
         Ok((planned, unchanged))
     }
 
+    /// Registered sites (other than those `inside` itself) whose instruction branches to an
+    /// address that `inside` accepts: references the reclamation of that range must respect.
+    pub(crate) fn sites_branching_into(&self, inside: &dyn Fn(usize) -> bool) -> Vec<usize> {
+        self.sites
+            .iter()
+            .filter(|(site, state)| {
+                !inside(site.get())
+                    && reveal_insn(state.current)
+                        .target()
+                        .is_some_and(|t| inside(t) || inside(self.springboard_target(t)))
+            })
+            .map(|(site, _)| site.get())
+            .collect()
+    }
+
+    fn springboard_target(&self, target: usize) -> usize {
+        match self.springboards.resolve(SiteInsn::Jmp(target)) {
+            SiteInsn::Jmp(t) => t,
+            _ => target,
+        }
+    }
+
+    /// Forgets every site inside a range about to be unmapped.
+    pub(crate) fn forget_sites_in(&mut self, inside: &dyn Fn(usize) -> bool) {
+        self.sites.retain(|site, _| !inside(site.get()));
+        self.protections.retain(|page, _| !inside(page.get()));
+        self.executable.retain(|r| !inside(r.0.get()));
+    }
+
     /// Whether `address` lies in executable memory (cached; the maps are re-read on a miss).
     fn is_executable(&mut self, address: usize) -> Result<bool> {
-        let cached = |ranges: &[Range<usize>]| {
-            let i = ranges.partition_point(|r| r.end <= address);
-            ranges.get(i).is_some_and(|r| r.contains(&address))
+        let cached = |ranges: &[(Hidden, Hidden)]| {
+            let i = ranges.partition_point(|r| r.1.get() <= address);
+            ranges
+                .get(i)
+                .is_some_and(|r| (r.0.get()..r.1.get()).contains(&address))
         };
         if cached(&self.executable) {
             return Ok(true);
         }
         self.executable = memory::mappings()?
-            .into_iter()
+            .iter()
             .filter(|m| m.protection.exec)
-            .map(|m| m.range)
+            .map(|m| (Hidden::new(m.range.start), Hidden::new(m.range.end)))
             .collect();
         Ok(cached(&self.executable))
     }
@@ -503,9 +559,9 @@ impl Writer {
             self.traps.disarm(p.site);
         }
         for p in planned {
-            let state = self.sites.get_mut(&p.site).expect("validated");
+            let state = self.sites.get_mut(&Hidden::new(p.site)).expect("validated");
             state.bytes = p.bytes;
-            state.current = p.insn;
+            state.current = hide_insn(p.insn);
         }
         report.changed = planned.len();
         report.stored = stored.len();
@@ -517,24 +573,31 @@ impl Writer {
 
     /// Makes the pages of `addresses` (each the start of `SITE_LEN` bytes) writable.
     fn open_window(&mut self, addresses: impl Iterator<Item = usize>) -> Result<Window> {
-        let mut pages = BTreeMap::new();
-        for a in addresses {
-            pages.insert(memory::page_of(a), ());
-            pages.insert(memory::page_of(a + SITE_LEN - 1), ());
-        }
+        // Page lists hold plain addresses: scrubbed below (see `crate::scrub`).
+        let mut pages: Vec<usize> = addresses
+            .flat_map(|a| [memory::page_of(a), memory::page_of(a + SITE_LEN - 1)])
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
         let missing: Vec<usize> = pages
-            .keys()
+            .iter()
             .copied()
-            .filter(|p| !self.protections.contains_key(p))
+            .filter(|p| !self.protections.contains_key(&Hidden::new(*p)))
             .collect();
         if !missing.is_empty() {
             let maps = memory::mappings()?;
-            for page in missing {
+            for &page in &missing {
                 let m = memory::mapping_containing(&maps, page)
                     .filter(|m| m.protection.exec)
                     .ok_or(ErrorKind::NotExecutable { address: page })?;
-                self.protections
-                    .insert(page, (m.protection, m.range.clone()));
+                self.protections.insert(
+                    Hidden::new(page),
+                    (
+                        m.protection,
+                        Hidden::new(m.range.start),
+                        Hidden::new(m.range.end),
+                    ),
+                );
             }
         }
         // One mprotect per mapping, from its first to its last page of the batch: the pages in
@@ -542,9 +605,11 @@ impl Writer {
         // cheaper than one call per scattered page.
         let page_size = memory::page_size();
         let mut runs: Vec<(Range<usize>, Protection)> = Vec::new();
-        let mut run_mapping: Option<Range<usize>> = None;
-        for &page in pages.keys() {
-            let (protection, mapping) = self.protections[&page].clone();
+        let mut run_mapping: Option<(Hidden, Hidden)> = None;
+        crate::hidden::scrub_plain(missing);
+        for &page in &pages {
+            let (protection, start, end) = self.protections[&Hidden::new(page)];
+            let mapping = (start, end);
             match runs.last_mut() {
                 Some((range, p)) if *p == protection && run_mapping.as_ref() == Some(&mapping) => {
                     range.end = page + page_size
@@ -555,14 +620,16 @@ impl Writer {
                 }
             }
         }
+        crate::hidden::scrub_plain(pages);
         let mut window = Window {
-            runs: Vec::new(),
+            runs: Vec::with_capacity(runs.len()),
             via_proc_mem: self.via_proc_mem,
         };
         if window.via_proc_mem {
+            crate::hidden::scrub_plain(runs);
             return Ok(window);
         }
-        for (range, protection) in runs {
+        for (range, protection) in runs.iter().cloned() {
             let writable = Protection {
                 write: true,
                 ..protection
@@ -577,12 +644,14 @@ impl Writer {
                 }
                 if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::ENOMEM) {
                     // Unmapped since we cached it: forget, so the next attempt re-reads maps.
-                    self.protections.retain(|p, _| !range.contains(p));
+                    self.protections.retain(|p, _| !range.contains(&p.get()));
                 }
+                crate::hidden::scrub_plain(runs);
                 return Err(e);
             }
             window.runs.push((range, protection));
         }
+        crate::hidden::scrub_plain(runs);
         Ok(window)
     }
 
@@ -633,9 +702,10 @@ impl Window {
     /// Restores the original protections; returns the number of `mprotect` calls.
     fn close(&mut self) -> Result<usize> {
         let n = self.runs.len();
-        for (range, protection) in self.runs.drain(..) {
+        for (range, protection) in self.runs.iter().cloned() {
             memory::mprotect(range, protection)?;
         }
+        crate::hidden::scrub_plain(std::mem::take(&mut self.runs));
         Ok(n)
     }
 }

@@ -32,6 +32,7 @@ pub mod builder;
 mod error;
 pub mod manifest;
 pub mod patch;
+pub mod reclaim;
 pub mod safepoint;
 mod trial;
 

@@ -72,6 +72,8 @@ pub struct PatchRecord {
     pub applied_at: u64,
     /// When it was reverted, if it was.
     pub reverted_at: Option<u64>,
+    /// When reclamation unloaded it, if it did.
+    pub unloaded_at: Option<u64>,
     /// The hot functions it changed.
     pub functions: Vec<String>,
 }
@@ -87,6 +89,7 @@ pub struct FunctionStatus {
     pub current: usize,
 }
 
+#[derive(Clone, Copy)]
 struct Version {
     patch: Option<usize>,
     code: Code,
@@ -119,22 +122,96 @@ impl Function {
 
 struct Applied {
     record: PatchRecord,
-    /// Kept loaded: threads may run its code (see module docs).
-    _object: PatchObject,
+    /// Kept loaded while threads may run its code; unloaded by reclamation.
+    object: PatchObject,
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     functions: HashMap<&'static str, Function>,
     patches: Vec<Applied>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
-fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+pub(crate) fn with_state<T>(f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
     let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
     let state = guard.get_or_insert_with(State::default);
     f(state)
+}
+
+/// Overwrites a vector's unused capacity, where removed entries leave stale copies of patch
+/// addresses that a reference scan would otherwise find.
+fn scrub<T>(v: &mut Vec<T>) {
+    evolve_code::scrub_spare(v);
+}
+
+impl State {
+    pub(crate) fn resident_report(&self) -> crate::reclaim::ReclaimReport {
+        crate::reclaim::ReclaimReport {
+            resident: self
+                .patches
+                .iter()
+                .filter(|p| !p.object.is_unloaded())
+                .count(),
+            ..Default::default()
+        }
+    }
+
+    /// Unloads the patches no function needs and nothing refers to (see `crate::reclaim`).
+    pub(crate) fn collect(
+        &mut self,
+        scope: evolve_code::scan::Scope,
+    ) -> Result<crate::reclaim::ReclaimReport> {
+        let mut needed = std::collections::HashSet::new();
+        for function in self.functions.values() {
+            let n = function.versions.len();
+            for v in &function.versions[n.saturating_sub(2)..] {
+                needed.extend(v.patch);
+            }
+        }
+        let mut report = crate::reclaim::ReclaimReport::default();
+        for index in 0..self.patches.len() {
+            let applied = &self.patches[index];
+            if applied.object.is_unloaded()
+                || needed.contains(&index)
+                || crate::trial::on_trial(&applied.record.name)
+            {
+                continue;
+            }
+            // Forget what this patch left in the version stacks and stub lists first.
+            for function in self.functions.values_mut() {
+                let object = &self.patches[index].object;
+                function.versions.retain(|v| v.patch != Some(index));
+                function
+                    .patch_stubs
+                    .retain(|(stub, _)| !object.contains(stub.address()));
+                scrub(&mut function.versions);
+                scrub(&mut function.patch_stubs);
+            }
+            let applied = &mut self.patches[index];
+            let name = applied.record.name.clone();
+            match crate::reclaim::unload(&mut applied.object, scope, &name)? {
+                evolve_code::dylib::Unload::Unloaded(scan) => {
+                    report.max_pause_us = report.max_pause_us.max(scan.pause_us);
+                    report.bytes_scanned += scan.bytes_scanned;
+                    applied.record.unloaded_at = Some(now());
+                    report.unloaded.push(name);
+                }
+                evolve_code::dylib::Unload::Referenced(scan) => {
+                    report.max_pause_us = report.max_pause_us.max(scan.pause_us);
+                    report.bytes_scanned += scan.bytes_scanned;
+                    report.kept.push((name, scan.references));
+                }
+            }
+        }
+        report.resident = self
+            .patches
+            .iter()
+            .filter(|p| !p.object.is_unloaded())
+            .count();
+        Ok(report)
+    }
 }
 
 /// Whether no thread holds the hot-update state now (for the trial's panic hook).
@@ -415,7 +492,7 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
 
         let name = unique_name(state, path);
         let index = state.patches.len();
-        for (entry, code, patch_stub) in new_versions {
+        for &(entry, code, patch_stub) in &new_versions {
             let function = state.functions.get_mut(entry.id()).expect("registered");
             function.versions.push(Version {
                 patch: Some(index),
@@ -423,6 +500,8 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
             });
             function.patch_stubs.extend(patch_stub);
         }
+        // Plain patch addresses must not linger in freed memory (see `evolve_code::scrub`).
+        evolve_code::scrub(new_versions);
         let name_of = |e: &&StubEntry| e.name().to_string();
         let updated: Vec<String> = plan.changes.iter().map(|c| name_of(&c.0)).collect();
         let adapted = plan
@@ -440,9 +519,10 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
                 path: path.to_path_buf(),
                 applied_at: now(),
                 reverted_at: None,
+                unloaded_at: None,
                 functions: updated.clone(),
             },
-            _object: object,
+            object,
         });
         Ok(ApplyReport {
             patch: name,
@@ -520,12 +600,15 @@ pub fn revert(what: Revert) -> Result<Vec<String>> {
                 }
                 if let Err(e) = batch.apply() {
                     // Nothing was written: put the versions back as they were.
-                    for (id, at, removed) in touched {
+                    for &(id, at, removed) in &touched {
                         let function = state.functions.get_mut(id).expect("registered");
                         function.versions.insert(at, removed);
                     }
+                    evolve_code::scrub(touched);
                     return Err(e.into());
                 }
+                // The removed versions hold plain patch addresses (see `evolve_code::scrub`).
+                evolve_code::scrub(touched);
                 state.patches[index].record.reverted_at = Some(now());
             }
             Revert::Function { name, version } => {

@@ -6,13 +6,14 @@
 //! locked, right after, on another thread).
 
 use crate::patch::{revert, Revert};
-use std::ops::Range;
+use evolve_code::Hidden;
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 struct Trial {
     patch: String,
-    code: Vec<Range<usize>>,
+    /// Hidden from reclamation's scans (see `evolve_code::Hidden`).
+    code: Vec<(Hidden, Hidden)>,
     until: Instant,
 }
 
@@ -20,7 +21,7 @@ static TRIALS: Mutex<Vec<Trial>> = Mutex::new(Vec::new());
 static HOOK: Once = Once::new();
 
 /// Puts `patch`, whose code is `code`, on trial for `window`.
-pub(crate) fn watch(patch: &str, code: Vec<Range<usize>>, window: Duration) {
+pub(crate) fn watch(patch: &str, code: Vec<(Hidden, Hidden)>, window: Duration) {
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -35,6 +36,16 @@ pub(crate) fn watch(patch: &str, code: Vec<Range<usize>>, window: Duration) {
         code,
         until: Instant::now() + window,
     });
+}
+
+/// Whether `patch` is on trial now (reclamation leaves it alone).
+pub(crate) fn on_trial(patch: &str) -> bool {
+    let now = Instant::now();
+    TRIALS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|t| t.patch == patch && t.until > now)
 }
 
 fn on_panic() {
@@ -55,7 +66,7 @@ fn on_panic() {
         let found = trials.iter().position(|t| {
             frames
                 .iter()
-                .any(|ip| t.code.iter().any(|r| r.contains(ip)))
+                .any(|ip| t.code.iter().any(|r| (r.0.get()..r.1.get()).contains(ip)))
         });
         found.map(|i| trials.remove(i).patch)
     };

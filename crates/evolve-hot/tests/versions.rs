@@ -14,7 +14,7 @@ fn patches_stack_and_revert_by_patch_and_by_function() {
     let v2 = fixture.build_patch(&host, "v2").unwrap().output;
     fixture.edit(&[
         ("helper(x) * 3 // v2", "helper(x) * 4 // v3"),
-        ("2 // v2", "3 // v3"),
+        ("    2 // v2", "    3 // v3"),
     ]);
     let v3 = fixture.build_patch(&host, "v3").unwrap().output;
 

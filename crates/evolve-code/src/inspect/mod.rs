@@ -41,21 +41,29 @@ static EXECUTABLE_BRANCHES: OnceLock<BranchIndex> = OnceLock::new();
 /// Parsed libraries that have a build id, from the last [`images`] call.
 static LIBRARIES: Mutex<Vec<Image>> = Mutex::new(Vec::new());
 
-/// The executable ranges of the loaded object whose loader name is `path`, from the loader's
-/// program headers alone (no symbols parsed): cheap enough to call after every `dlopen`.
-pub(crate) fn loaded_exec_ranges(path: &std::path::Path) -> Option<Vec<std::ops::Range<usize>>> {
-    let wanted = std::fs::canonicalize(path).ok()?;
-    loaded::snapshot().into_iter().find_map(|object| {
-        let name = std::path::PathBuf::from(String::from_utf8_lossy(&object.name).into_owned());
-        (std::fs::canonicalize(&name).ok()? == wanted).then(|| {
-            object
+/// A loaded object's loader name and writable segments, hidden (for the reference scan).
+pub(crate) type WritableSegments = (Vec<u8>, Vec<(crate::Hidden, crate::Hidden)>);
+
+/// Each loaded object's loader name and writable segments, hidden (for the reference scan).
+pub(crate) fn loaded_snapshot_for_scan() -> Vec<WritableSegments> {
+    loaded::snapshot()
+        .into_iter()
+        .map(|mut object| {
+            let writable = object
                 .segments
                 .iter()
-                .filter(|s| s.is_exec())
-                .map(|s| s.range.clone())
-                .collect()
+                .filter(|s| s.flags & libc::PF_W != 0)
+                .map(|s| {
+                    (
+                        crate::Hidden::new(s.range.start),
+                        crate::Hidden::new(s.range.end),
+                    )
+                })
+                .collect();
+            crate::hidden::scrub_plain(std::mem::take(&mut object.segments));
+            (std::mem::take(&mut object.name), writable)
         })
-    })
+        .collect()
 }
 
 /// Every loaded image: the main executable first, then the shared libraries (and the vdso) in

@@ -67,15 +67,41 @@ pub struct Mapping {
     pub protection: Protection,
 }
 
+/// The mappings of the process, scrubbed when dropped (see [`crate::scrub`]): the list holds
+/// plain addresses of patches that reclamation must be able to prove unreferenced.
+pub struct Mappings(Vec<Mapping>);
+
+impl std::ops::Deref for Mappings {
+    type Target = [Mapping];
+    fn deref(&self) -> &[Mapping] {
+        &self.0
+    }
+}
+
+impl IntoIterator for Mappings {
+    type Item = Mapping;
+    type IntoIter = std::vec::IntoIter<Mapping>;
+    /// (The elements moved out are the caller's to scrub.)
+    fn into_iter(mut self) -> Self::IntoIter {
+        std::mem::take(&mut self.0).into_iter()
+    }
+}
+
+impl Drop for Mappings {
+    fn drop(&mut self) {
+        crate::hidden::scrub_plain(std::mem::take(&mut self.0));
+    }
+}
+
 /// Parses `/proc/self/maps`: every mapping of this process, in address order.
-pub fn mappings() -> Result<Vec<Mapping>> {
+pub fn mappings() -> Result<Mappings> {
     let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
         Error::new(ErrorKind::Os {
             operation: "read /proc/self/maps",
             errno: e.raw_os_error().unwrap_or(0),
         })
     })?;
-    Ok(text.lines().filter_map(parse_maps_line).collect())
+    Ok(Mappings(text.lines().filter_map(parse_maps_line).collect()))
 }
 
 fn parse_maps_line(line: &str) -> Option<Mapping> {

@@ -93,8 +93,23 @@ impl Fixture {
         let mut child = Command::new(self.target.join("release/hothost"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                eprint!("{text}");
+                sink.lock().unwrap().push_str(&text);
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let (sender, lines) = channel();
         std::thread::spawn(move || {
@@ -111,6 +126,7 @@ impl Fixture {
             stdin,
             lines,
             events: Vec::new(),
+            stderr,
         };
         let ready = host.answer();
         assert_eq!(ready["ready"], true);
@@ -125,6 +141,8 @@ pub struct Host {
     lines: Receiver<String>,
     /// Lines that were not answers: log lines and completions of slow calls.
     pub events: Vec<String>,
+    /// Everything the host wrote to stderr so far.
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Host {
@@ -166,6 +184,24 @@ impl Host {
         }
     }
 
+    /// Sends a command the host is expected not to survive; returns how it ended.
+    pub fn send_fatal(&mut self, command: &str) -> std::process::ExitStatus {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100)); // let stderr drain
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the host survived {command}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Statistics, after letting the workers run for a moment.
     pub fn stats_after(&mut self, millis: u64) -> Value {
         std::thread::sleep(Duration::from_millis(millis));
@@ -188,7 +224,8 @@ impl Drop for Host {
     }
 }
 
-/// The edits that turn the fixture's v1 into v2.
+/// The edits that turn the fixture's v1 into v2 (the first also turns `scale_v1 // v1` into
+/// `scale_v2 // v2`: v2's `scaler` hands out the patch's own `scale_v2`).
 pub const V2: &[(&str, &str)] = &[
     ("1 // v1", "2 // v2"),
     ("helper(x) * 2 // v1", "helper(x) * 3 // v2"),
