@@ -109,9 +109,11 @@ impl Connection {
         self.stream
             .set_write_timeout(Some(Duration::from_secs(10)))
             .map_err(ClientError::Io)?;
-        self.stream
-            .write_all(format!("{line}\n").as_bytes())
-            .map_err(ClientError::Io)?;
+        if let Err(e) = self.stream.write_all(format!("{line}\n").as_bytes()) {
+            // The agent may answer and close before reading a request (a refused peer gets its
+            // `permission_denied` at once): its reply is still waiting to be read.
+            return self.read_reply().map_err(|_| ClientError::Io(e));
+        }
         self.read_reply()
     }
 

@@ -86,12 +86,34 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
             file: context.journal.path().map(|p| p.display().to_string()),
         })),
         Request::Gc => {
-            let message = "reclamation not available: this build of Evolve keeps every patch \
-                           loaded (nothing was unloaded)";
-            context
-                .journal
-                .record(client, "gc", String::new(), Err(message.into()));
-            Err((ErrorKind::Unavailable, message.into()))
+            let result = evolve_hot::reclaim::collect(evolve_hot::reclaim::Policy::Scan)
+                .map_err(|e| (ErrorKind::Failed, e.to_string()));
+            context.journal.record(
+                client,
+                "gc",
+                "scan".to_string(),
+                result
+                    .as_ref()
+                    .map(|r| {
+                        format!(
+                            "unloaded [{}], kept {}, {} resident, longest pause {} µs",
+                            r.unloaded.join(", "),
+                            r.kept.len(),
+                            r.resident,
+                            r.max_pause_us
+                        )
+                    })
+                    .map_err(|e| e.1.clone()),
+            );
+            result.map(|r| {
+                serde_json::json!({
+                    "unloaded": r.unloaded,
+                    "kept": r.kept.iter().map(|(name, why)| serde_json::json!({"patch": name, "references": why})).collect::<Vec<_>>(),
+                    "resident": r.resident,
+                    "max_pause_us": r.max_pause_us,
+                    "bytes_scanned": r.bytes_scanned,
+                })
+            })
         }
         Request::Apply {
             path,
@@ -244,9 +266,13 @@ fn status(context: &Context) -> Status {
             })
             .collect(),
         reclamation: Reclamation {
-            available: false,
-            pending: Vec::new(),
-            note: "reclamation not available: every applied patch stays loaded".into(),
+            available: true,
+            pending: evolve_hot::patch::history()
+                .into_iter()
+                .filter(|p| p.reverted_at.is_some() && p.unloaded_at.is_none())
+                .map(|p| p.name)
+                .collect(),
+            note: "policy scan: `evolve gc` unloads the patches nothing refers to".into(),
         },
         switches: switches(),
         journal_entries: context.journal.entries().len(),

@@ -29,7 +29,7 @@
 //! | `switch_set` | `name`, `value` (`true`, `false` or an integer, as a string) | [`SwitchInfo`] after the change |
 //! | `commit` | `switch`? (none = every switch) | [`Committed`] |
 //! | `revert_switches` | `switch`? | [`Committed`] |
-//! | `gc` | — | error `unavailable` until reclamation lands |
+//! | `gc` | — | `{unloaded, kept: [{patch, references}], resident, max_pause_us, bytes_scanned}`: reclamation with the `scan` policy |
 //!
 //! # Replies
 //!

@@ -45,14 +45,14 @@ fn every_command_against_a_running_process() {
     // status, functions
     let status = evolve(&dir, &["status", pid, "--json"]).expect_json();
     assert_eq!(status["hello"]["pid"], host.pid());
-    assert_eq!(status["reclamation"]["available"], false);
+    assert_eq!(status["reclamation"]["available"], true);
     assert_eq!(
         names(&status["switches"]),
         ["FAST", "LEVEL"].map(String::from).to_vec()
     );
     let human = evolve(&dir, &["status", pid]);
     assert!(
-        human.ok() && human.stdout().contains("reclamation not available"),
+        human.ok() && human.stdout().contains("reclamation: pending []"),
         "{}",
         human.stdout()
     );
@@ -170,14 +170,12 @@ fn every_command_against_a_running_process() {
         refused.stderr()
     );
 
-    // gc answers honestly
-    let gc = evolve(&dir, &["gc", pid]);
-    assert!(!gc.ok());
-    assert!(
-        gc.stderr().contains("reclamation not available"),
-        "{}",
-        gc.stderr()
-    );
+    // gc: reclamation runs (the reverted first patch is a candidate; a conservative scan may
+    // keep it a while), and reports what it did.
+    let gc = evolve(&dir, &["gc", pid, "--json"]).expect_json();
+    assert!(gc["resident"].as_u64().is_some(), "{gc}");
+    let done = gc["unloaded"].as_array().unwrap().len() + gc["kept"].as_array().unwrap().len();
+    assert_eq!(done, 1, "one candidate, unloaded or kept: {gc}");
 
     // history: the journal, with uid and outcome
     let history = evolve(&dir, &["history", pid, "--json"]).expect_json();
@@ -201,7 +199,7 @@ fn every_command_against_a_running_process() {
             ("apply", "ok"),
             ("revert", "ok"),
             ("apply", "failed"),
-            ("gc", "failed"),
+            ("gc", "ok"),
         ]
     );
     let me = rustix::process::geteuid().as_raw();
