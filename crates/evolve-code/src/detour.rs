@@ -147,7 +147,10 @@ impl Prologue {
                 }
             }
             if matches!(insn.code(), Code::Xbegin_rel32 | Code::Xbegin_rel16) {
-                return Err(refuse(format!("unsupported instruction `{}` in the prologue", show(&insn))));
+                return Err(refuse(format!(
+                    "unsupported instruction `{}` in the prologue",
+                    show(&insn)
+                )));
             }
             instructions.push(insn);
         }
@@ -190,8 +193,9 @@ impl Prologue {
     /// The relocated instructions followed by a jump back, encoded to run at `at`.
     fn relocate(&self, at: usize) -> Result<Vec<u8>> {
         let mut insns = self.instructions.clone();
-        let back = Instruction::with_branch(Code::Jmp_rel32_64, (self.function + self.len()) as u64)
-            .map_err(|e| self.refuse(format!("{e}")))?;
+        let back =
+            Instruction::with_branch(Code::Jmp_rel32_64, (self.function + self.len()) as u64)
+                .map_err(|e| self.refuse(format!("{e}")))?;
         insns.push(back);
         let block = InstructionBlock::new(&insns, at as u64);
         BlockEncoder::encode(64, block, BlockEncoderOptions::NONE)
@@ -321,7 +325,11 @@ impl Emitter {
     }
 }
 
-fn trampoline_prefix(hooks: &DetourHooks, active: &AtomicU64, hook_box: &Arc<EntryHook>) -> Vec<u8> {
+fn trampoline_prefix(
+    hooks: &DetourHooks,
+    active: &AtomicU64,
+    hook_box: &Arc<EntryHook>,
+) -> Vec<u8> {
     let mut e = Emitter(Vec::with_capacity(256));
     e.movabs_r11(Arc::as_ptr(&hooks.counter) as usize)
         .bytes(&[0xf0, 0x49, 0xff, 0x03]) // lock inc qword [r11]
@@ -452,7 +460,11 @@ impl Detour {
         result
     }
 
-    fn install_unregistered(function: usize, prologue: Prologue, hooks: DetourHooks) -> Result<Detour> {
+    fn install_unregistered(
+        function: usize,
+        prologue: Prologue,
+        hooks: DetourHooks,
+    ) -> Result<Detour> {
         let block = NearBlock::alloc(function, TRAMPOLINE_LEN)?;
         let active = Box::new(AtomicU64::new(0));
         let hook_box = Box::new(hooks.on_entry.clone());
@@ -467,7 +479,12 @@ impl Detour {
         let mut jmp = [0xe9, 0, 0, 0, 0];
         jmp[1..].copy_from_slice(&rel.to_le_bytes());
         let original = prologue.original().to_vec();
-        write_stopped(function, &original, &jmp, function + 1..function + prologue.len())?;
+        write_stopped(
+            function,
+            &original,
+            &jmp,
+            function + 1..function + prologue.len(),
+        )?;
         Ok(Detour {
             function,
             prologue,

@@ -67,11 +67,13 @@ mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};
+pub use detour::{
+    quarantined_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue, SavedRegs,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use fnsite::{FnPtr, FnSite, Placement};
 pub use near::NearBlock;
-pub use detour::{quarantined_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue, SavedRegs};
-pub use world::{stop_signal, stop_the_world};
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
+pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};

@@ -141,7 +141,10 @@ extern "C" fn exit_hook(depth: usize) -> usize {
     SHADOW.with(|s| {
         // SAFETY: only this thread touches its shadow; no reference to it outlives this call.
         let s = unsafe { &mut *s.get() };
-        let block = s.block.as_ref().expect("an exit stub runs only on a thread with a block");
+        let block = s
+            .block
+            .as_ref()
+            .expect("an exit stub runs only on a thread with a block");
         // SAFETY: the block's frames belong to this thread.
         let frames = unsafe { &mut *block.frames };
         for f in frames[depth + 1..s.top.max(depth + 1)].iter().rev() {
@@ -164,7 +167,9 @@ fn unwound_from(depth: usize) {
     SHADOW.with(|s| {
         // SAFETY: as in `exit_hook`.
         let s = unsafe { &mut *s.get() };
-        let Some(block) = s.block.as_ref() else { return };
+        let Some(block) = s.block.as_ref() else {
+            return;
+        };
         // SAFETY: the block's frames belong to this thread.
         let frames = unsafe { &*block.frames };
         if depth >= s.top {
@@ -266,7 +271,15 @@ fn eh_frame(stubs: usize, frames: *mut [Frame; DEPTH]) -> Vec<u8> {
 
 fn new_block() -> Option<Block> {
     let len = (DEPTH * STUB + 8).next_multiple_of(memory::page_size());
-    let stubs = memory::map_anywhere(len, Protection { read: true, write: true, exec: false }).ok()?;
+    let stubs = memory::map_anywhere(
+        len,
+        Protection {
+            read: true,
+            write: true,
+            exec: false,
+        },
+    )
+    .ok()?;
     let mut code = Vec::with_capacity(len);
     let common_slot = stubs + DEPTH * STUB;
     for d in 0..DEPTH {

@@ -75,16 +75,24 @@ fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
-extern "C" fn on_stop(_signal: libc::c_int, _info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+extern "C" fn on_stop(
+    _signal: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
     IN_HANDLER.fetch_add(1, Ordering::AcqRel);
     // SAFETY: errno is thread-local; we restore it before returning.
     let errno = unsafe { *libc::__errno_location() };
     let generation = GENERATION.load(Ordering::Acquire);
     let tid = gettid();
     // SAFETY: the kernel passes a valid ucontext to an SA_SIGINFO handler.
-    let rip = unsafe { (*(context as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] };
+    let rip = unsafe {
+        (*(context as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize]
+    };
     let used = USED.load(Ordering::Acquire);
-    let slot = SLOTS[..used].iter().find(|s| s.tid.load(Ordering::Relaxed) == tid);
+    let slot = SLOTS[..used]
+        .iter()
+        .find(|s| s.tid.load(Ordering::Relaxed) == tid);
     if let (Some(slot), true) = (slot, generation % 2 == 1) {
         slot.rip.store(rip as usize, Ordering::Relaxed);
         slot.parked.store(true, Ordering::Release);
@@ -153,7 +161,10 @@ pub fn stop_the_world<R>(f: impl FnOnce(&[usize]) -> R) -> Result<R> {
         .collect();
     if tids.len() > MAX_THREADS {
         return Err(Error::new(ErrorKind::InvalidArgument {
-            reason: format!("{} threads (stop-the-world handles {MAX_THREADS})", tids.len()),
+            reason: format!(
+                "{} threads (stop-the-world handles {MAX_THREADS})",
+                tids.len()
+            ),
         }));
     }
     let mut rips: Vec<usize> = Vec::with_capacity(tids.len());
@@ -211,6 +222,7 @@ pub fn stop_the_world<R>(f: impl FnOnce(&[usize]) -> R) -> Result<R> {
     }
     USED.store(0, Ordering::Release);
     result.ok_or(Error::new(ErrorKind::Unsupported {
-        what: "a thread did not park for stop-the-world within 2 s (does it block the stop signal?)",
+        what:
+            "a thread did not park for stop-the-world within 2 s (does it block the stop signal?)",
     }))
 }

@@ -86,7 +86,11 @@ impl fmt::Display for ProbeKind {
 }
 
 fn parse_arg(s: &str) -> Option<usize> {
-    s.trim().strip_prefix("arg")?.parse().ok().filter(|&a| a < 6)
+    s.trim()
+        .strip_prefix("arg")?
+        .parse()
+        .ok()
+        .filter(|&a| a < 6)
 }
 
 impl FromStr for ProbeKind {
@@ -94,7 +98,9 @@ impl FromStr for ProbeKind {
 
     /// Parses `count`, `latency`, `hist:argN`, `pred:argN==V` (also `!=`, `<`, `>`), `coverage`.
     fn from_str(s: &str) -> Result<ProbeKind, String> {
-        let bad = || format!("unknown probe kind `{s}` (count, latency, hist:argN, pred:argN==V, coverage)");
+        let bad = || {
+            format!("unknown probe kind `{s}` (count, latency, hist:argN, pred:argN==V, coverage)")
+        };
         Ok(match s {
             "count" => ProbeKind::Count,
             "latency" => ProbeKind::Latency,
@@ -104,10 +110,15 @@ impl FromStr for ProbeKind {
             },
             _ if s.starts_with("pred:") => {
                 let body = &s[5..];
-                let (cmp, at, len) = [("==", Cmp::Eq), ("!=", Cmp::Ne), ("<", Cmp::Lt), (">", Cmp::Gt)]
-                    .iter()
-                    .find_map(|(sym, c)| body.find(sym).map(|i| (*c, i, sym.len())))
-                    .ok_or_else(bad)?;
+                let (cmp, at, len) = [
+                    ("==", Cmp::Eq),
+                    ("!=", Cmp::Ne),
+                    ("<", Cmp::Lt),
+                    (">", Cmp::Gt),
+                ]
+                .iter()
+                .find_map(|(sym, c)| body.find(sym).map(|i| (*c, i, sym.len())))
+                .ok_or_else(bad)?;
                 let value = body[at + len..].trim();
                 let value = match value.strip_prefix("0x") {
                     Some(hex) => u64::from_str_radix(hex, 16),
@@ -131,7 +142,14 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_through_text() {
-        for s in ["count", "latency", "hist:arg1", "pred:arg0==0", "pred:arg2>7", "coverage"] {
+        for s in [
+            "count",
+            "latency",
+            "hist:arg1",
+            "pred:arg0==0",
+            "pred:arg2>7",
+            "coverage",
+        ] {
             assert_eq!(s.parse::<ProbeKind>().unwrap().to_string(), s);
         }
         assert!("hist:arg9".parse::<ProbeKind>().is_err());

@@ -149,7 +149,12 @@ fn bucket(v: u64) -> usize {
 fn buckets_reading(b: &[AtomicU64]) -> Vec<(u64, u64)> {
     b.iter()
         .enumerate()
-        .map(|(i, c)| (if i == 0 { 0 } else { 1u64 << (i - 1) }, c.load(Ordering::Relaxed)))
+        .map(|(i, c)| {
+            (
+                if i == 0 { 0 } else { 1u64 << (i - 1) },
+                c.load(Ordering::Relaxed),
+            )
+        })
         .filter(|&(_, c)| c > 0)
         .collect()
 }
@@ -223,7 +228,10 @@ impl Probe {
             }
             ProbeKind::Coverage => {
                 if !self.covered.swap(true, Ordering::AcqRel) {
-                    let _ = reaper().lock().unwrap_or_else(|p| p.into_inner()).send(self.id);
+                    let _ = reaper()
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .send(self.id);
                 }
             }
         }
@@ -258,7 +266,11 @@ impl Probe {
             latency,
             histogram: buckets_reading(&self.buckets),
             hits: self.hits.load(Ordering::Relaxed),
-            backtraces: self.backtraces.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            backtraces: self
+                .backtraces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             covered: self.covered.load(Ordering::Relaxed),
             attached,
         }
@@ -363,7 +375,13 @@ pub fn add(pattern: &str, kind: ProbeKind) -> Result<Vec<ProbeId>> {
     }
 }
 
-fn attach(r: &mut Registry, name: &str, address: usize, size: usize, kind: ProbeKind) -> Result<ProbeId> {
+fn attach(
+    r: &mut Registry,
+    name: &str,
+    address: usize,
+    size: usize,
+    kind: ProbeKind,
+) -> Result<ProbeId> {
     if !r.points.contains_key(&address) {
         let counter = Arc::new(AtomicU64::new(0));
         let slow = Arc::new(AtomicBool::new(false));
@@ -440,7 +458,10 @@ fn detach(r: &mut Registry, id: ProbeId) -> Result<()> {
     *attached = false;
     let probe = probe.clone();
     let address = probe.address;
-    let point = r.points.get(&address).expect("an attached probe has a point");
+    let point = r
+        .points
+        .get(&address)
+        .expect("an attached probe has a point");
     let remaining = {
         let mut probes = point.probes.write().unwrap_or_else(|p| p.into_inner());
         probes.retain(|p| p.id != id);
