@@ -134,12 +134,7 @@ impl PatchObject {
             )
         }
         .map_err(|e| image_error(path, format!("the dynamic loader refused it: {e}")))?;
-        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let exec_ranges = crate::inspect::images()?
-            .into_iter()
-            .find(|i| std::fs::canonicalize(i.path()).ok().as_deref() == Some(&canonical))
-            .map(|i| i.exec_ranges().to_vec())
-            .unwrap_or_default();
+        let exec_ranges = crate::inspect::loaded_exec_ranges(path).unwrap_or_default();
         Ok(PatchObject {
             library: ManuallyDrop::new(library),
             path: path.to_path_buf(),
@@ -187,6 +182,39 @@ impl PatchObject {
     pub fn adaptor(&self, id: &str, fingerprint: u64) -> Result<Code> {
         let address = self.lookup(&format!("__evolve_adaptor_{id}_{fingerprint:016x}"))?;
         Ok(Code::new(address, fingerprint))
+    }
+
+    /// Runs the patch's state-transfer function `symbol` (named `__evolve_transfer_…` by
+    /// `#[evolve::transfer]`) on the program's static at `old`.
+    ///
+    /// `old` must be the address of a static of the running program, found by its symbol; the
+    /// engine checks that it lies in writable memory of the program's image.
+    pub fn run_transfer(&self, symbol: &str, old: usize) -> Result<()> {
+        if !symbol.starts_with("__evolve_transfer_") {
+            return Err(image_error(
+                &self.path,
+                format!("{symbol} is not a transfer function"),
+            ));
+        }
+        // SAFETY: looking up an address calls no code.
+        let function = unsafe {
+            self.library
+                .get::<extern "C" fn(*const u8)>(symbol.as_bytes())
+        }
+        .map_err(|e| image_error(&self.path, format!("missing symbol {symbol}: {e}")))?;
+        let maps = crate::sys::memory::mappings()?;
+        let writable = crate::sys::memory::mapping_containing(&maps, old)
+            .is_some_and(|m| m.protection.read && m.protection.write);
+        if !writable {
+            return Err(image_error(
+                &self.path,
+                format!("the old static for {symbol} at {old:#x} is not in writable memory"),
+            ));
+        }
+        // SAFETY: `#[evolve::transfer]` emits `__evolve_transfer_*` functions with exactly this
+        // signature; `old` is the program's instance of the static (checked writable, so mapped).
+        (*function)(old as *const u8);
+        Ok(())
     }
 
     /// The patch's own stub of hot function `id`, whose callers use signature `fingerprint`.

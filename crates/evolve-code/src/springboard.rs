@@ -8,6 +8,15 @@
 //! shares it. They are never freed, because a thread may have executed a site's branch and not
 //! yet the springboard's; their number is bounded by the number of distinct far targets (times
 //! the number of 4 GiB neighbourhoods that use them), 16 bytes each.
+//!
+//! The springboards a batch needs are allocated while it is planned and written together, in
+//! one write window with one core sync, before any of its sites; a refused batch frees them.
+//!
+//! # Safety
+//!
+//! Freeing a springboard that was allocated for a refused batch is sound: it was never written
+//! and no site ever branched to it.
+#![allow(unsafe_code)]
 
 use crate::arch::{self, SPRINGBOARD_LEN};
 use crate::error::{Error, ErrorKind, Result};
@@ -21,6 +30,9 @@ use std::collections::HashMap;
 pub(crate) struct Springboards {
     by_target: HashMap<usize, Vec<usize>>,
     target_of: HashMap<usize, usize>,
+    /// Allocated for the batch being planned, not yet written: written together, with one core
+    /// sync, before the batch's sites (see [`Writer::publish_springboards`]).
+    pending: Vec<(NearBlock, usize)>,
 }
 
 impl Springboards {
@@ -41,30 +53,67 @@ impl Springboards {
 }
 
 impl Writer {
-    /// A springboard to `target` that `site` can reach, made if there is none yet.
+    /// A springboard to `target` that `site` can reach: an existing one, or a new one that is
+    /// written by [`Writer::publish_springboards`] before any site of the batch.
     pub(crate) fn springboard_near(&mut self, site: usize, target: usize) -> Result<usize> {
         let reachable = |board: &usize| arch::rel32(site, *board).is_some();
-        if let Some(board) = self
-            .springboards
+        let boards = &self.springboards;
+        if let Some(board) = boards
             .by_target
             .get(&target)
-            .and_then(|boards| boards.iter().copied().find(reachable))
+            .and_then(|b| b.iter().copied().find(reachable))
+            .or_else(|| {
+                boards
+                    .pending
+                    .iter()
+                    .map(|(block, t)| (block.address(), *t))
+                    .find(|(board, t)| *t == target && reachable(board))
+                    .map(|(board, _)| board)
+            })
         {
             return Ok(board);
         }
         let block = NearBlock::alloc(site, SPRINGBOARD_LEN)
             .map_err(|_| Error::new(ErrorKind::Unreachable { site, target }))?;
-        // The block is never freed (see module docs): only its address is kept.
         let board = block.address();
-        // The block is fresh: no thread can execute it before a site is written to reach it.
-        self.write_fresh_code(board, &arch::springboard(target))?;
-        self.springboards
-            .by_target
-            .entry(target)
-            .or_default()
-            .push(board);
-        self.springboards.target_of.insert(board, target);
+        self.springboards.pending.push((block, target));
         Ok(board)
+    }
+
+    /// Writes every pending springboard in one write window and makes every core see them,
+    /// before any site of the batch can branch to them.
+    pub(crate) fn publish_springboards(&mut self) -> Result<()> {
+        if self.springboards.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.springboards.pending);
+        let code: Vec<(usize, [u8; SPRINGBOARD_LEN])> = pending
+            .iter()
+            .map(|(block, target)| (block.address(), arch::springboard(*target)))
+            .collect();
+        // The blocks are fresh: no thread can execute them before a site is written to reach
+        // them, which happens after this returns.
+        self.write_fresh_code_many(&code)?;
+        for (block, target) in pending {
+            // Never freed (see module docs): only the address is kept.
+            let board = block.address();
+            self.springboards
+                .by_target
+                .entry(target)
+                .or_default()
+                .push(board);
+            self.springboards.target_of.insert(board, target);
+        }
+        Ok(())
+    }
+
+    /// Returns the pending springboards of a refused batch to the allocator.
+    pub(crate) fn abandon_springboards(&mut self) {
+        for (block, _) in self.springboards.pending.drain(..) {
+            // SAFETY: a pending springboard was never written and no site branches to it: the
+            // batch that would have used it was refused before writing anything.
+            unsafe { block.free() };
+        }
     }
 }
 

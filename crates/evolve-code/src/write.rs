@@ -77,8 +77,9 @@ pub enum WritePath {
 pub(crate) struct Writer {
     sites: HashMap<usize, SiteState>,
     traps: TrapSites,
-    /// Original protection of every code page the engine has written, from `/proc/self/maps`.
-    protections: HashMap<usize, Protection>,
+    /// Original protection of every code page the engine has written, with the mapping that
+    /// holds it, from `/proc/self/maps`.
+    protections: HashMap<usize, (Protection, Range<usize>)>,
     pub(crate) springboards: Springboards,
     /// Set once `mprotect` to `rwx` was refused: write through `/proc/self/mem` from then on.
     via_proc_mem: bool,
@@ -155,11 +156,19 @@ fn default_write_path() -> WritePath {
     }
 }
 
-fn executable_mapping_check(address: usize) -> Result<()> {
+fn executable_mapping_readable(w: &mut Writer, address: usize) -> Result<()> {
+    // Executable pages cached with their protection are known readable; others are checked.
+    let page = memory::page_of(address);
+    if w.protections.get(&page).is_some_and(|p| p.0.read) {
+        return Ok(());
+    }
     let maps = memory::mappings()?;
     for byte in [address, address + SITE_LEN - 1] {
         match memory::mapping_containing(&maps, byte) {
-            Some(m) if m.protection.exec && m.protection.read => {}
+            Some(m) if m.protection.exec && m.protection.read => {
+                w.protections
+                    .insert(memory::page_of(byte), (m.protection, m.range.clone()));
+            }
             _ => return Err(Error::new(ErrorKind::NotExecutable { address })),
         }
     }
@@ -169,7 +178,7 @@ fn executable_mapping_check(address: usize) -> Result<()> {
 /// Reads a registered site's bytes.
 fn read_site(address: usize) -> [u8; SITE_LEN] {
     // SAFETY: only called for registered sites, which are mapped readable while registered
-    // (contract of `PatchSite::register`), or after `executable_mapping_check`.
+    // (contract of `PatchSite::register`), or after `executable_mapping_readable`.
     unsafe { memory::read::<SITE_LEN>(address) }
 }
 
@@ -178,7 +187,12 @@ pub(crate) fn register(address: usize) -> Result<()> {
     if w.sites.contains_key(&address) {
         return Ok(());
     }
-    executable_mapping_check(address)?;
+    // Cached executable ranges (re-read on a miss): registering many stubs reads the maps once.
+    if !w.is_executable(address)? || !w.is_executable(address + SITE_LEN - 1)? {
+        return Err(Error::new(ErrorKind::NotExecutable { address }));
+    }
+    // The mapping must also be readable (execute-only memory cannot be inspected).
+    executable_mapping_readable(&mut w, address)?;
     let bytes = read_site(address);
     let current = arch::decode(bytes, address).ok_or(ErrorKind::NotASiteInstruction {
         address,
@@ -325,7 +339,13 @@ impl Batch {
     pub fn apply(&self) -> Result<BatchReport> {
         let path = self.path.unwrap_or_else(default_write_path);
         let mut w = lock();
-        let plan = w.plan(&self.edits)?;
+        let plan = match w.plan(&self.edits) {
+            Ok(plan) => plan,
+            Err(e) => {
+                w.abandon_springboards();
+                return Err(e);
+            }
+        };
         w.write(&plan, path)
     }
 }
@@ -441,6 +461,7 @@ impl Writer {
             return Ok(report);
         }
         membarrier::ensure_registered()?;
+        self.publish_springboards()?;
         let mut window = self.open_window(planned.iter().map(|p| p.site))?;
         report.mprotects += window.runs.len();
         let store_atomically = |site: usize| {
@@ -512,17 +533,26 @@ impl Writer {
                 let m = memory::mapping_containing(&maps, page)
                     .filter(|m| m.protection.exec)
                     .ok_or(ErrorKind::NotExecutable { address: page })?;
-                self.protections.insert(page, m.protection);
+                self.protections
+                    .insert(page, (m.protection, m.range.clone()));
             }
         }
-        // Runs of contiguous pages with the same protection: one mprotect each.
+        // One mprotect per mapping, from its first to its last page of the batch: the pages in
+        // between are made writable too (they keep exec, and nothing writes them), which is far
+        // cheaper than one call per scattered page.
         let page_size = memory::page_size();
         let mut runs: Vec<(Range<usize>, Protection)> = Vec::new();
+        let mut run_mapping: Option<Range<usize>> = None;
         for &page in pages.keys() {
-            let protection = self.protections[&page];
+            let (protection, mapping) = self.protections[&page].clone();
             match runs.last_mut() {
-                Some((range, p)) if range.end == page && *p == protection => range.end += page_size,
-                _ => runs.push((page..page + page_size, protection)),
+                Some((range, p)) if *p == protection && run_mapping.as_ref() == Some(&mapping) => {
+                    range.end = page + page_size
+                }
+                _ => {
+                    runs.push((page..page + page_size, protection));
+                    run_mapping = Some(mapping);
+                }
             }
         }
         let mut window = Window {
@@ -559,13 +589,25 @@ impl Writer {
     /// Writes fresh code (not yet reachable by any thread) and syncs cores, so that a later
     /// site write publishing it is seen after the code.
     pub(crate) fn write_fresh_code(&mut self, address: usize, code: &[u8]) -> Result<()> {
+        self.write_fresh_code_many(&[(address, code)])
+    }
+
+    /// Writes several pieces of fresh code in one window, then syncs cores once.
+    pub(crate) fn write_fresh_code_many<C: AsRef<[u8]>>(
+        &mut self,
+        pieces: &[(usize, C)],
+    ) -> Result<()> {
         membarrier::ensure_registered()?;
-        let mut window = self.open_window(
-            (address..address + code.len())
+        let spans = pieces.iter().flat_map(|(address, code)| {
+            let (address, len) = (*address, code.as_ref().len());
+            (address..address + len)
                 .step_by(memory::page_size())
-                .chain([address + code.len().saturating_sub(SITE_LEN)]),
-        )?;
-        window.write(address, code)?;
+                .chain([address + len.saturating_sub(SITE_LEN)])
+        });
+        let mut window = self.open_window(spans)?;
+        for (address, code) in pieces {
+            window.write(*address, code.as_ref())?;
+        }
         window.close()?;
         membarrier::sync_cores()
     }

@@ -4,7 +4,7 @@
 //! each function into:
 //!
 //! - the function callers see, `#[inline(always)]`, which calls the **stub**;
-//! - the **stub** `__evolve_stub_{id}`: an aligned 5-byte `jmp rel32` emitted with `global_asm!`,
+//! - the **stub** `__evolve_stub_{id}`: a naked function holding an aligned 5-byte `jmp rel32`,
 //!   the patch site that an update retargets;
 //! - the **implementation** `__evolve_impl_{id}_{fingerprint}`: the original body, exported under
 //!   a name that a patch built from edited source shares;
@@ -98,12 +98,84 @@ fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
     as_target.ident = name;
     let p = prepare(&as_target, self_ty.as_ref())?;
     let export = format!("__evolve_adaptor_{}_{:016x}", p.id, p.fingerprint);
+    // Old callers reach the adaptor through the stub: it needs the stubs' ABI.
+    let mut f = f;
+    f.sig.abi = Some(syn::parse_quote!(extern "C-unwind"));
     Ok(quote! {
         #[doc(hidden)]
-        #[allow(unsafe_code)]
+        #[allow(unsafe_code, improper_ctypes_definitions)]
         #[unsafe(export_name = #export)]
         #[inline(never)]
         #f
+    })
+}
+
+/// Marks a state-transfer function for a static whose type changed in a patch: it receives the
+/// program's value in the old layout and returns the value in the new one. It runs once, while
+/// every thread that uses safe points is held at one, before the patch's functions take over.
+///
+/// The static must have interior mutability (atomics, `Mutex`, ...), since its new value is
+/// written in place. Code outside the patch compiled against the old layout keeps the old
+/// static; make the readers hot functions of the patched crate.
+///
+/// ```ignore
+/// pub static CALLS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+///
+/// #[evolve::transfer(CALLS)]
+/// fn calls_from_v1(old: &AtomicU64) -> [AtomicU64; 2] {
+///     [AtomicU64::new(old.load(Ordering::Relaxed)), AtomicU64::new(0)]
+/// }
+/// ```
+#[proc_macro_attribute]
+pub fn transfer(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let target = parse_macro_input!(attr as syn::Ident);
+    let f = parse_macro_input!(item as ItemFn);
+    transfer_fn(target, f)
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
+}
+
+fn transfer_fn(target: syn::Ident, f: ItemFn) -> syn::Result<TokenStream2> {
+    let shape_error = || {
+        syn::Error::new_spanned(
+            &f.sig,
+            "#[evolve::transfer(STATIC)] takes `fn(old: &OldType) -> NewType`",
+        )
+    };
+    let old_type = match f.sig.inputs.first() {
+        Some(FnArg::Typed(t)) if f.sig.inputs.len() == 1 => match &*t.ty {
+            Type::Reference(r) => (*r.elem).clone(),
+            _ => return Err(shape_error()),
+        },
+        _ => return Err(shape_error()),
+    };
+    if matches!(f.sig.output, ReturnType::Default) {
+        return Err(shape_error());
+    }
+    let crate_name = std::env::var("CARGO_CRATE_NAME").unwrap_or_else(|_| "crate".into());
+    let export = format!("__evolve_transfer_{}__{}", symbol_safe(&crate_name), target);
+    let name = &f.sig.ident;
+    let wrapper = format_ident!("__evolve_transfer_{}", target);
+    Ok(quote! {
+        #f
+
+        #[doc(hidden)]
+        #[allow(unsafe_code, non_snake_case)]
+        #[unsafe(export_name = #export)]
+        extern "C" fn #wrapper(old: *const u8) {
+            // SAFETY: Evolve calls this once, at a safe point, with the address of the running
+            // program's instance of the static in its old layout (`&OldType`), which stays
+            // valid; the new value is written over the patch's own instance, whose type has
+            // interior mutability (required by #[evolve::transfer]), so no shared reference to
+            // it is invalidated by the write.
+            unsafe {
+                let old = &*(old as *const #old_type);
+                let new = #name(old);
+                let slot = ::core::ptr::addr_of!(#target) as *mut _;
+                ::core::ptr::drop_in_place(slot);
+                ::core::ptr::write(slot, new);
+            }
+        }
     })
 }
 
@@ -285,35 +357,39 @@ fn forwarding(sig: &Signature) -> (Vec<TokenStream2>, Vec<TokenStream2>) {
     (params, args)
 }
 
-/// The stub, its declaration and the table entry (module-level items).
+/// The stub and the table entry (module-level items).
+///
+/// The stub is a naked function (so callers reach it with an ordinary direct call, exactly like
+/// any function of its crate) whose body is an aligned 5-byte `jmp rel32` to the implementation,
+/// spelled as bytes so that the assembler cannot shorten it, plus an exported alias label
+/// `__evolve_stub_{id}` by which patches find it. Stubs share the section `.text.evolve_stubs`,
+/// padded to 8 bytes each, so they lie together on few pages and each inside one aligned word
+/// (the engine retargets them with one atomic store). Stub and implementation use the
+/// `C-unwind` ABI (naked functions cannot use the Rust ABI on stable); both are compiled by rustc
+/// from the same signature, so they agree, and panics unwind through them.
 fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
     let stub = format_ident!("__evolve_stub_{}", p.id);
     let stub_name = stub.to_string();
     let entry = format_ident!("__EVOLVE_HOT_ENTRY_{}", p.id.to_uppercase());
     let (param_types, output) = (&p.param_types, &p.output);
     let (id, fingerprint, display) = (&p.id, p.fingerprint, &p.display);
-    let section = format!(".text.{stub_name}");
     quote! {
-        // The stub: an aligned `jmp rel32` to the implementation, spelled as bytes so that the
-        // assembler cannot shorten it; the patch site an update retargets.
-        ::core::arch::global_asm!(
-            concat!(".pushsection ", #section, ",\"ax\",@progbits"),
-            ".p2align 4",
-            concat!(".globl ", #stub_name),
-            concat!(".type ", #stub_name, ",@function"),
-            concat!(#stub_name, ":"),
-            ".byte 0xe9",
-            ".long {implementation} - . - 4",
-            concat!(".size ", #stub_name, ", 5"),
-            ".popsection",
-            implementation = sym #implementation,
-        );
-
-        #[allow(unsafe_code, improper_ctypes)]
-        // SAFETY: the stub above is a complete function: it jumps to an implementation with
-        // exactly this signature (or, after an update, to one whose fingerprint matches).
-        unsafe extern "Rust" {
-            safe fn #stub(#(_: #param_types),*) #output;
+        #[doc(hidden)]
+        #[unsafe(naked)]
+        #[allow(improper_ctypes_definitions, unsafe_code)]
+        #[unsafe(link_section = ".text.evolve_stubs")]
+        extern "C-unwind" fn #stub(#(_: #param_types),*) #output {
+            ::core::arch::naked_asm!(
+                ".balign 8, 0xcc",
+                concat!(".globl ", #stub_name),
+                concat!(".type ", #stub_name, ",@function"),
+                concat!(#stub_name, ":"),
+                ".byte 0xe9",
+                ".long {implementation} - . - 4",
+                concat!(".size ", #stub_name, ", 5"),
+                ".balign 8, 0xcc",
+                implementation = sym #implementation,
+            )
         }
 
         #[allow(unsafe_code)]
@@ -340,7 +416,7 @@ fn impl_attrs(p: &Prepared) -> TokenStream2 {
     let export = format!("__evolve_impl_{}_{:016x}", p.id, p.fingerprint);
     quote! {
         #[doc(hidden)]
-        #[allow(unsafe_code)]
+        #[allow(unsafe_code, improper_ctypes_definitions)]
         #[unsafe(export_name = #export)]
         #[inline(never)]
     }
@@ -359,6 +435,7 @@ fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
     } = f;
     let mut impl_sig = sig.clone();
     impl_sig.ident = implementation.clone();
+    impl_sig.abi = Some(syn::parse_quote!(extern "C-unwind"));
     let (name, generics, output) = (&sig.ident, &sig.generics, &sig.output);
     let impl_attrs = impl_attrs(&p);
     let module = module_items(&p, quote!(#implementation));
@@ -412,6 +489,7 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
         } = method;
         let mut impl_sig = sig.clone();
         impl_sig.ident = implementation.clone();
+        impl_sig.abi = Some(syn::parse_quote!(extern "C-unwind"));
         let (name, generics, output) = (&sig.ident, &sig.generics, &sig.output);
         let impl_attrs = impl_attrs(&p);
         items.push(syn::parse_quote! {

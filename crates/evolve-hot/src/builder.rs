@@ -210,6 +210,7 @@ fn library_symbols(needed: &[String]) -> HashSet<String> {
 struct ObjectInfo {
     functions: Vec<FunctionEntry>,
     adaptors: Vec<FunctionEntry>,
+    transfers: Vec<String>,
     undefined: Vec<String>,
     statics: Vec<(String, u64)>,
 }
@@ -231,6 +232,7 @@ fn read_object(path: &Path) -> Result<ObjectInfo> {
     let mut info = ObjectInfo {
         functions: Vec::new(),
         adaptors: Vec::new(),
+        transfers: Vec::new(),
         undefined: Vec::new(),
         statics: Vec::new(),
     };
@@ -248,6 +250,8 @@ fn read_object(path: &Path) -> Result<ObjectInfo> {
             info.functions.extend(split_fingerprint(rest));
         } else if let Some(rest) = name.strip_prefix("__evolve_adaptor_") {
             info.adaptors.extend(split_fingerprint(rest));
+        } else if name.starts_with("__evolve_transfer_") {
+            info.transfers.push(name.to_string());
         } else if symbol.kind() == SymbolKind::Data && symbol.is_global() {
             info.statics.push((name.to_string(), symbol.size()));
         }
@@ -371,6 +375,7 @@ fn build_in(
             let (running_name, running) = *by_path.get(&path_without_hash(name))?;
             (running_name != name || running != *size).then(|| ChangedStatic {
                 symbol: path_without_hash(name),
+                running_symbol: running_name.clone(),
                 running,
                 patch: *size,
             })
@@ -378,8 +383,10 @@ fn build_in(
         .collect();
     // The patch still builds (the operator sees why it will be refused, and a later Evolve
     // with a transfer function for it can apply it); apply refuses it.
+    let krate = options.package.replace('-', "_");
     let warnings: Vec<String> = changed_statics
         .iter()
+        .filter(|c| !object.transfers.contains(&c.transfer_symbol(&krate)))
         .map(|c| {
             Error::new(ErrorKind::StaticLayoutChanged {
                 symbol: c.symbol.clone(),
@@ -398,6 +405,7 @@ fn build_in(
         functions: object.functions,
         adaptors: object.adaptors,
         changed_statics,
+        transfers: object.transfers,
     };
     let json = serde_json::to_string(&manifest).expect("manifest serializes");
     let manifest_c = scratch.join("manifest.c");

@@ -36,7 +36,7 @@ pub mod safepoint;
 mod trial;
 
 pub use error::{Error, ErrorKind, Result};
-pub use evolve_hot_macros::{adaptor, hot};
+pub use evolve_hot_macros::{adaptor, hot, transfer};
 pub use safepoint::safe_point;
 
 #[doc(hidden)]

@@ -30,13 +30,19 @@ pub struct Manifest {
     /// Statics of the patched crates whose size differs from the program's.
     #[serde(default)]
     pub changed_statics: Vec<ChangedStatic>,
+    /// State-transfer functions (`#[evolve::transfer]`), by exported symbol.
+    #[serde(default)]
+    pub transfers: Vec<String>,
 }
 
 /// A static whose size differs between the program and the patch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChangedStatic {
-    /// Its symbol.
+    /// Its path (`crate::module::NAME`).
     pub symbol: String,
+    /// Its symbol in the program.
+    #[serde(default)]
+    pub running_symbol: String,
     /// Its size in the program.
     pub running: u64,
     /// Its size in the patch.
@@ -56,6 +62,14 @@ impl FunctionEntry {
     /// The fingerprint as a number, if it is well-formed.
     pub fn fingerprint_value(&self) -> Option<u64> {
         u64::from_str_radix(&self.fingerprint, 16).ok()
+    }
+}
+
+impl ChangedStatic {
+    /// The transfer symbol `#[evolve::transfer]` exports for this static, given its crate.
+    pub fn transfer_symbol(&self, krate: &str) -> String {
+        let name = self.symbol.rsplit("::").next().unwrap_or(&self.symbol);
+        format!("__evolve_transfer_{krate}__{name}")
     }
 }
 

@@ -103,6 +103,10 @@ fn bad_patches_are_refused_by_cause_and_the_process_keeps_serving() {
             "    CALLS.fetch_add(1, Ordering::Relaxed);",
             "    CALLS[0].fetch_add(1, Ordering::Relaxed);",
         ),
+        (
+            "    CALLS.load(Ordering::Relaxed)\n}",
+            "    CALLS[0].load(Ordering::Relaxed)\n}",
+        ),
     ]);
     let layout = fixture.build_patch(&host, "layout").unwrap();
     assert!(
@@ -170,4 +174,44 @@ fn a_changed_signature_with_an_adaptor_is_applied_and_old_callers_reach_the_new_
     assert_eq!(stats["errors"], 0, "{stats}");
     assert_eq!(host.send("revert")["ok"], true);
     assert_eq!(host.send("probe")["compute"], 20);
+}
+
+#[test]
+fn a_static_whose_type_changed_is_converted_by_its_transfer_function() {
+    let fixture = Fixture::new("transfer");
+    let mut host = fixture.start();
+    let before = host.stats_after(200)["calls_fn"].as_u64().unwrap();
+    assert!(before > 0);
+    fixture.edit(&[
+        (
+            "pub static CALLS: AtomicU64 = AtomicU64::new(0);",
+            "pub static CALLS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];\n\n\
+             /// v1 counted in one word; v2 keeps the old count and counts anew in the second.\n\
+             #[evolve::transfer(CALLS)]\n\
+             fn calls_from_v1(old: &AtomicU64) -> [AtomicU64; 2] {\n    \
+             [AtomicU64::new(old.load(Ordering::Relaxed)), AtomicU64::new(0)]\n}",
+        ),
+        (
+            "    CALLS.fetch_add(1, Ordering::Relaxed);",
+            "    CALLS[1].fetch_add(1, Ordering::Relaxed);",
+        ),
+        (
+            "    CALLS.load(Ordering::Relaxed)\n}",
+            "    CALLS[0].load(Ordering::Relaxed) + CALLS[1].load(Ordering::Relaxed)\n}",
+        ),
+        ("1 // v1", "2 // v2"),
+    ]);
+    let patch = fixture.build_patch(&host, "transfer").unwrap();
+    assert!(patch.warnings.is_empty(), "{:?}", patch.warnings);
+    assert_eq!(patch.manifest.transfers.len(), 1);
+    let answer = host.send(&format!("apply {}", patch.output.display()));
+    assert_eq!(answer["ok"], true, "{answer}");
+    let after = host.stats_after(200);
+    assert_eq!(after["version"], 2);
+    assert_eq!(after["errors"], 0, "{after}");
+    // The count carried over into the new layout and kept growing: not restarted from zero.
+    let carried = after["calls_fn"].as_u64().unwrap();
+    assert!(carried > before, "{before} -> {carried}");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(host.send("stats")["calls_fn"].as_u64().unwrap() > carried);
 }

@@ -28,7 +28,7 @@ fn updates_run_with_every_registered_thread_held_and_time_out_naming_blockers() 
             })
         })
         .collect();
-    while snapshot(&counters).iter().any(|&n| n == 0) {
+    while snapshot(&counters).contains(&0) {
         std::thread::yield_now();
     }
 

@@ -119,6 +119,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> Result<TokenStream> {
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]
         #vis const #domain_ident: &[u64] = #domain_expr;
+
+        const _: () = {
+            #[::evolve::multiverse::__private::linkme::distributed_slice(::evolve::multiverse::__private::SWITCHES)]
+            #[linkme(crate = ::evolve::multiverse::__private::linkme)]
+            static ENTRY: &'static dyn ::evolve::multiverse::AnySwitch = &#ident;
+        };
     })
 }
 

@@ -125,6 +125,19 @@ fn find(address: usize) -> Result<&'static dyn Function, Error> {
         .ok_or(Error::NotMultiversed { address })
 }
 
+/// Commits only the functions that read the switch `switch` (any [`AnySwitch`], e.g. one found
+/// by name with [`crate::switch_named`]).
+pub fn commit_refs_dyn(switch: &dyn AnySwitch) -> Result<CommitReport, Error> {
+    let id = switch.id();
+    run(|f| f.uses(id), true)
+}
+
+/// Reverts only the functions that read `switch`.
+pub fn revert_refs_dyn(switch: &dyn AnySwitch) -> Result<CommitReport, Error> {
+    let id = switch.id();
+    run(|f| f.uses(id), false)
+}
+
 /// Commits one function (`f` as named in the program: its entry).
 ///
 /// # Errors
@@ -152,4 +165,24 @@ pub fn is_committed<F: FnPtr>(f: F) -> bool {
 /// The names of every multiversed function of the program.
 pub fn functions() -> Vec<&'static str> {
     FUNCTIONS.iter().map(|f| f.name()).collect()
+}
+
+/// A multiversed function and what it runs now, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionState {
+    /// Its name.
+    pub name: &'static str,
+    /// Whether a variant (not the generic code) is installed.
+    pub committed: bool,
+}
+
+/// Every multiversed function of the program with whether it is committed.
+pub fn function_states() -> Vec<FunctionState> {
+    FUNCTIONS
+        .iter()
+        .map(|f| FunctionState {
+            name: f.name(),
+            committed: f.is_committed(),
+        })
+        .collect()
 }

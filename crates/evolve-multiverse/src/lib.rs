@@ -52,11 +52,11 @@ mod registry;
 mod switch;
 
 pub use commit::{
-    commit, commit_fn, commit_refs, functions, is_committed, revert, revert_fn, revert_refs,
-    CommitReport, Unmatched,
+    commit, commit_fn, commit_refs, commit_refs_dyn, function_states, functions, is_committed,
+    revert, revert_fn, revert_refs, revert_refs_dyn, CommitReport, FunctionState, Unmatched,
 };
 pub use registry::Multiversed;
-pub use switch::{AnySwitch, Switch, SwitchValue};
+pub use switch::{switch_named, switches, AnySwitch, Switch, SwitchValue};
 
 /// The most variants (slots of the cross product) a function may have.
 pub const MAX_VARIANTS: usize = 64;
@@ -109,6 +109,7 @@ impl std::error::Error for Error {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::{Function, FUNCTIONS};
+    pub use crate::switch::SWITCHES;
     pub use linkme;
 
     use crate::switch::{Switch, SwitchValue};

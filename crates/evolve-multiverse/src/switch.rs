@@ -115,6 +115,11 @@ pub trait AnySwitch: Sync {
     fn raw(&self) -> u64;
     /// The switch's identity (its address).
     fn id(&self) -> usize;
+    /// The declared domain, in raw form.
+    fn domain(&self) -> &'static [u64];
+    /// Changes the value, in raw form (as [`Switch::set`]; code keeps its binding until the
+    /// next commit).
+    fn set_raw(&self, raw: u64);
 }
 
 impl<T: SwitchValue> AnySwitch for Switch<T> {
@@ -126,5 +131,29 @@ impl<T: SwitchValue> AnySwitch for Switch<T> {
     }
     fn id(&self) -> usize {
         self as *const Switch<T> as usize
+    }
+    fn domain(&self) -> &'static [u64] {
+        self.domain
+    }
+    fn set_raw(&self, raw: u64) {
+        self.raw.store(raw, Ordering::Relaxed);
+    }
+}
+
+/// Every switch of the program (each `#[evolve::switch]` adds one; nothing runs at start-up).
+#[linkme::distributed_slice]
+pub static SWITCHES: [&'static dyn AnySwitch];
+
+/// Every switch of the program, in link order (for control tools: `evolve switch`).
+pub fn switches() -> Vec<&'static dyn AnySwitch> {
+    SWITCHES.iter().copied().collect()
+}
+
+/// The switch declared with `name`, if there is exactly one.
+pub fn switch_named(name: &str) -> Option<&'static dyn AnySwitch> {
+    let mut found = SWITCHES.iter().copied().filter(|s| s.name() == name);
+    match (found.next(), found.next()) {
+        (Some(s), None) => Some(s),
+        _ => None,
     }
 }

@@ -40,8 +40,11 @@
 /// ```
 pub mod hot_update_example {}
 
+/// The in-process control agent the `evolve` CLI talks to: `let _agent = evolve::agent::start()?;`
+/// in `main` (see [`evolve_agent`]).
+pub use evolve_agent as agent;
 pub use evolve_code as code;
 pub use evolve_hot as hot;
-pub use evolve_hot::{adaptor, hot, safe_point};
+pub use evolve_hot::{adaptor, hot, safe_point, transfer};
 pub use evolve_macros::{multiverse, switch, SwitchValue};
 pub use evolve_multiverse as multiverse;

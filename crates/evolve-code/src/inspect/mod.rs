@@ -41,6 +41,23 @@ static EXECUTABLE_BRANCHES: OnceLock<BranchIndex> = OnceLock::new();
 /// Parsed libraries that have a build id, from the last [`images`] call.
 static LIBRARIES: Mutex<Vec<Image>> = Mutex::new(Vec::new());
 
+/// The executable ranges of the loaded object whose loader name is `path`, from the loader's
+/// program headers alone (no symbols parsed): cheap enough to call after every `dlopen`.
+pub(crate) fn loaded_exec_ranges(path: &std::path::Path) -> Option<Vec<std::ops::Range<usize>>> {
+    let wanted = std::fs::canonicalize(path).ok()?;
+    loaded::snapshot().into_iter().find_map(|object| {
+        let name = std::path::PathBuf::from(String::from_utf8_lossy(&object.name).into_owned());
+        (std::fs::canonicalize(&name).ok()? == wanted).then(|| {
+            object
+                .segments
+                .iter()
+                .filter(|s| s.is_exec())
+                .map(|s| s.range.clone())
+                .collect()
+        })
+    })
+}
+
 /// Every loaded image: the main executable first, then the shared libraries (and the vdso) in
 /// the loader's order.
 ///

@@ -1,0 +1,411 @@
+//! Serving one request: parse the line, ask the capability, journal changes, build the reply.
+//!
+//! Parsing is strict and total: every line yields exactly one reply, and nothing a client sends
+//! can panic the agent (the capability calls run under `catch_unwind` as a last resort).
+
+use crate::journal::{Client, Journal};
+use crate::protocol::*;
+use evolve_hot::patch::{ApplyOptions, Revert};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// What the agent knows about itself, for `hello`.
+pub struct Context {
+    /// The journal.
+    pub journal: Journal,
+    /// When the agent started.
+    pub started: Instant,
+}
+
+type Outcome = Result<Value, (ErrorKind, String)>;
+
+fn failed(e: impl std::fmt::Display) -> (ErrorKind, String) {
+    (ErrorKind::Failed, e.to_string())
+}
+
+fn to_value<T: serde::Serialize>(t: &T) -> Value {
+    serde_json::to_value(t).expect("results serialize")
+}
+
+/// Parses a request line (without its newline) into its id and request.
+pub fn parse(line: &[u8]) -> Result<(Value, Request), (Value, ErrorKind, String)> {
+    let text = std::str::from_utf8(line)
+        .map_err(|e| (Value::Null, ErrorKind::Malformed, format!("not UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| (Value::Null, ErrorKind::Malformed, format!("not JSON: {e}")))?;
+    let Value::Object(mut object) = value else {
+        return Err((
+            Value::Null,
+            ErrorKind::Malformed,
+            "a request is a JSON object".into(),
+        ));
+    };
+    let id = object.remove("id").unwrap_or(Value::Null);
+    match object.remove("v") {
+        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(VERSION)) => {}
+        Some(other) => {
+            return Err((
+                id,
+                ErrorKind::UnsupportedVersion,
+                format!("protocol version {other} (this agent speaks {VERSION})"),
+            ))
+        }
+        None => {
+            return Err((
+                id,
+                ErrorKind::UnsupportedVersion,
+                format!("no protocol version \"v\" (this agent speaks {VERSION})"),
+            ))
+        }
+    }
+    match object.get("op") {
+        Some(Value::String(op)) if Request::OPS.contains(&op.as_str()) => {}
+        Some(op) => {
+            return Err((
+                id,
+                ErrorKind::UnknownRequest,
+                format!("unknown op {op} (known: {})", Request::OPS.join(", ")),
+            ))
+        }
+        None => return Err((id, ErrorKind::UnknownRequest, "no \"op\"".into())),
+    }
+    match serde_json::from_value::<Request>(Value::Object(object)) {
+        Ok(request) => Ok((id, request)),
+        Err(e) => Err((id, ErrorKind::BadRequest, e.to_string())),
+    }
+}
+
+/// Serves a parsed request from `client`.
+pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
+    match request {
+        Request::Hello => Ok(to_value(&hello(context))),
+        Request::Status => Ok(to_value(&status(context))),
+        Request::Functions => Ok(to_value(&functions())),
+        Request::History => Ok(to_value(&History {
+            entries: context.journal.entries(),
+            file: context.journal.path().map(|p| p.display().to_string()),
+        })),
+        Request::Gc => {
+            let message = "reclamation not available: this build of Evolve keeps every patch \
+                           loaded (nothing was unloaded)";
+            context
+                .journal
+                .record(client, "gc", String::new(), Err(message.into()));
+            Err((ErrorKind::Unavailable, message.into()))
+        }
+        Request::Apply {
+            path,
+            atomic,
+            trial_ms,
+            safe_point_timeout_ms,
+        } => {
+            let target = format!(
+                "{path}{}{}",
+                if atomic { " --atomic" } else { "" },
+                trial_ms.map_or_else(String::new, |t| format!(" --trial {t}ms"))
+            );
+            let result = apply(&path, atomic, trial_ms, safe_point_timeout_ms);
+            context.journal.record(
+                client,
+                "apply",
+                target,
+                result
+                    .as_ref()
+                    .map(|a| format!("patch {} updated [{}]", a.patch, a.updated.join(", ")))
+                    .map_err(|e| e.1.clone()),
+            );
+            result.map(|a| to_value(&a))
+        }
+        Request::Revert { target, version } => {
+            let shown = match (&target, version) {
+                (None, _) => "(last patch)".to_string(),
+                (Some(t), None) => t.clone(),
+                (Some(t), Some(v)) => format!("{t} to version {v}"),
+            };
+            let result = revert(target, version);
+            context.journal.record(
+                client,
+                "revert",
+                shown,
+                result
+                    .as_ref()
+                    .map(|r| format!("{}: changed [{}]", r.what, r.changed.join(", ")))
+                    .map_err(|e| e.1.clone()),
+            );
+            result.map(|r| to_value(&r))
+        }
+        Request::SwitchSet { name, value } => {
+            let result = switch_set(&name, &value);
+            context.journal.record(
+                client,
+                "switch_set",
+                format!("{name}={value}"),
+                result
+                    .as_ref()
+                    .map(|s| format!("{} = {}", s.name, s.value))
+                    .map_err(|e| e.1.clone()),
+            );
+            result.map(|s| to_value(&s))
+        }
+        Request::Commit { switch } => {
+            let result = commit(switch.as_deref(), true);
+            journal_commit(context, client, "commit", switch, &result);
+            result.map(|c| to_value(&c))
+        }
+        Request::RevertSwitches { switch } => {
+            let result = commit(switch.as_deref(), false);
+            journal_commit(context, client, "revert_switches", switch, &result);
+            result.map(|c| to_value(&c))
+        }
+    }
+}
+
+fn journal_commit(
+    context: &Context,
+    client: Client,
+    op: &str,
+    switch: Option<String>,
+    result: &Result<Committed, (ErrorKind, String)>,
+) {
+    context.journal.record(
+        client,
+        op,
+        switch.unwrap_or_else(|| "(all)".into()),
+        result
+            .as_ref()
+            .map(|c| format!("changed [{}]", c.changed.join(", ")))
+            .map_err(|e| e.1.clone()),
+    );
+}
+
+fn hello(context: &Context) -> Hello {
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    Hello {
+        pid: std::process::id(),
+        program,
+        protocol: VERSION,
+        agent: env!("CARGO_PKG_VERSION").to_string(),
+        uid: rustix::process::geteuid().as_raw(),
+        uptime_s: context.started.elapsed().as_secs(),
+    }
+}
+
+fn functions() -> Functions {
+    Functions {
+        hot: evolve_hot::patch::functions()
+            .into_iter()
+            .map(|f| HotFunction {
+                name: f.name,
+                versions: f.versions,
+                current: f.current,
+            })
+            .collect(),
+        multiverse: evolve_multiverse::function_states()
+            .into_iter()
+            .map(|f| MultiverseFunction {
+                name: f.name.to_string(),
+                committed: f.committed,
+            })
+            .collect(),
+        // No counting capability yet (probes will provide it).
+        call_counts: None,
+    }
+}
+
+fn switches() -> Vec<SwitchInfo> {
+    let mut switches: Vec<SwitchInfo> = evolve_multiverse::switches()
+        .into_iter()
+        .map(|s| SwitchInfo {
+            name: s.name().to_string(),
+            value: s.raw(),
+            domain: s.domain().to_vec(),
+        })
+        .collect();
+    // Link order is arbitrary: show them by name.
+    switches.sort_by(|a, b| a.name.cmp(&b.name));
+    switches
+}
+
+fn status(context: &Context) -> Status {
+    Status {
+        hello: hello(context),
+        functions: functions(),
+        patches: evolve_hot::patch::history()
+            .into_iter()
+            .map(|p| PatchInfo {
+                name: p.name,
+                path: p.path.display().to_string(),
+                applied_at: p.applied_at,
+                reverted_at: p.reverted_at,
+                functions: p.functions,
+            })
+            .collect(),
+        reclamation: Reclamation {
+            available: false,
+            pending: Vec::new(),
+            note: "reclamation not available: every applied patch stays loaded".into(),
+        },
+        switches: switches(),
+        journal_entries: context.journal.entries().len(),
+    }
+}
+
+fn apply(
+    path: &str,
+    atomic: bool,
+    trial_ms: Option<u64>,
+    safe_point_timeout_ms: Option<u64>,
+) -> Result<Applied, (ErrorKind, String)> {
+    if !std::path::Path::new(path).is_absolute() {
+        return Err((
+            ErrorKind::BadRequest,
+            format!("patch path {path:?} is relative: the agent needs an absolute path"),
+        ));
+    }
+    let mut options = ApplyOptions {
+        atomic,
+        trial: trial_ms.map(Duration::from_millis),
+        ..ApplyOptions::default()
+    };
+    if let Some(t) = safe_point_timeout_ms {
+        options.safe_point_timeout = Duration::from_millis(t);
+    }
+    let report = evolve_hot::patch::apply_with(path, &options).map_err(failed)?;
+    Ok(Applied {
+        patch: report.patch,
+        updated: report.updated,
+        added: report.added,
+        adapted: report.adapted,
+        atomic,
+        trial_ms,
+        total_ms: report.total_ms,
+    })
+}
+
+fn revert(target: Option<String>, version: Option<usize>) -> Result<Reverted, (ErrorKind, String)> {
+    let Some(target) = target else {
+        let changed = evolve_hot::patch::revert(Revert::Last).map_err(failed)?;
+        return Ok(Reverted {
+            what: "last patch".into(),
+            changed,
+        });
+    };
+    let is_patch = evolve_hot::patch::history()
+        .iter()
+        .any(|p| p.name == target && p.reverted_at.is_none());
+    if is_patch && version.is_none() {
+        let changed = evolve_hot::patch::revert(Revert::Patch(target.clone())).map_err(failed)?;
+        return Ok(Reverted {
+            what: format!("patch {target}"),
+            changed,
+        });
+    }
+    let function = evolve_hot::patch::functions()
+        .into_iter()
+        .find(|f| f.name == target || f.name.ends_with(&format!("::{target}")));
+    let Some(function) = function else {
+        return Err((
+            ErrorKind::Failed,
+            format!("{target:?} is neither an active patch nor a hot function of this process"),
+        ));
+    };
+    let version = match version {
+        Some(v) => v,
+        None if function.current == 0 => {
+            return Err((
+                ErrorKind::Failed,
+                format!(
+                    "{} runs the program's own version: nothing to revert",
+                    function.name
+                ),
+            ))
+        }
+        None => function.current - 1,
+    };
+    let changed = evolve_hot::patch::revert(Revert::Function {
+        name: function.name.clone(),
+        version,
+    })
+    .map_err(failed)?;
+    Ok(Reverted {
+        what: format!("function {} to version {version}", function.name),
+        changed,
+    })
+}
+
+/// Parses a switch value: `true`, `false`, or an integer (negative ones in raw form).
+fn parse_value(text: &str) -> Option<u64> {
+    match text {
+        "true" => Some(1),
+        "false" => Some(0),
+        _ => text
+            .parse::<u64>()
+            .ok()
+            .or_else(|| text.parse::<i64>().ok().map(|v| v as u64)),
+    }
+}
+
+fn switch_set(name: &str, value: &str) -> Result<SwitchInfo, (ErrorKind, String)> {
+    let switch = find_switch(name)?;
+    let raw = parse_value(value).ok_or_else(|| {
+        (
+            ErrorKind::BadRequest,
+            format!("switch value {value:?}: expected true, false or an integer"),
+        )
+    })?;
+    if !switch.domain().contains(&raw) {
+        return Err((
+            ErrorKind::Failed,
+            format!(
+                "{value} is not in the domain of switch {name} {:?}: refused",
+                switch.domain()
+            ),
+        ));
+    }
+    switch.set_raw(raw);
+    Ok(SwitchInfo {
+        name: switch.name().to_string(),
+        value: switch.raw(),
+        domain: switch.domain().to_vec(),
+    })
+}
+
+fn find_switch(
+    name: &str,
+) -> Result<&'static dyn evolve_multiverse::AnySwitch, (ErrorKind, String)> {
+    evolve_multiverse::switch_named(name).ok_or_else(|| {
+        let known: Vec<&str> = evolve_multiverse::switches()
+            .iter()
+            .map(|s| s.name())
+            .collect();
+        (
+            ErrorKind::Failed,
+            format!(
+                "no switch named {name:?} (or several) in this process; switches: [{}]",
+                known.join(", ")
+            ),
+        )
+    })
+}
+
+fn commit(switch: Option<&str>, commit: bool) -> Result<Committed, (ErrorKind, String)> {
+    let report = match (switch, commit) {
+        (None, true) => evolve_multiverse::commit(),
+        (None, false) => evolve_multiverse::revert(),
+        (Some(name), true) => evolve_multiverse::commit_refs_dyn(find_switch(name)?),
+        (Some(name), false) => evolve_multiverse::revert_refs_dyn(find_switch(name)?),
+    }
+    .map_err(failed)?;
+    Ok(Committed {
+        changed: report.changed.iter().map(|s| s.to_string()).collect(),
+        unmatched: report
+            .unmatched
+            .iter()
+            .map(|u| format!("{}: {}={}", u.function, u.switch, u.value))
+            .collect(),
+        sites: report.batch.changed,
+    })
+}

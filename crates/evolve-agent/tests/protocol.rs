@@ -1,0 +1,151 @@
+//! The agent in this test process, driven over its socket with raw lines: every bad request
+//! gets an error reply and the agent keeps serving.
+
+use evolve_agent::client::Connection;
+use evolve_agent::protocol::{ErrorKind, Request, MAX_LINE};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+
+fn agent(name: &str) -> evolve_agent::Agent {
+    let dir = std::env::temp_dir().join(format!("evolve-agent-test-{}-{name}", std::process::id()));
+    evolve_agent::start_in(dir).expect("agent starts")
+}
+
+fn kind(reply: &evolve_agent::protocol::Reply) -> ErrorKind {
+    assert!(!reply.ok, "{reply:?}");
+    reply.error.as_ref().unwrap().kind
+}
+
+#[test]
+fn socket_is_private_and_removed_when_the_agent_stops() {
+    let agent = agent("private");
+    let socket = agent.socket().to_path_buf();
+    assert_eq!(
+        socket.file_name().unwrap().to_str().unwrap(),
+        format!("{}.sock", std::process::id())
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let dir_mode = std::fs::metadata(socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    let mut c = Connection::connect(&socket).unwrap();
+    let hello = c.call(&Request::Hello, T).unwrap();
+    assert_eq!(hello["pid"], std::process::id());
+    assert_eq!(hello["protocol"], 1);
+    drop(c);
+    drop(agent);
+    assert!(!socket.exists(), "socket removed on stop");
+}
+
+#[test]
+fn malformed_unknown_and_bad_requests_get_error_replies_and_the_connection_goes_on() {
+    let agent = agent("malformed");
+    let mut c = Connection::connect(agent.socket()).unwrap();
+    let cases = [
+        ("this is not json", ErrorKind::Malformed),
+        ("[1,2,3]", ErrorKind::Malformed),
+        ("{\"v\":1,\"id\":5}", ErrorKind::UnknownRequest),
+        (
+            "{\"v\":1,\"op\":\"launch_missiles\"}",
+            ErrorKind::UnknownRequest,
+        ),
+        ("{\"v\":2,\"op\":\"hello\"}", ErrorKind::UnsupportedVersion),
+        ("{\"op\":\"hello\"}", ErrorKind::UnsupportedVersion),
+        ("{\"v\":1,\"op\":\"apply\"}", ErrorKind::BadRequest),
+        (
+            "{\"v\":1,\"op\":\"apply\",\"path\":7}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"apply\",\"path\":\"relative.so\"}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"apply\",\"path\":\"/etc/hostname\"}",
+            ErrorKind::Failed,
+        ),
+        (
+            "{\"v\":1,\"op\":\"switch_set\",\"name\":\"NOPE\",\"value\":\"1\"}",
+            ErrorKind::Failed,
+        ),
+        ("{\"v\":1,\"op\":\"revert\"}", ErrorKind::Failed),
+        ("{\"v\":1,\"op\":\"gc\"}", ErrorKind::Unavailable),
+    ];
+    for (line, expected) in cases {
+        let reply = c.raw(line, T).unwrap();
+        assert_eq!(kind(&reply), expected, "{line}: {reply:?}");
+    }
+    // The id is echoed even on errors.
+    let reply = c.raw("{\"v\":1,\"id\":\"x7\",\"op\":\"nope\"}", T).unwrap();
+    assert_eq!(reply.id, "x7");
+    // Invalid UTF-8.
+    let mut raw = UnixStream::connect(agent.socket()).unwrap();
+    raw.write_all(b"{\"v\":1,\"op\":\"he\xffllo\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&raw).read_line(&mut line).unwrap();
+    assert!(line.contains("\"malformed\""), "{line}");
+    // And the first connection still works.
+    assert!(c.call(&Request::Status, T).is_ok());
+    // Refused changes are journaled.
+    let history = c.call(&Request::History, T).unwrap();
+    let entries = history["entries"].as_array().unwrap();
+    assert!(entries
+        .iter()
+        .any(|e| e["op"] == "apply" && e["outcome"] == "failed"));
+    assert!(entries.iter().any(|e| e["op"] == "gc"));
+    assert_eq!(entries[0]["uid"], rustix::process::geteuid().as_raw());
+}
+
+#[test]
+fn an_oversized_request_is_refused_and_closes_only_its_connection() {
+    let agent = agent("oversized");
+    let mut raw = UnixStream::connect(agent.socket()).unwrap();
+    raw.set_read_timeout(Some(T)).unwrap();
+    let big = vec![b'a'; MAX_LINE + 10];
+    // The agent answers after MAX_LINE bytes; the rest of the write may fail.
+    let _ = raw.write_all(&big);
+    let mut line = String::new();
+    BufReader::new(&raw).read_line(&mut line).unwrap();
+    assert!(line.contains("\"oversized\""), "{line}");
+    let mut c = Connection::connect(agent.socket()).unwrap();
+    assert!(c.call(&Request::Hello, T).is_ok());
+}
+
+#[test]
+fn a_silent_or_vanishing_client_does_not_stop_the_agent() {
+    let agent = agent("silent");
+    // Many clients that connect and say nothing, and some that vanish mid-line.
+    let idle: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(agent.socket()).unwrap())
+        .collect();
+    for _ in 0..4 {
+        let mut s = UnixStream::connect(agent.socket()).unwrap();
+        s.write_all(b"{\"v\":1,\"op\":").unwrap();
+    }
+    let mut c = Connection::connect(agent.socket()).unwrap();
+    assert!(c.call(&Request::Functions, T).is_ok());
+    drop(idle);
+}
+
+#[test]
+fn a_stale_socket_of_our_pid_is_replaced() {
+    let dir = std::env::temp_dir().join(format!("evolve-agent-test-{}-stale", std::process::id()));
+    let first = evolve_agent::start_in(&dir).unwrap();
+    let path = first.socket().to_path_buf();
+    // Simulate a crash: the file stays, nobody listens.
+    std::mem::forget(first);
+    let found = evolve_agent::paths::list_sockets(&dir);
+    assert_eq!(found.len(), 1);
+    assert!(!found[0].process_gone);
+    let second = evolve_agent::start_in(&dir).unwrap();
+    assert_eq!(second.socket(), path);
+    let mut c = Connection::connect(second.socket()).unwrap();
+    assert!(c.call(&Request::Hello, T).is_ok());
+}

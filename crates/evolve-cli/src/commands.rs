@@ -1,0 +1,445 @@
+//! The commands: each asks the agent (or the patch builder) and prints a human or JSON answer.
+
+use crate::flags::{BuildPatch, Cli, Command, SwitchAction};
+use crate::progress::Progress;
+use crate::resolve;
+use anyhow::{bail, Context as _, Result};
+use evolve_agent::client::Connection;
+use evolve_agent::paths;
+use evolve_agent::protocol::*;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    let socket = cli.socket.as_deref();
+    let call = |pid: u32, request: Request, timeout: Duration| -> Result<Value> {
+        let mut c = resolve::connect(pid, socket)?;
+        c.call(&request, timeout)
+            .with_context(|| format!("{} on process {pid}", request.op()))
+    };
+    match cli.command {
+        Command::Ps { prune } => ps(json, prune),
+        Command::Status(t) => {
+            let status: Status = typed(call(t.pid, Request::Status, TIMEOUT)?)?;
+            print(json, &status, || show_status(&status))
+        }
+        Command::Functions(t) => {
+            let f: Functions = typed(call(t.pid, Request::Functions, TIMEOUT)?)?;
+            print(json, &f, || show_functions(&f))
+        }
+        Command::BuildPatch(options) => build_patch(json, options),
+        Command::Apply {
+            target,
+            patch,
+            trial,
+            atomic,
+            safe_point_timeout,
+        } => {
+            let path = patch
+                .canonicalize()
+                .with_context(|| format!("patch {}", patch.display()))?;
+            let request = Request::Apply {
+                path: path.display().to_string(),
+                atomic,
+                trial_ms: trial.map(|t| t.as_millis() as u64),
+                safe_point_timeout_ms: Some(safe_point_timeout.as_millis() as u64),
+            };
+            let what = if atomic {
+                format!("applying {} (waiting for safe points)", path.display())
+            } else {
+                format!("applying {}", path.display())
+            };
+            let progress = Progress::start(&what);
+            let result = call(target.pid, request, safe_point_timeout + TIMEOUT);
+            drop(progress);
+            let applied: Applied = typed(result?)?;
+            print(json, &applied, || {
+                println!(
+                    "applied {} to process {} in {:.2} ms{}{}",
+                    applied.patch,
+                    target.pid,
+                    applied.total_ms,
+                    if applied.atomic { " (atomically)" } else { "" },
+                    applied
+                        .trial_ms
+                        .map_or_else(String::new, |t| format!(", on trial for {t} ms"))
+                );
+                println!("  updated: {}", list(&applied.updated));
+                if !applied.added.is_empty() {
+                    println!("  added: {}", list(&applied.added));
+                }
+                if !applied.adapted.is_empty() {
+                    println!("  through adaptors: {}", list(&applied.adapted));
+                }
+            })
+        }
+        Command::Revert {
+            target,
+            what,
+            to_version,
+        } => {
+            let r: Reverted = typed(call(
+                target.pid,
+                Request::Revert {
+                    target: what,
+                    version: to_version,
+                },
+                TIMEOUT,
+            )?)?;
+            print(json, &r, || {
+                println!("reverted {}; changed: {}", r.what, list(&r.changed))
+            })
+        }
+        Command::History(t) => {
+            let h: History = typed(call(t.pid, Request::History, TIMEOUT)?)?;
+            print(json, &h, || show_history(&h))
+        }
+        Command::Switch {
+            target,
+            action: SwitchAction::Set { name, value },
+        } => {
+            let s: SwitchInfo = typed(call(
+                target.pid,
+                Request::SwitchSet { name, value },
+                TIMEOUT,
+            )?)?;
+            print(json, &s, || {
+                println!(
+                    "{} = {} (the code follows at the next `evolve commit`)",
+                    s.name, s.value
+                )
+            })
+        }
+        Command::Commit { target, name } => {
+            let c: Committed = typed(call(target.pid, Request::Commit { switch: name }, TIMEOUT)?)?;
+            print(json, &c, || show_committed("committed", &c))
+        }
+        Command::RevertSwitches { target, name } => {
+            let c: Committed = typed(call(
+                target.pid,
+                Request::RevertSwitches { switch: name },
+                TIMEOUT,
+            )?)?;
+            print(json, &c, || show_committed("reverted to generic code", &c))
+        }
+        Command::Gc(t) => {
+            let progress = Progress::start("reclaiming");
+            let result = call(t.pid, Request::Gc, Duration::from_secs(120));
+            drop(progress);
+            let v = result?;
+            print(json, &v, || println!("{v}"))
+        }
+        Command::Top {
+            target,
+            once,
+            interval,
+        } => {
+            let socket = resolve::socket_of(target.pid, socket)?;
+            let mut connection = Connection::connect(&socket)?;
+            crate::top::run(&mut connection, target.pid, once, interval, json)
+        }
+    }
+}
+
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T> {
+    serde_json::from_value(value).context("the agent's reply does not have the expected shape")
+}
+
+fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(value)?);
+    } else {
+        human();
+    }
+    Ok(())
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn ps(json: bool, prune: bool) -> Result<()> {
+    let mut live = Vec::new();
+    let mut stale = Vec::new();
+    for dir in paths::candidate_dirs(None) {
+        for found in paths::list_sockets(&dir) {
+            let hello = if found.process_gone {
+                Err("process gone".to_string())
+            } else {
+                Connection::connect(&found.path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut c| {
+                        c.call(&Request::Hello, Duration::from_secs(3))
+                            .map_err(|e| e.to_string())
+                    })
+            };
+            match hello {
+                Ok(h) => {
+                    let mut h = h;
+                    h["socket"] = found.path.display().to_string().into();
+                    live.push(h);
+                }
+                Err(reason) => {
+                    // A live process whose agent refuses us is not stale.
+                    let is_stale = found.process_gone || reason.contains("Connection refused");
+                    if prune && is_stale {
+                        std::fs::remove_file(&found.path).with_context(|| {
+                            format!("removing stale socket {}", found.path.display())
+                        })?;
+                    }
+                    stale.push(json!({
+                        "pid": found.pid,
+                        "socket": found.path.display().to_string(),
+                        "stale": is_stale,
+                        "reason": reason,
+                        "removed": prune && is_stale,
+                    }));
+                }
+            }
+        }
+    }
+    let out = json!({"processes": live, "unreachable": stale});
+    print(json, &out, || {
+        println!(
+            "{:>8}  {:<24} {:>6} {:>8}  SOCKET",
+            "PID", "PROGRAM", "UID", "UPTIME"
+        );
+        for p in &live {
+            println!(
+                "{:>8}  {:<24} {:>6} {:>7}s  {}",
+                p["pid"],
+                p["program"].as_str().unwrap_or(""),
+                p["uid"],
+                p["uptime_s"],
+                p["socket"].as_str().unwrap_or("")
+            );
+        }
+        for s in &stale {
+            println!(
+                "{:>8}  (unreachable: {}{}) {}",
+                s["pid"],
+                s["reason"].as_str().unwrap_or(""),
+                if s["removed"] == true {
+                    ", removed"
+                } else if s["stale"] == true {
+                    ", stale: `evolve ps --prune` removes it"
+                } else {
+                    ""
+                },
+                s["socket"].as_str().unwrap_or("")
+            );
+        }
+    })
+}
+
+fn show_functions(f: &Functions) {
+    println!("hot functions ({}):", f.hot.len());
+    for h in &f.hot {
+        println!(
+            "  {:<40} v{} {}{}",
+            h.name,
+            h.current,
+            h.versions[h.current],
+            if h.versions.len() > 1 {
+                format!("  (versions: {})", h.versions.join(" → "))
+            } else {
+                String::new()
+            }
+        );
+    }
+    println!("multiverse functions ({}):", f.multiverse.len());
+    for m in &f.multiverse {
+        println!(
+            "  {:<40} {}",
+            m.name,
+            if m.committed {
+                "committed variant"
+            } else {
+                "generic"
+            }
+        );
+    }
+}
+
+fn show_status(s: &Status) {
+    println!(
+        "process {} ({}), uid {}, agent {} (protocol {}), up {} s",
+        s.hello.pid,
+        s.hello.program,
+        s.hello.uid,
+        s.hello.agent,
+        s.hello.protocol,
+        s.hello.uptime_s
+    );
+    let patched = s.functions.hot.iter().filter(|h| h.current > 0).count();
+    println!(
+        "hot functions: {} ({} patched)",
+        s.functions.hot.len(),
+        patched
+    );
+    for h in s.functions.hot.iter().filter(|h| h.current > 0) {
+        println!("  {} at v{} ({})", h.name, h.current, h.versions[h.current]);
+    }
+    println!("patches: {}", s.patches.len());
+    for p in &s.patches {
+        println!(
+            "  {:<20} {} [{}]{}",
+            p.name,
+            p.path,
+            p.functions.join(", "),
+            if p.reverted_at.is_some() {
+                " (reverted)"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "reclamation: {}",
+        if s.reclamation.available {
+            format!("pending [{}]", s.reclamation.pending.join(", "))
+        } else {
+            s.reclamation.note.clone()
+        }
+    );
+    println!("switches: {}", s.switches.len());
+    for sw in &s.switches {
+        println!("  {} = {} (domain {:?})", sw.name, sw.value, sw.domain);
+    }
+    let committed = s
+        .functions
+        .multiverse
+        .iter()
+        .filter(|m| m.committed)
+        .count();
+    println!(
+        "multiverse functions: {} ({} committed)",
+        s.functions.multiverse.len(),
+        committed
+    );
+    println!("journal: {} entries", s.journal_entries);
+}
+
+fn show_history(h: &History) {
+    if h.entries.is_empty() {
+        println!("(no changes yet)");
+    }
+    for e in &h.entries {
+        println!(
+            "{:>4}  {}  uid {:<5} pid {:<7} {:<16} {:<30} {:<6} {}",
+            e.seq,
+            format_time(e.at_ms),
+            e.uid,
+            e.client_pid,
+            e.op,
+            e.target,
+            e.outcome,
+            e.detail
+        );
+    }
+    if let Some(file) = &h.file {
+        println!("(journal file: {file})");
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` UTC.
+fn format_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+fn show_committed(what: &str, c: &Committed) {
+    println!("{what}: {} ({} sites written)", list(&c.changed), c.sites);
+    for u in &c.unmatched {
+        println!("  no variant for {u}: generic code runs");
+    }
+}
+
+fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
+    use evolve_hot::builder::{build_patch, Base, BuildOptions};
+    let base = match (o.base, o.pid) {
+        (Some(path), None) => Base::Path(path),
+        (None, Some(pid)) => {
+            if !Path::new(&format!("/proc/{pid}/exe")).exists() {
+                bail!("no process {pid} (or its binary is not readable)");
+            }
+            Base::Pid(pid)
+        }
+        _ => bail!("give exactly one of --base PATH and --pid PID"),
+    };
+    let output = o
+        .output
+        .unwrap_or_else(|| Path::new("target/evolve").join(format!("{}.so", o.package)));
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let options = BuildOptions {
+        manifest_path: o.manifest_path,
+        package: o.package.clone(),
+        base,
+        output,
+        profile: o.profile,
+        env: Vec::new(),
+    };
+    let progress = Progress::start(&format!("building a patch of {} (cargo)", o.package));
+    let result = build_patch(&options);
+    drop(progress);
+    let report = result.context("building the patch")?;
+    let out = json!({
+        "output": report.output.display().to_string(),
+        "functions": report.manifest.functions.iter().map(|f| f.id.clone()).collect::<Vec<_>>(),
+        "warnings": report.warnings,
+        "compile_seconds": report.compile_seconds,
+    });
+    print(json, &out, || {
+        println!(
+            "built {} ({} hot functions) in {:.1} s",
+            report.output.display(),
+            report.manifest.functions.len(),
+            report.compile_seconds
+        );
+        for w in &report.warnings {
+            println!("  warning: {w}");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_utc_civil() {
+        assert_eq!(super::format_time(0), "1970-01-01 00:00:00.000Z");
+        assert_eq!(
+            super::format_time(1_700_000_000_123),
+            "2023-11-14 22:13:20.123Z"
+        );
+    }
+}

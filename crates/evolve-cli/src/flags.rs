@@ -1,0 +1,196 @@
+//! Phase one: what the user typed, parsed and validated without looking at the world (no
+//! processes, sockets or files are touched here).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Change running programs without restarting them.
+///
+/// Talks to the agent of evolve-enabled processes (a program that called
+/// `evolve::agent::start()`) over its Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "evolve", version, propagate_version = true)]
+pub struct Cli {
+    /// Print machine-readable JSON on stdout (errors too, as {"ok":false,"error":...}).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Talk to the agent on this socket instead of finding it by pid.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List evolve-enabled processes (and stale sockets of dead ones).
+    Ps {
+        /// Remove the sockets of processes that are gone.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Versions, patches, pending reclamation and switch values of a process.
+    Status(Target),
+    /// Hot and multiverse functions of a process with their current versions.
+    Functions(Target),
+    /// Build a thin patch from the edited source of a crate of a running program.
+    BuildPatch(BuildPatch),
+    /// Apply a patch to a running process.
+    Apply {
+        #[command(flatten)]
+        target: Target,
+        /// The patch file (from `evolve build-patch`).
+        patch: PathBuf,
+        /// Revert automatically if the patch's code panics within this time (e.g. 30s, 500ms).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        trial: Option<Duration>,
+        /// Switch all the patch's functions at once, with threads held at safe points.
+        #[arg(long)]
+        atomic: bool,
+        /// How long to wait for threads to reach safe points (with --atomic).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+        safe_point_timeout: Duration,
+    },
+    /// Revert a patch, a function, or (with neither) the last patch.
+    Revert {
+        #[command(flatten)]
+        target: Target,
+        /// A patch name (see `history`/`status`) or a hot function name.
+        what: Option<String>,
+        /// For a function: the version to return to (default: the previous one).
+        #[arg(long, requires = "what")]
+        to_version: Option<usize>,
+    },
+    /// The journal of a process: what was applied, reverted, committed, when, by whom.
+    History(Target),
+    /// Multiverse switches.
+    Switch {
+        #[command(flatten)]
+        target: Target,
+        /// The switch operation.
+        #[command(subcommand)]
+        action: SwitchAction,
+    },
+    /// Commit switches: specialise the code for their current values (one switch, or all).
+    Commit {
+        #[command(flatten)]
+        target: Target,
+        /// The switch whose functions to commit (default: every multiversed function).
+        name: Option<String>,
+    },
+    /// Restore the generic code of multiversed functions (one switch's, or all).
+    RevertSwitches {
+        #[command(flatten)]
+        target: Target,
+        /// The switch whose functions to revert (default: all).
+        name: Option<String>,
+    },
+    /// Reclaim patches that nothing can reach any more.
+    Gc(Target),
+    /// A live view of a process's functions, versions and call counts (q to quit).
+    Top {
+        #[command(flatten)]
+        target: Target,
+        /// Print one frame and exit (no terminal needed).
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "1s")]
+        interval: Duration,
+    },
+}
+
+/// The process a command addresses.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The process id.
+    pub pid: u32,
+}
+
+/// Switch operations.
+#[derive(Debug, Subcommand)]
+pub enum SwitchAction {
+    /// Set a switch's value (the code follows at the next `commit`).
+    Set {
+        /// The switch's declared name.
+        name: String,
+        /// `true`, `false` or an integer in its domain.
+        value: String,
+    },
+}
+
+/// `build-patch` options.
+#[derive(Debug, Args)]
+pub struct BuildPatch {
+    /// The program workspace's Cargo.toml (the one it was built from).
+    #[arg(long, default_value = "Cargo.toml")]
+    pub manifest_path: PathBuf,
+    /// The package whose library holds the changed code.
+    #[arg(long, short)]
+    pub package: String,
+    /// The program's binary.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "pid",
+        required_unless_present = "pid"
+    )]
+    pub base: Option<PathBuf>,
+    /// The running process (its binary through /proc/PID/exe).
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Where to write the patch (default: target/evolve/<package>.so).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// The cargo profile the program was built with.
+    #[arg(long, default_value = "release")]
+    pub profile: String,
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h`, or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "" | "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > 86_400.0 * 365.0 {
+        return Err(format!("{text:?}: out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
