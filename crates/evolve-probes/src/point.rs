@@ -382,7 +382,7 @@ fn attach(
     size: usize,
     kind: ProbeKind,
 ) -> Result<ProbeId> {
-    if !r.points.contains_key(&address) {
+    if let std::collections::hash_map::Entry::Vacant(slot) = r.points.entry(address) {
         let counter = Arc::new(AtomicU64::new(0));
         let slow = Arc::new(AtomicBool::new(false));
         let probes: ProbeList = Arc::default();
@@ -397,15 +397,12 @@ fn attach(
             }),
         };
         let detour = Detour::install(address, size, hooks)?;
-        r.points.insert(
-            address,
-            Point {
-                detour,
-                counter,
-                slow,
-                probes,
-            },
-        );
+        slot.insert(Point {
+            detour,
+            counter,
+            slow,
+            probes,
+        });
     }
     let point = &r.points[&address];
     let mut probes = point.probes.write().unwrap_or_else(|p| p.into_inner());
