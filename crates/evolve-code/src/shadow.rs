@@ -22,7 +22,9 @@
 //! # Unwinding
 //!
 //! The unwinder, stepping out of a probed frame, finds exit stub `d` as the return address. The
-//! stub block has an FDE registered with `__register_frame`: at stub `d` the CFA is `rsp` and
+//! stub block has an FDE registered with `__register_frame`: at stub `d` the CFA is `rsp - 8`
+//! (not `rsp`: a frame of size zero would share its caller's identity and libgcc aborts the
+//! unwind when the handler is in the caller), the caller's `rsp` is `CFA + 8`, and
 //! the return address is `DW_CFA_val_expression: deref(&shadow[d].ret)` — an absolute address,
 //! which is why stub blocks are per thread. So unwinding and backtraces see the real caller.
 //! The CIE names a personality routine: in the cleanup phase of an unwind it pops the frames
@@ -234,7 +236,12 @@ fn eh_frame(stubs: usize, frames: *mut [Frame; DEPTH]) -> Vec<u8> {
     cie.push(0x00); // personality: absptr
     cie.extend((personality as *const () as u64).to_le_bytes());
     cie.push(0x00); // FDE pointers: absptr
-    cie.extend([0x0c, 7, 0]); // DW_CFA_def_cfa rsp, 0
+    // The stub's "frame" has no size: with CFA = rsp it would have the same identity (the
+    // CFA libgcc compares) as its caller's frame, and an unwind whose handler is in the caller
+    // aborts in phase 2 (`gcc_assert (!match_handler)` when it reaches the stub). So the CFA
+    // is `rsp - 8` and the caller's rsp is given explicitly as CFA + 8 (= rsp at the stub).
+    cie.extend([0x12, 7, 1]); // DW_CFA_def_cfa_sf rsp, 1 * -8
+    cie.extend([0x15, 7, 0x7f]); // DW_CFA_val_offset_sf rsp, -1 * -8
     while (cie.len() + 4) % 8 != 0 {
         cie.push(0); // DW_CFA_nop
     }
