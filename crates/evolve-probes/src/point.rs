@@ -192,7 +192,8 @@ struct Probe {
     function: String,
     address: usize,
     counter: Arc<AtomicU64>,
-    base: u64,
+    /// Counter value when attached (set after the probe is visible to the hook, see `attach`).
+    base: AtomicU64,
     /// Counter value when detached.
     end: Mutex<Option<u64>>,
     buckets: Box<[AtomicU64]>,
@@ -238,11 +239,10 @@ impl Probe {
     }
 
     fn reading(&self, attached: bool) -> ProbeReading {
-        let now = self
-            .end
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_else(|| self.counter.load(Ordering::Relaxed));
+        // What the hook recorded is read before the call counter (each call is counted
+        // before its hook runs), so a reading taken while calls run never shows more
+        // hooked calls than `calls`, except the few in flight when the probe was attached.
+        let histogram = buckets_reading(&self.buckets);
         let latency = self.latency.map(|s| {
             let count = s.count.load(Ordering::Relaxed);
             let rate = ns_per_tick();
@@ -257,14 +257,19 @@ impl Probe {
                     .collect(),
             }
         });
+        let now = self
+            .end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|| self.counter.load(Ordering::SeqCst));
         ProbeReading {
             id: self.id,
             function: self.function.clone(),
             address: self.address,
             kind: self.kind.to_string(),
-            calls: now - self.base,
+            calls: now - self.base.load(Ordering::Relaxed),
             latency,
-            histogram: buckets_reading(&self.buckets),
+            histogram,
             hits: self.hits.load(Ordering::Relaxed),
             backtraces: self
                 .backtraces
@@ -321,8 +326,15 @@ fn resolve(pattern: &str) -> Result<Vec<(String, usize, usize)>> {
     let mut out: Vec<(String, usize, usize)> = Vec::new();
     for image in inspect::images()? {
         if glob::is_glob(pattern) {
+            // Every match contains the pattern's longest literal run: a fast substring test
+            // rejects almost every symbol before the glob runs.
+            let literal = pattern
+                .split(['*', '?'])
+                .max_by_key(|l| l.len())
+                .unwrap_or("");
+            let candidate = |name: &str| name.contains(literal) && glob::matches(pattern, name);
             for f in image.functions().filter(|f| f.size > 0) {
-                if glob::matches(pattern, &f.demangled) || glob::matches(pattern, &f.name) {
+                if candidate(&f.demangled) || candidate(&f.name) {
                     out.push((f.demangled.clone(), f.address, f.size));
                 }
             }
@@ -384,7 +396,8 @@ fn attach(
 ) -> Result<ProbeId> {
     if let std::collections::hash_map::Entry::Vacant(slot) = r.points.entry(address) {
         let counter = Arc::new(AtomicU64::new(0));
-        let slow = Arc::new(AtomicBool::new(false));
+        // A new point's first probe: the hook is on before any call can reach the detour.
+        let slow = Arc::new(AtomicBool::new(kind.needs_hook()));
         let probes: ProbeList = Arc::default();
         let list = probes.clone();
         let hooks = DetourHooks {
@@ -429,7 +442,7 @@ fn attach(
         function: name.to_string(),
         address,
         counter: point.counter.clone(),
-        base: point.counter.load(Ordering::Relaxed),
+        base: AtomicU64::new(0),
         end: Mutex::new(None),
         buckets: new_buckets(),
         hits: AtomicU64::new(0),
@@ -439,8 +452,15 @@ fn attach(
     });
     probes.push(probe.clone());
     if kind.needs_hook() {
-        point.slow.store(true, Ordering::Release);
+        point.slow.store(true, Ordering::SeqCst);
     }
+    // The trampoline's `lock inc` of the counter is a full barrier before it loads `slow`, and
+    // so are these two SeqCst accesses: a call whose increment `base` misses sees `slow` set,
+    // and runs the hook, which sees this probe once the list's write lock is released. So
+    // every call counted in `calls` reaches the probe's hook.
+    probe
+        .base
+        .store(point.counter.load(Ordering::SeqCst), Ordering::Relaxed);
     drop(probes);
     r.probes.insert(id, (probe, true));
     Ok(id)
