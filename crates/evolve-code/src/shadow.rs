@@ -236,6 +236,7 @@ fn eh_frame(stubs: usize, frames: *mut [Frame; DEPTH]) -> Vec<u8> {
     cie.push(0x00); // personality: absptr
     cie.extend((personality as *const () as u64).to_le_bytes());
     cie.push(0x00); // FDE pointers: absptr
+
     // The stub's "frame" has no size: with CFA = rsp it would have the same identity (the
     // CFA libgcc compares) as its caller's frame, and an unwind whose handler is in the caller
     // aborts in phase 2 (`gcc_assert (!match_handler)` when it reaches the stub). So the CFA
