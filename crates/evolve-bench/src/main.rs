@@ -11,6 +11,7 @@ mod multiverse_commit;
 mod multiverse_lock_elision;
 mod multiverse_spinlock;
 mod patch_sites;
+mod probe_overhead;
 mod stats;
 mod thread_create;
 
@@ -50,6 +51,9 @@ enum Scenario {
     ThreadCreate(thread_create::Args),
     /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
     ApplyLatency(apply_latency::Args),
+    /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
+    /// function, against the same function unprobed.
+    ProbeOverhead(probe_overhead::Args),
 }
 
 /// The arguments a scenario parses itself (`--json` is accepted and implied).
@@ -77,6 +81,7 @@ fn main() {
         Scenario::CallOverhead(args) => call_overhead::run(args),
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),
+        Scenario::ProbeOverhead(args) => probe_overhead::run(args),
     };
     if let Ok(record) = &result {
         if !matches!(
