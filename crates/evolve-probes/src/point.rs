@@ -166,7 +166,6 @@ fn new_buckets() -> Box<[AtomicU64]> {
 /// Where a latency probe's exits go. Leaked: a thread may report to it long after removal
 /// (a frame entered before removal returns later), so it must live as long as the process.
 struct LatencySink {
-    count: AtomicU64,
     unwound: AtomicU64,
     total: AtomicU64,
     max: AtomicU64,
@@ -176,12 +175,15 @@ struct LatencySink {
 impl ReturnSink for LatencySink {
     fn returned(&self, entered: u64, left: u64, unwound: bool) {
         let ticks = left.saturating_sub(entered);
-        self.count.fetch_add(1, Ordering::Relaxed);
         if unwound {
             self.unwound.fetch_add(1, Ordering::Relaxed);
         }
         self.total.fetch_add(ticks, Ordering::Relaxed);
-        self.max.fetch_max(ticks, Ordering::Relaxed);
+        // Two read-modify-writes per return (total, bucket): the count is the buckets' sum,
+        // and the maximum is written only when it grows.
+        if ticks > self.max.load(Ordering::Relaxed) {
+            self.max.fetch_max(ticks, Ordering::Relaxed);
+        }
         self.buckets[bucket(ticks)].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -244,7 +246,11 @@ impl Probe {
         // hooked calls than `calls`, except the few in flight when the probe was attached.
         let histogram = buckets_reading(&self.buckets);
         let latency = self.latency.map(|s| {
-            let count = s.count.load(Ordering::Relaxed);
+            let count = s
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .sum::<u64>();
             let rate = ns_per_tick();
             LatencyReading {
                 count,
@@ -429,7 +435,6 @@ fn attach(
     let id = ProbeId(r.next);
     let latency = (kind == ProbeKind::Latency).then(|| {
         &*Box::leak(Box::new(LatencySink {
-            count: AtomicU64::new(0),
             unwound: AtomicU64::new(0),
             total: AtomicU64::new(0),
             max: AtomicU64::new(0),
