@@ -11,6 +11,7 @@ mod multiverse_commit;
 mod multiverse_lock_elision;
 mod multiverse_spinlock;
 mod patch_sites;
+mod probe_overhead;
 mod reclaim;
 mod stats;
 mod thread_create;
@@ -53,6 +54,9 @@ enum Scenario {
     ApplyLatency(apply_latency::Args),
     /// N successive patches of one function under continuous calls, with reclamation.
     Reclaim(reclaim::Args),
+    /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
+    /// function, against the same function unprobed.
+    ProbeOverhead(probe_overhead::Args),
 }
 
 /// The arguments a scenario parses itself (`--json` is accepted and implied).
@@ -81,6 +85,7 @@ fn main() {
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),
+        Scenario::ProbeOverhead(args) => probe_overhead::run(args),
     };
     if let Ok(record) = &result {
         if !matches!(

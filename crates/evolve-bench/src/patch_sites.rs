@@ -57,9 +57,10 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
     let mut last = None;
+    let running = std::sync::atomic::AtomicUsize::new(0);
     let record = std::thread::scope(|s| {
         for t in 0..args.callers {
-            let (stop, calls, entries) = (&stop, &calls, &entries);
+            let (stop, calls, entries, running) = (&stop, &calls, &entries, &running);
             s.spawn(move || {
                 let mut n = 0u64;
                 let mut i = t;
@@ -67,9 +68,19 @@ pub fn run(args: &Args) -> Result<Value, String> {
                     assert!(matches!(entries[i % entries.len()](), 1 | 2));
                     i = i.wrapping_add(7);
                     n += 1;
+                    if n == 1 {
+                        running.fetch_add(1, Ordering::Release);
+                    }
                 }
                 calls.fetch_add(n, Ordering::Relaxed);
             });
+        }
+        // The callers really call while sites change (on a loaded machine a thread may not
+        // have run at all yet).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while running.load(Ordering::Acquire) < args.callers && std::time::Instant::now() < deadline
+        {
+            std::thread::yield_now();
         }
         let mut retarget_samples = Vec::new();
         let mut restore_samples = Vec::new();

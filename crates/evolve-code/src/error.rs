@@ -110,6 +110,14 @@ pub enum ErrorKind {
         /// What went wrong.
         reason: String,
     },
+    /// A function's prologue cannot be relocated into a trampoline, so no entry detour can be
+    /// placed on it (too short, a branch into the overwritten bytes, an unsupported instruction).
+    Unrelocatable {
+        /// The function's address.
+        function: usize,
+        /// Why, naming the instruction involved.
+        reason: String,
+    },
     /// An argument was invalid.
     InvalidArgument {
         /// What was wrong with it.
@@ -216,6 +224,10 @@ impl fmt::Display for Error {
             ErrorKind::Unsupported { what } => write!(f, "unsupported: {what}"),
             ErrorKind::Image { path, reason } => write!(f, "cannot read image {path}: {reason}"),
             ErrorKind::InvalidArgument { reason } => write!(f, "invalid argument: {reason}"),
+            ErrorKind::Unrelocatable { function, reason } => write!(
+                f,
+                "cannot detour the function at {function:#x}: {reason}; nothing was changed"
+            ),
         }
     }
 }

@@ -52,6 +52,7 @@
 
 mod arch;
 pub mod callsite;
+mod detour;
 pub mod dylib;
 pub mod error;
 mod fault;
@@ -60,17 +61,23 @@ mod hidden;
 pub mod inspect;
 mod near;
 pub mod scan;
+pub mod shadow;
 mod site;
 mod springboard;
 pub mod stub;
 mod sys;
+mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};
+pub use detour::{
+    quarantined_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue, SavedRegs,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use fnsite::{FnPtr, FnSite, Placement};
 pub use hidden::{scrub, scrub_spare, Hidden};
 pub use near::NearBlock;
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
+pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};

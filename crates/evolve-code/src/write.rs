@@ -735,3 +735,39 @@ pub fn trap_counts() -> TrapCounts {
 pub fn site_bytes(site: PatchSite) -> [u8; SITE_LEN] {
     read_site(site.address())
 }
+
+/// A write window over arbitrary code bytes, for multi-instruction overwrites made while the
+/// world is stopped ([`crate::detour`]). Opened and closed under the write lock; writing through
+/// it allocates nothing (unless the engine writes via `/proc/self/mem`, whose file is opened
+/// when the window opens).
+pub(crate) struct CodeWindow(Window);
+
+impl Writer {
+    /// Makes `address..address + len` (`len >= SITE_LEN`) writable, keeping it executable.
+    pub(crate) fn open_code_window(&mut self, address: usize, len: usize) -> Result<CodeWindow> {
+        membarrier::ensure_registered()?;
+        let len = len.max(SITE_LEN);
+        let window = self.open_window(
+            (address..address + len)
+                .step_by(memory::page_size())
+                .chain([address + len - SITE_LEN]),
+        )?;
+        if window.via_proc_mem {
+            // Open the file now: the write must not allocate while the world is stopped.
+            memory::write_via_proc_mem(address, &read_site(address))?;
+        }
+        Ok(CodeWindow(window))
+    }
+}
+
+impl CodeWindow {
+    /// Writes `bytes` at `address` (inside the window) with plain stores.
+    pub(crate) fn write(&self, address: usize, bytes: &[u8]) -> Result<()> {
+        self.0.write(address, bytes)
+    }
+
+    /// Restores the pages' protection.
+    pub(crate) fn close(mut self) -> Result<()> {
+        self.0.close().map(|_| ())
+    }
+}

@@ -183,7 +183,6 @@ pub fn map_fixed_noreplace(
 }
 
 /// Maps `len` bytes of fresh anonymous memory wherever the kernel likes.
-#[cfg(test)]
 pub fn map_anywhere(len: usize, protection: Protection) -> Result<usize> {
     // SAFETY: a new anonymous mapping at an address of the kernel's choice affects no existing
     // memory.
