@@ -76,12 +76,7 @@ fn round3(x: f64) -> f64 {
 /// `multiverse-commit [--call-sites 10000] [--runs R]`. The program has 10 000 call sites;
 /// `--call-sites` is checked against what commit finds.
 pub fn run(args: &[String]) -> Value {
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| crate::stats::option_value(args, name);
     let wanted: usize = opt("--call-sites")
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);

@@ -168,12 +168,7 @@ fn malloc_locked_loop(n: u64) {
 
 /// `multiverse-lock-elision [--iters N] [--runs R] [--only locked|dynamic|committed]`.
 pub fn run(args: &[String]) -> Value {
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| crate::stats::option_value(args, name);
     let iters: u64 = opt("--iters")
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000_000);

@@ -93,12 +93,7 @@ fn round3(x: f64) -> f64 {
 /// `valgrind --tool=callgrind` (instructions per call = difference of two runs / difference of
 /// their iterations).
 pub fn run(args: &[String]) -> Value {
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let opt = |name: &str| crate::stats::option_value(args, name);
     let iters: u64 = opt("--iters")
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000_000);

@@ -25,6 +25,14 @@ pub fn median(samples: &mut [f64]) -> f64 {
     }
 }
 
+/// The value after `--name` in raw scenario arguments (`--runs 11` gives `Some("11")`).
+pub fn option_value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 /// Rounds to three decimals for readable JSON.
 pub fn round3(x: f64) -> f64 {
     (x * 1e3).round() / 1e3

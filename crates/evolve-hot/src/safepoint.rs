@@ -50,6 +50,16 @@ fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+impl Registered {
+    /// Where the thread last passed a safe point (`file:line:column`), if it has.
+    fn last_place(&self) -> Option<String> {
+        self.last_location
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|l| l.to_string())
+    }
+}
+
 /// Removes the thread from the registry when it exits.
 struct Membership(Arc<Registered>);
 
@@ -171,11 +181,7 @@ pub fn at_safe_point<T>(timeout: Duration, update: impl FnOnce() -> T) -> Result
             let blockers = missing
                 .iter()
                 .map(|t| {
-                    let place = t
-                        .last_location
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .map_or_else(|| "no safe point yet".to_string(), |l| l.to_string());
+                    let place = t.last_place().unwrap_or_else(|| "no safe point yet".into());
                     let ago = now.saturating_sub(t.last_seen_ms.load(Ordering::Relaxed));
                     format!("thread {} (last safe point {place}, {ago} ms ago)", t.name)
                 })
@@ -198,13 +204,6 @@ pub fn registered_threads() -> Vec<String> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|t| {
-            let place = t
-                .last_location
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .map_or_else(String::new, |l| l.to_string());
-            format!("{} at {place}", t.name)
-        })
+        .map(|t| format!("{} at {}", t.name, t.last_place().unwrap_or_default()))
         .collect()
 }
