@@ -125,6 +125,8 @@ fn measure(
             ("CARGO_TARGET_DIR".into(), target.display().to_string()),
             ("EVOLVE_BENCH_VARIANT".into(), "2".into()),
         ],
+        features: Vec::new(),
+        no_default_features: false,
     })
     .map_err(|e| format!("building the patch: {e}"))?;
     let build_s = build_start.elapsed().as_secs_f64();

@@ -71,6 +71,8 @@ fn measure(
             ("CARGO_TARGET_DIR".into(), target.display().to_string()),
             ("EVOLVE_BENCH_RECLAIM_VARIANT".into(), "2".into()),
         ],
+        features: Vec::new(),
+        no_default_features: false,
     })
     .map_err(|e| e.to_string())?;
 

@@ -408,6 +408,8 @@ fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
         output,
         profile: o.profile,
         env: Vec::new(),
+        features: o.features,
+        no_default_features: o.no_default_features,
     };
     let progress = Progress::start(&format!("building a patch of {} (cargo)", o.package));
     let result = build_patch(&options);

@@ -148,6 +148,13 @@ pub struct BuildPatch {
     /// The cargo profile the program was built with.
     #[arg(long, default_value = "release")]
     pub profile: String,
+    /// The package's features as the program's build enabled them (comma-separated, like
+    /// cargo's): they are part of every symbol name, so they must match.
+    #[arg(long, short = 'F', value_delimiter = ',')]
+    pub features: Vec<String>,
+    /// Build the package without its default features, as the program's build did.
+    #[arg(long)]
+    pub no_default_features: bool,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, or a number of seconds.

@@ -57,6 +57,11 @@ pub struct BuildOptions {
     pub profile: String,
     /// Extra environment for cargo (e.g. `CARGO_TARGET_DIR`), as the program's build had it.
     pub env: Vec<(String, String)>,
+    /// The package's features as the program's build resolved them (cargo's `--features`):
+    /// features are part of every symbol's hash, so they must match. Empty: the defaults.
+    pub features: Vec<String>,
+    /// Build the package without its default features (cargo's `--no-default-features`).
+    pub no_default_features: bool,
 }
 
 /// What [`build_patch`] produced.
@@ -329,7 +334,14 @@ fn build_in(
             &options.package,
             "--lib",
             "--quiet",
-        ])
+        ]);
+    if options.no_default_features {
+        cargo.arg("--no-default-features");
+    }
+    if !options.features.is_empty() {
+        cargo.arg("--features").arg(options.features.join(","));
+    }
+    cargo
         .arg("--")
         .arg(format!("--emit=obj={}", object_path.display()))
         .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));

@@ -85,6 +85,8 @@ impl Fixture {
                 "CARGO_TARGET_DIR".into(),
                 self.target.to_str().unwrap().into(),
             )],
+            features: Vec::new(),
+            no_default_features: false,
         })
     }
 

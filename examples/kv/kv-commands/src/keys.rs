@@ -10,7 +10,10 @@ pub fn del(store: &Store, args: &[Vec<u8>]) -> Reply {
     if args.is_empty() {
         return Reply::arity("del");
     }
-    let removed = args.iter().filter(|key| store.shard(key).remove(key)).count();
+    let removed = args
+        .iter()
+        .filter(|key| store.shard(key).remove(key))
+        .count();
     Reply::Integer(removed as i64)
 }
 

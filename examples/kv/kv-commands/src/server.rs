@@ -35,7 +35,11 @@ pub fn info(store: &Store, args: &[Vec<u8>]) -> Reply {
         text,
         "kv_version:{}\r\nevolve:{}\r\nprocess_id:{}\r\n",
         crate::version(),
-        if cfg!(feature = "evolve") { "yes" } else { "no" },
+        if cfg!(feature = "evolve") {
+            "yes"
+        } else {
+            "no"
+        },
         std::process::id()
     );
     text.push_str("# Stats\r\n");
@@ -52,7 +56,11 @@ pub fn info(store: &Store, args: &[Vec<u8>]) -> Reply {
     let _ = write!(
         text,
         "command_stats:{}\r\n# Keyspace\r\nkeys:{}\r\n",
-        if stats::COMMAND_STATS.get() { "on" } else { "off" },
+        if stats::COMMAND_STATS.get() {
+            "on"
+        } else {
+            "off"
+        },
         store.len()
     );
     Reply::Bulk(Some(text.into_bytes()))

@@ -61,7 +61,10 @@ impl Reply {
             Reply::Error(e) => {
                 out.push(b'-');
                 // A line break inside would end the error early and desynchronise the client.
-                out.extend(e.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
+                out.extend(
+                    e.bytes()
+                        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+                );
                 out.extend_from_slice(b"\r\n");
             }
             Reply::Integer(n) => {
@@ -184,7 +187,10 @@ mod tests {
     fn parses_arrays_inline_and_partial_input() {
         let wire = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n";
         let (request, used) = parse(wire).unwrap().unwrap();
-        assert_eq!(request, vec![b"SET".to_vec(), b"k".to_vec(), b"hello".to_vec()]);
+        assert_eq!(
+            request,
+            vec![b"SET".to_vec(), b"k".to_vec(), b"hello".to_vec()]
+        );
         assert_eq!(used, wire.len());
         for cut in 0..wire.len() {
             assert_eq!(parse(&wire[..cut]).unwrap(), None, "cut at {cut}");
@@ -212,6 +218,9 @@ mod tests {
             Reply::Bulk(Some(b"hi".to_vec())),
         ])
         .encode(&mut out);
-        assert_eq!(out, b"*5\r\n+OK\r\n-ERR bad  thing\r\n:-3\r\n$-1\r\n$2\r\nhi\r\n");
+        assert_eq!(
+            out,
+            b"*5\r\n+OK\r\n-ERR bad  thing\r\n:-3\r\n$-1\r\n$2\r\nhi\r\n"
+        );
     }
 }

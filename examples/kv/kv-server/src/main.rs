@@ -46,7 +46,9 @@ fn main() {
     }
     println!(
         "kv-server listening on {} pid {}",
-        listener.local_addr().expect("a bound listener has an address"),
+        listener
+            .local_addr()
+            .expect("a bound listener has an address"),
         std::process::id()
     );
     let store = Arc::new(Store::new());
