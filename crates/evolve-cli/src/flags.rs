@@ -104,7 +104,8 @@ pub enum Command {
     Top {
         #[command(flatten)]
         target: Target,
-        /// Print one frame and exit (no terminal needed).
+        /// Print one frame and exit (no terminal needed); with --json, the status with a
+        /// `probes` field holding every probe's reading.
         #[arg(long)]
         once: bool,
         /// Refresh interval.
