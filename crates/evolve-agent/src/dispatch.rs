@@ -4,6 +4,7 @@
 //! can panic the agent (the capability calls run under `catch_unwind` as a last resort).
 
 use crate::journal::{Client, Journal};
+use crate::probes::Probes;
 use crate::protocol::*;
 use evolve_hot::patch::{ApplyOptions, Revert};
 use serde_json::Value;
@@ -15,6 +16,8 @@ pub struct Context {
     pub journal: Journal,
     /// When the agent started.
     pub started: Instant,
+    /// The probes added through the agent.
+    pub probes: Probes,
 }
 
 type Outcome = Result<Value, (ErrorKind, String)>;
@@ -80,7 +83,7 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
     match request {
         Request::Hello => Ok(to_value(&hello(context))),
         Request::Status => Ok(to_value(&status(context))),
-        Request::Functions => Ok(to_value(&functions())),
+        Request::Functions => Ok(to_value(&functions(context))),
         Request::History => Ok(to_value(&History {
             entries: context.journal.entries(),
             file: context.journal.path().map(|p| p.display().to_string()),
@@ -179,7 +182,66 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
             journal_commit(context, client, "revert_switches", switch, &result);
             result.map(|c| to_value(&c))
         }
+        Request::ProbeAdd {
+            pattern,
+            kind,
+            arg,
+            expr,
+        } => {
+            let result = context.probes.add(&pattern, kind, arg, expr.as_deref());
+            let shown = match (&arg, &expr) {
+                (Some(a), _) => format!(
+                    "{pattern} {} arg{a}",
+                    to_value(&kind).as_str().unwrap_or("?")
+                ),
+                (_, Some(e)) => format!("{pattern} when {e}"),
+                _ => format!("{pattern} {}", to_value(&kind).as_str().unwrap_or("?")),
+            };
+            journal_probes(context, client, "probe_add", shown, &result);
+            result.map(|r| to_value(&r))
+        }
+        Request::ProbeList => Ok(to_value(&context.probes.list())),
+        Request::ProbeRm {
+            probe: id,
+            pattern,
+            all,
+        } => {
+            let shown = match (id, &pattern) {
+                (Some(id), _) => format!("id {id}"),
+                (_, Some(p)) => p.clone(),
+                _ => "(all)".into(),
+            };
+            let result = context.probes.remove(id, pattern.as_deref(), all);
+            journal_probes(context, client, "probe_rm", shown, &result);
+            result.map(|r| to_value(&r))
+        }
+        Request::ProbeRead { probe } => context.probes.read(probe).map(|r| to_value(&r)),
     }
+}
+
+fn journal_probes(
+    context: &Context,
+    client: Client,
+    op: &str,
+    target: String,
+    result: &Result<ProbeList, (ErrorKind, String)>,
+) {
+    context.journal.record(
+        client,
+        op,
+        target,
+        result
+            .as_ref()
+            .map(|l| {
+                let probes: Vec<String> = l
+                    .probes
+                    .iter()
+                    .map(|p| format!("{} {} {}", p.id, p.function, p.kind))
+                    .collect();
+                format!("probes [{}]", probes.join(", "))
+            })
+            .map_err(|e| e.1.clone()),
+    );
 }
 
 fn journal_commit(
@@ -215,7 +277,7 @@ fn hello(context: &Context) -> Hello {
     }
 }
 
-fn functions() -> Functions {
+fn functions(context: &Context) -> Functions {
     Functions {
         hot: evolve_hot::patch::functions()
             .into_iter()
@@ -232,8 +294,7 @@ fn functions() -> Functions {
                 committed: f.committed,
             })
             .collect(),
-        // No counting capability yet (probes will provide it).
-        call_counts: None,
+        call_counts: context.probes.call_counts(),
     }
 }
 
@@ -254,7 +315,7 @@ fn switches() -> Vec<SwitchInfo> {
 fn status(context: &Context) -> Status {
     Status {
         hello: hello(context),
-        functions: functions(),
+        functions: functions(context),
         patches: evolve_hot::patch::history()
             .into_iter()
             .map(|p| PatchInfo {

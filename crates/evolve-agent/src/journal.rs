@@ -1,7 +1,7 @@
 //! The journal: an append-only record of every change made through the agent.
 //!
 //! Each request that changes the process (`apply`, `revert`, `switch_set`, `commit`,
-//! `revert_switches`, `gc`) adds one entry after it finishes: when, by which uid and pid, what
+//! `revert_switches`, `gc`, `probe_add`, `probe_rm`) adds one entry after it finishes: when, by which uid and pid, what
 //! was asked and what became of it, including refusals. Entries are kept in memory (the
 //! `history` request returns them) and appended, one JSON line each, to `<dir>/<pid>.journal`
 //! (mode 0600), which outlives the process for post-mortems. Entries are never changed or

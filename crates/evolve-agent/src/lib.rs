@@ -4,7 +4,8 @@
 //! `$XDG_RUNTIME_DIR/evolve/<pid>.sock` (or `/tmp/evolve-<uid>/<pid>.sock`), mode 0600, to
 //! clients of the same uid or root ([`server`]), speaking line-delimited, versioned JSON
 //! ([`protocol`]), and journals every change it makes ([`journal`]). Requests go to the
-//! capabilities: hot update ([`evolve_hot`]) and multiverse ([`evolve_multiverse`]).
+//! capabilities: hot update ([`evolve_hot`]), multiverse ([`evolve_multiverse`]) and probes
+//! ([`evolve_probes`]).
 //!
 //! # Example
 //!
@@ -17,12 +18,14 @@
 //! }
 //! ```
 //!
-//! Then, from a shell: `evolve ps`, `evolve status <pid>`, `evolve apply <pid> fix.so`.
+//! Then, from a shell: `evolve ps`, `evolve status <pid>`, `evolve apply <pid> fix.so`,
+//! `evolve probe <pid> add 'my_crate::handle_*' --latency`.
 
 pub mod client;
 mod dispatch;
 pub mod journal;
 pub mod paths;
+mod probes;
 pub mod protocol;
 pub mod server;
 

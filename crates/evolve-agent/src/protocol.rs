@@ -30,6 +30,14 @@
 //! | `commit` | `switch`? (none = every switch) | [`Committed`] |
 //! | `revert_switches` | `switch`? | [`Committed`] |
 //! | `gc` | — | `{unloaded, kept: [{patch, references}], resident, max_pause_us, bytes_scanned}`: reclamation with the `scan` policy |
+//! | `probe_add` | `pattern`, `kind` ([`ProbeKindName`]), `arg` (for `hist`), `expr` (for `when`, see [`WhenExpr`]) | [`ProbeList`]: the probes added, one per matching function |
+//! | `probe_list` | — | [`ProbeList`]: every probe, attached or kept for its reading |
+//! | `probe_rm` | exactly one of `probe` (an id), `pattern` (a probe's pattern, or a glob over function names), `all: true` | [`ProbeList`]: the probes removed |
+//! | `probe_read` | `probe`? (an id; none = every probe) | [`ProbeReadings`] |
+//!
+//! For example `{"v":1,"id":7,"op":"probe_add","pattern":"kv::*","kind":"when","expr":"arg1 >= 4096"}`
+//! or `{"v":1,"op":"probe_rm","all":true}`. A probe's id travels as `probe` (the envelope's `id`
+//! is the request's).
 //!
 //! # Replies
 //!
@@ -41,8 +49,13 @@
 //! then the connection closes), `busy` (too many connections), `failed` (the operation was
 //! refused: the message names the cause, e.g. the hot-update error), `unavailable` (the
 //! capability is not in this build), `internal` (the agent caught a panic while serving).
+//! A probe request with a bad expression or a kind without its argument is a `bad_request`; a
+//! pattern matching no function, or a function the probes library refuses (e.g. a prologue that
+//! cannot be relocated), is `failed` with the library's reason.
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
 
 /// The protocol version this agent and CLI speak.
 pub const VERSION: u32 = 1;
@@ -106,6 +119,39 @@ pub enum Request {
     },
     /// Reclaim unreachable patches.
     Gc,
+    /// Attach a probe to every function matching a pattern.
+    ProbeAdd {
+        /// An exact symbol name (demangled Rust path or C name) or a `*`/`?` glob.
+        pattern: String,
+        /// What the probe records.
+        kind: ProbeKindName,
+        /// For `hist`: the argument (0-5: `rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        arg: Option<usize>,
+        /// For `when`: the predicate, e.g. `arg0 == 0` (see [`WhenExpr`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expr: Option<String>,
+    },
+    /// Every probe.
+    ProbeList,
+    /// Remove probes: by id, by pattern, or all (exactly one).
+    ProbeRm {
+        /// A probe's id (`probe`: the envelope's `id` is the request's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probe: Option<u64>,
+        /// The pattern a probe was added with, or a glob over probed functions' names.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pattern: Option<String>,
+        /// Every probe.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        all: bool,
+    },
+    /// What probes recorded.
+    ProbeRead {
+        /// One probe's id; none: every probe.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probe: Option<u64>,
+    },
 }
 
 impl Request {
@@ -121,6 +167,10 @@ impl Request {
         "commit",
         "revert_switches",
         "gc",
+        "probe_add",
+        "probe_list",
+        "probe_rm",
+        "probe_read",
     ];
 
     /// Its `op` name.
@@ -136,6 +186,10 @@ impl Request {
             Request::Commit { .. } => "commit",
             Request::RevertSwitches { .. } => "revert_switches",
             Request::Gc => "gc",
+            Request::ProbeAdd { .. } => "probe_add",
+            Request::ProbeList => "probe_list",
+            Request::ProbeRm { .. } => "probe_rm",
+            Request::ProbeRead { .. } => "probe_read",
         }
     }
 
@@ -404,4 +458,240 @@ pub struct History {
     pub entries: Vec<JournalEntry>,
     /// The file it is also appended to, if any.
     pub file: Option<String>,
+}
+
+/// What a probe records, as `probe_add` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKindName {
+    /// Calls.
+    Count,
+    /// Entry-to-exit time.
+    Latency,
+    /// Log2 histogram of argument `arg`.
+    Hist,
+    /// Calls where `expr` holds, with the first backtraces.
+    When,
+    /// Whether the function ran (the probe detaches itself after the first call).
+    Coverage,
+}
+
+/// A comparison of a [`WhenExpr`]. Comparisons are unsigned 64-bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CmpOp {
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+impl CmpOp {
+    /// Its symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+}
+
+/// The predicate of a `when` probe: `argN OP VALUE`.
+///
+/// * `argN`: an integer argument, `arg0` to `arg5` (`rdi`, `rsi`, `rdx`, `rcx`, `r8`, `r9`);
+/// * `OP`: `==`, `!=`, `<`, `<=`, `>`, `>=`; the comparison is unsigned 64-bit;
+/// * `VALUE`: decimal, `0x` hexadecimal, `true`/`false` (1/0), or, with `==` and `!=` only, a
+///   negative decimal (compared as its two's-complement bit pattern, e.g. `-1` is `u64::MAX`).
+///
+/// Spaces around the operator are optional. A predicate that always holds (`>= 0`,
+/// `<= 18446744073709551615`) is refused: a count probe says the same.
+///
+/// # Example
+///
+/// ```
+/// use evolve_agent::protocol::{CmpOp, WhenExpr};
+///
+/// let e: WhenExpr = "arg1 >= 4096".parse().unwrap();
+/// assert_eq!((e.arg, e.op, e.value), (1, CmpOp::Ge, 4096));
+/// assert_eq!(e.to_string(), "arg1 >= 4096");
+/// assert!(e.holds(5000) && !e.holds(4095));
+/// assert!("arg9 == 1".parse::<WhenExpr>().is_err());
+/// assert!("arg0 => 1".parse::<WhenExpr>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhenExpr {
+    /// The argument, 0-5.
+    pub arg: usize,
+    /// The comparison.
+    pub op: CmpOp,
+    /// The value compared against.
+    pub value: u64,
+}
+
+impl WhenExpr {
+    /// Whether `argument <op> value` holds.
+    pub fn holds(&self, argument: u64) -> bool {
+        match self.op {
+            CmpOp::Eq => argument == self.value,
+            CmpOp::Ne => argument != self.value,
+            CmpOp::Lt => argument < self.value,
+            CmpOp::Le => argument <= self.value,
+            CmpOp::Gt => argument > self.value,
+            CmpOp::Ge => argument >= self.value,
+        }
+    }
+}
+
+impl fmt::Display for WhenExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "arg{} {} {}", self.arg, self.op.symbol(), self.value)
+    }
+}
+
+impl FromStr for WhenExpr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<WhenExpr, String> {
+        let usage = "expected `argN OP VALUE` with N in 0-5, OP one of == != < <= > >=, \
+                     VALUE an unsigned integer (e.g. `arg0 == 0`, `arg1 > 100`)";
+        let bad = |why: String| format!("bad expression {text:?}: {why}; {usage}");
+        let t = text.trim();
+        let at = t
+            .find(['=', '!', '<', '>'])
+            .ok_or_else(|| bad("no comparison operator".into()))?;
+        let (left, rest) = t.split_at(at);
+        let (op, len) = [
+            ("==", CmpOp::Eq),
+            ("!=", CmpOp::Ne),
+            ("<=", CmpOp::Le),
+            (">=", CmpOp::Ge),
+            ("<", CmpOp::Lt),
+            (">", CmpOp::Gt),
+        ]
+        .iter()
+        .find(|(sym, _)| rest.starts_with(sym))
+        .map(|(sym, op)| (*op, sym.len()))
+        .ok_or_else(|| bad(format!("unknown operator at {rest:?}")))?;
+        let right = rest[len..].trim();
+        if right.starts_with(['=', '!', '<', '>']) {
+            return Err(bad(format!("unknown operator at {rest:?}")));
+        }
+        let left = left.trim();
+        let arg = left
+            .strip_prefix("arg")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n < 6 && !left.contains('+'))
+            .ok_or_else(|| bad(format!("{left:?} is not an argument arg0 to arg5")))?;
+        let value = match right {
+            "true" => Some(1),
+            "false" => Some(0),
+            _ if right.starts_with("0x") || right.starts_with("0X") => {
+                u64::from_str_radix(&right[2..], 16).ok()
+            }
+            _ if right.starts_with('-') && matches!(op, CmpOp::Eq | CmpOp::Ne) => {
+                right.parse::<i64>().ok().map(|v| v as u64)
+            }
+            _ if right.starts_with('-') => {
+                return Err(bad(format!(
+                    "comparisons are unsigned: `{}` with a negative value is not supported",
+                    op.symbol()
+                )))
+            }
+            _ if right.starts_with('+') => None,
+            _ => right.parse::<u64>().ok(),
+        }
+        .ok_or_else(|| bad(format!("{right:?} is not an unsigned 64-bit integer")))?;
+        match (op, value) {
+            (CmpOp::Ge, 0) | (CmpOp::Le, u64::MAX) => {
+                Err(bad("it always holds (a count probe says the same)".into()))
+            }
+            _ => Ok(WhenExpr { arg, op, value }),
+        }
+    }
+}
+
+/// A probe, as `probe_add`, `probe_list` and `probe_rm` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeEntry {
+    /// Its id.
+    pub id: u64,
+    /// The pattern it was added with (none if the program added it itself).
+    pub pattern: Option<String>,
+    /// The probed function (demangled).
+    pub function: String,
+    /// The function's address.
+    pub address: usize,
+    /// What it records: `count`, `latency`, `hist arg0`, `when arg1 >= 4096`, `coverage`.
+    pub kind: String,
+    /// Whether it is attached (a coverage probe detaches itself after the first call).
+    pub attached: bool,
+    /// When it was added through the agent (Unix milliseconds).
+    pub added_at_ms: Option<u64>,
+}
+
+/// The result of `probe_add`, `probe_list` and `probe_rm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeList {
+    /// The probes, by id.
+    pub probes: Vec<ProbeEntry>,
+}
+
+/// Latency figures of a latency probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyFigures {
+    /// Calls timed (returned or unwound).
+    pub count: u64,
+    /// Of those, calls a panic unwound.
+    pub unwound: u64,
+    /// Mean entry-to-exit time.
+    pub mean_ns: f64,
+    /// Median, estimated from the log2 histogram: the upper bound of the median's bucket
+    /// (at most `max_ns`).
+    pub p50_ns: f64,
+    /// 99th percentile, estimated like `p50_ns`.
+    pub p99_ns: f64,
+    /// The longest.
+    pub max_ns: f64,
+    /// `(lower bound in ns, calls)` per non-empty log2 bucket.
+    pub histogram_ns: Vec<(u64, u64)>,
+}
+
+/// What one probe has recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// The probe.
+    #[serde(flatten)]
+    pub probe: ProbeEntry,
+    /// Calls since it was added (until it was detached).
+    pub calls: u64,
+    /// Latency probes: the figures.
+    pub latency: Option<LatencyFigures>,
+    /// Histogram probes: `(lower bound, calls)` per non-empty log2 bucket: 0, 1, 2-3, 4-7, …
+    pub histogram: Vec<(u64, u64)>,
+    /// `when` probes: calls where the predicate held.
+    pub hits: u64,
+    /// `when` probes: the first backtraces captured (at most a few).
+    pub backtraces: Vec<String>,
+    /// Coverage probes: whether the function ran.
+    pub covered: bool,
+}
+
+/// The result of `probe_read`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReadings {
+    /// When the readings were taken (Unix milliseconds).
+    pub at_ms: u64,
+    /// One per probe, by id.
+    pub readings: Vec<ProbeReport>,
 }

@@ -99,6 +99,7 @@ pub fn start_in(dir: &Path) -> io::Result<Agent> {
         context: Context {
             journal: Journal::new(Some(paths::journal_path(dir, pid))),
             started: Instant::now(),
+            probes: Default::default(),
         },
         owner: rustix::process::geteuid().as_raw(),
         connections: AtomicUsize::new(0),

@@ -2,7 +2,7 @@
 //! gets an error reply and the agent keeps serving.
 
 use evolve_agent::client::Connection;
-use evolve_agent::protocol::{ErrorKind, Request, MAX_LINE};
+use evolve_agent::protocol::{ErrorKind, ProbeKindName, Request, MAX_LINE};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -151,4 +151,122 @@ fn a_stale_socket_of_our_pid_is_replaced() {
     assert_eq!(second.socket(), path);
     let mut c = Connection::connect(second.socket()).unwrap();
     assert!(c.call(&Request::Hello, T).is_ok());
+}
+
+/// Probed over the socket by the test below.
+#[inline(never)]
+pub fn agent_probe_target(x: u64, y: u64) -> u64 {
+    let mut h = std::hint::black_box(x) ^ 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..3 {
+        h = h.rotate_left(13).wrapping_mul(std::hint::black_box(y) | 1);
+    }
+    h
+}
+
+fn call_target(x: u64, y: u64) -> u64 {
+    std::hint::black_box(agent_probe_target as fn(u64, u64) -> u64)(x, y)
+}
+
+#[test]
+fn probes_are_added_read_and_removed_over_the_socket_and_journaled() {
+    let agent = agent("probes");
+    let mut c = Connection::connect(agent.socket()).unwrap();
+    let bad = [
+        ("{\"v\":1,\"op\":\"probe_add\",\"kind\":\"count\"}", ErrorKind::BadRequest),
+        (
+            "{\"v\":1,\"op\":\"probe_add\",\"pattern\":\"*::agent_probe_target\",\"kind\":\"hist\"}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"probe_add\",\"pattern\":\"*::agent_probe_target\",\"kind\":\"when\",\"expr\":\"arg0 => 3\"}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"probe_add\",\"pattern\":\"*::agent_probe_target\",\"kind\":\"sample\"}",
+            ErrorKind::BadRequest,
+        ),
+        (
+            "{\"v\":1,\"op\":\"probe_add\",\"pattern\":\"no_such_function_anywhere\",\"kind\":\"count\"}",
+            ErrorKind::Failed,
+        ),
+        ("{\"v\":1,\"op\":\"probe_rm\"}", ErrorKind::BadRequest),
+        ("{\"v\":1,\"op\":\"probe_rm\",\"probe\":1,\"all\":true}", ErrorKind::BadRequest),
+        ("{\"v\":1,\"op\":\"probe_rm\",\"probe\":999999}", ErrorKind::Failed),
+        ("{\"v\":1,\"op\":\"probe_read\",\"probe\":\"one\"}", ErrorKind::BadRequest),
+        ("{\"v\":1,\"op\":\"probe_read\",\"probe\":999999}", ErrorKind::Failed),
+    ];
+    for (line, expected) in bad {
+        let reply = c.raw(line, T).unwrap();
+        assert_eq!(kind(&reply), expected, "{line}: {reply:?}");
+    }
+    let no_match = c.raw(bad[4].0, T).unwrap();
+    assert!(
+        no_match
+            .error
+            .unwrap()
+            .message
+            .contains("no_such_function_anywhere"),
+        "the error names the pattern"
+    );
+
+    let added = c
+        .call(
+            &Request::ProbeAdd {
+                pattern: "*::agent_probe_target".into(),
+                kind: ProbeKindName::When,
+                arg: None,
+                expr: Some("arg1 >= 7".into()),
+            },
+            T,
+        )
+        .unwrap();
+    let id = added["probes"][0]["id"].as_u64().unwrap();
+    assert_eq!(added["probes"][0]["kind"], "when arg1 >= 7");
+    assert_eq!(added["probes"][0]["pattern"], "*::agent_probe_target");
+    for y in 0..10 {
+        call_target(1, y);
+    }
+    let read = c.call(&Request::ProbeRead { probe: Some(id) }, T).unwrap();
+    let r = &read["readings"][0];
+    assert_eq!(r["calls"], 10);
+    assert_eq!(r["hits"], 3, "y = 7, 8, 9: {r}");
+    assert!(!r["backtraces"][0].as_str().unwrap().is_empty());
+    let list = c.call(&Request::ProbeList, T).unwrap();
+    assert_eq!(list["probes"].as_array().unwrap().len(), 1);
+    let removed = c
+        .call(
+            &Request::ProbeRm {
+                probe: None,
+                pattern: Some("*::agent_probe_target".into()),
+                all: false,
+            },
+            T,
+        )
+        .unwrap();
+    assert_eq!(removed["probes"][0]["id"], id);
+    let list = c.call(&Request::ProbeList, T).unwrap();
+    assert!(list["probes"].as_array().unwrap().is_empty());
+
+    let history = c.call(&Request::History, T).unwrap();
+    let ops: Vec<(&str, &str)> = history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["op"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            // Requests that parse are journaled, refused ones too.
+            ("probe_add", "failed"),
+            ("probe_add", "failed"),
+            ("probe_add", "failed"),
+            ("probe_rm", "failed"),
+            ("probe_rm", "failed"),
+            ("probe_rm", "failed"),
+            ("probe_add", "failed"),
+            ("probe_add", "ok"),
+            ("probe_rm", "ok"),
+        ]
+    );
 }

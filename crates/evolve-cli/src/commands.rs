@@ -135,6 +135,16 @@ pub fn run(cli: Cli) -> Result<()> {
             let v = result?;
             print(json, &v, || println!("{v}"))
         }
+        Command::Probe { target, action } => {
+            let request = crate::probe::request(&action);
+            let result = call(target.pid, request, TIMEOUT)?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+                Ok(())
+            } else {
+                crate::probe::show(target.pid, &action, &result)
+            }
+        }
         Command::Top {
             target,
             once,

@@ -2,6 +2,7 @@
 //! processes, sockets or files are touched here).
 
 use clap::{Args, Parser, Subcommand};
+use evolve_agent::protocol::WhenExpr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -90,11 +91,21 @@ pub enum Command {
     },
     /// Reclaim patches that nothing can reach any more.
     Gc(Target),
-    /// A live view of a process's functions, versions and call counts (q to quit).
+    /// Probes: count calls, time, histogram an argument, watch a predicate, or record coverage
+    /// of any function of a live process; removing them restores the code exactly.
+    Probe {
+        #[command(flatten)]
+        target: Target,
+        /// The probe operation.
+        #[command(subcommand)]
+        action: ProbeAction,
+    },
+    /// A live view of a process's functions, versions, call counts and probes (q to quit).
     Top {
         #[command(flatten)]
         target: Target,
-        /// Print one frame and exit (no terminal needed).
+        /// Print one frame and exit (no terminal needed); with --json, the status with a
+        /// `probes` field holding every probe's reading.
         #[arg(long)]
         once: bool,
         /// Refresh interval.
@@ -120,6 +131,86 @@ pub enum SwitchAction {
         /// `true`, `false` or an integer in its domain.
         value: String,
     },
+}
+
+/// Probe operations.
+#[derive(Debug, Subcommand)]
+pub enum ProbeAction {
+    /// Attach a probe to every function matching PATTERN.
+    #[command(
+        after_help = "EXPR (for --when): argN OP VALUE, where N is 0-5 (the integer \
+        arguments rdi, rsi, rdx, rcx, r8, r9), OP one of == != < <= > >= (unsigned 64-bit) and \
+        VALUE a decimal or 0x-hex integer (true/false for 1/0; a negative value with == and != \
+        only, as its two's complement). Examples: 'arg0 == 0', 'arg1 > 100', 'arg2 != 0x10'."
+    )]
+    Add {
+        /// An exact symbol name (a demangled Rust path like `my_crate::handle` or a C name) or
+        /// a glob (`*`, `?`) over them, e.g. 'my_crate::handlers::*'.
+        pattern: String,
+        /// What the probe records.
+        #[command(flatten)]
+        kind: KindFlags,
+    },
+    /// List the probes of the process.
+    List,
+    /// Remove probes: one by id, those added with (or whose function matches) a pattern, or all.
+    /// The last probe of a function restores its bytes exactly.
+    Rm {
+        /// A probe id (from `list`), or a pattern (the one given to `add`, or a glob over the
+        /// probed functions' names).
+        #[arg(required_unless_present = "all")]
+        what: Option<String>,
+        /// Remove every probe.
+        #[arg(long, conflicts_with = "what")]
+        all: bool,
+    },
+    /// What the probes recorded: counts, latency (mean, p50, p99), histograms, predicate hits
+    /// with the first backtrace, coverage.
+    Read {
+        /// One probe's id (default: every probe).
+        id: Option<u64>,
+    },
+}
+
+/// The kind of probe `add` attaches (exactly one).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct KindFlags {
+    /// Count calls.
+    #[arg(long)]
+    pub count: bool,
+    /// Time calls, entry to exit (mean, p50, p99, max).
+    #[arg(long)]
+    pub latency: bool,
+    /// Log2 histogram of integer argument ARG (0-5, or arg0-arg5).
+    #[arg(long, value_name = "ARG", value_parser = parse_arg)]
+    pub hist: Option<usize>,
+    /// Count calls where EXPR holds (e.g. 'arg0 == 0', 'arg1 > 100') and keep the first
+    /// backtraces.
+    #[arg(long, value_name = "EXPR", value_parser = parse_when)]
+    pub when: Option<WhenExpr>,
+    /// Record whether the function runs at all (the probe detaches itself after the first
+    /// call).
+    #[arg(long)]
+    pub coverage: bool,
+}
+
+/// Parses an argument index: `1` or `arg1`, 0-5.
+pub fn parse_arg(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    t.strip_prefix("arg")
+        .unwrap_or(t)
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n < 6)
+        .ok_or_else(|| {
+            format!("{text:?} is not an argument: 0-5 or arg0-arg5 (rdi, rsi, rdx, rcx, r8, r9)")
+        })
+}
+
+/// Parses a `--when` expression (see [`WhenExpr`]).
+pub fn parse_when(text: &str) -> Result<WhenExpr, String> {
+    text.parse()
 }
 
 /// `build-patch` options.
@@ -193,6 +284,17 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3d").is_err());
+    }
+
+    #[test]
+    fn probe_arguments() {
+        assert_eq!(parse_arg("arg2"), Ok(2));
+        assert_eq!(parse_arg("0"), Ok(0));
+        assert!(parse_arg("6").is_err());
+        assert!(parse_arg("rsi").is_err());
+        assert_eq!(parse_when("arg0==0").unwrap().to_string(), "arg0 == 0");
+        let e = parse_when("arg0 ~ 1").unwrap_err();
+        assert!(e.contains("argN OP VALUE"), "{e}");
     }
 
     #[test]

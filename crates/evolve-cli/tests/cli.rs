@@ -1,9 +1,10 @@
 //! The `evolve` CLI against running example processes: every command, `--json` parsed, a patch
-//! built, applied and reverted, switches set and committed, the journal, refusals.
+//! built, applied and reverted, switches set and committed, probes added, read and removed, the
+//! journal, refusals.
 
 mod common;
 
-use common::{evolve, evolve_with, fixture, shared, socket_dir};
+use common::{evolve, evolve_with, fixture, shared, socket_dir, Host, Run};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -265,12 +266,29 @@ fn every_command_has_help_and_usage_errors_exit_non_zero() {
         "revert-switches",
         "gc",
         "top",
+        "probe",
     ] {
         let run = evolve(&dir, &[command, "--help"]);
         assert!(run.ok(), "{command} --help: {}", run.stderr());
         assert!(run.stdout().contains("Usage: evolve"), "{command}");
     }
     assert!(evolve(&dir, &["switch", "1", "set", "--help"]).ok());
+    for action in ["add", "list", "rm", "read"] {
+        let run = evolve(&dir, &["probe", "1", action, "--help"]);
+        assert!(run.ok(), "probe {action} --help: {}", run.stderr());
+        assert!(run.stdout().contains("--json"), "probe {action}");
+    }
+    let add = evolve(&dir, &["probe", "1", "add", "--help"]).stdout();
+    for flag in [
+        "--count",
+        "--latency",
+        "--hist <ARG>",
+        "--when <EXPR>",
+        "--coverage",
+    ] {
+        assert!(add.contains(flag), "{flag}: {add}");
+    }
+    assert!(add.contains("argN OP VALUE"), "{add}");
     let bad = evolve(&dir, &["apply", "1", "x.so", "--trial", "soon"]);
     assert_eq!(bad.output.status.code(), Some(2));
     assert!(bad.stderr().contains("not a duration"));
@@ -352,4 +370,357 @@ fn another_uid_is_refused() {
     );
     // The owner is still served.
     assert!(evolve(&dir, &["status", &pid, "--json"]).ok());
+}
+
+/// Reads every probe (`probe read --json`) until `done` holds for the reading of `id`, or 20 s.
+fn read_until(dir: &std::path::Path, pid: &str, id: u64, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let read = evolve(dir, &["probe", pid, "read", &id.to_string(), "--json"]).expect_json();
+        let reading = read["readings"][0].clone();
+        assert_eq!(reading["id"], id, "{read}");
+        if done(&reading) {
+            return reading;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "probe {id} never got there: {reading}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Adds one probe with `evolve probe PID add PATTERN FLAGS --json`; returns its entry.
+fn add_probe(dir: &std::path::Path, pid: &str, pattern: &str, flags: &[&str]) -> Value {
+    let mut args = vec!["probe", pid, "add", pattern];
+    args.extend_from_slice(flags);
+    args.push("--json");
+    let added = evolve(dir, &args).expect_json();
+    let probes = added["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 1, "{added}");
+    assert_eq!(probes[0]["pattern"], pattern);
+    assert_eq!(probes[0]["attached"], true);
+    probes[0].clone()
+}
+
+fn fails_with(run: &Run, code: i32, needles: &[&str]) {
+    assert_eq!(
+        run.output.status.code(),
+        Some(code),
+        "stdout {} stderr {}",
+        run.stdout(),
+        run.stderr()
+    );
+    for n in needles {
+        assert!(run.stderr().contains(n), "{n:?} not in {}", run.stderr());
+    }
+}
+
+#[test]
+fn probes_from_the_command_line_against_a_running_process() {
+    let fixture = shared();
+    let dir = socket_dir("probes");
+    let mut host: Host = fixture.start(&dir);
+    let pid = host.pid().to_string();
+    let pid = pid.as_str();
+    let list = |dir: &std::path::Path| evolve(dir, &["probe", pid, "list", "--json"]).expect_json();
+    assert_eq!(list(&dir)["probes"], serde_json::json!([]));
+
+    // One probe of each kind on `tally` (the worker calls it with 700), coverage on `rare`.
+    let count = add_probe(&dir, pid, "ctlhost::tally", &["--count"]);
+    assert_eq!(count["function"], "ctlhost::tally");
+    assert_eq!(count["kind"], "count");
+    let latency = add_probe(&dir, pid, "ctlhost::tally", &["--latency"]);
+    let hist = add_probe(&dir, pid, "ctlhost::tally", &["--hist", "arg0"]);
+    assert_eq!(hist["kind"], "hist arg0");
+    let equal = add_probe(&dir, pid, "ctlhost::tally", &["--when", "arg0 == 700"]);
+    assert_eq!(equal["kind"], "when arg0 == 700");
+    let above = add_probe(&dir, pid, "ctlhost::tally", &["--when", "arg0>=701"]);
+    assert_eq!(above["kind"], "when arg0 >= 701");
+    let coverage = add_probe(&dir, pid, "ctlhost::rare", &["--coverage"]);
+    let id = |p: &Value| p["id"].as_u64().unwrap();
+    let listed = list(&dir);
+    let ids: Vec<u64> = listed["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [&count, &latency, &hist, &equal, &above, &coverage].map(id),
+        "{listed}"
+    );
+    let human = evolve(&dir, &["probe", pid, "list"]);
+    assert!(
+        human.ok()
+            && human.stdout().contains("when arg0 == 700")
+            && human.stdout().contains("ctlhost::rare"),
+        "{}",
+        human.stdout()
+    );
+
+    // Counts increase.
+    let first = read_until(&dir, pid, id(&count), |r| {
+        r["calls"].as_u64().unwrap() >= 20
+    });
+    let first_calls = first["calls"].as_u64().unwrap();
+    let later = read_until(&dir, pid, id(&count), |r| {
+        r["calls"].as_u64().unwrap() > first_calls
+    });
+    assert!(later["calls"].as_u64().unwrap() > first_calls);
+
+    // Latency: timed calls with a positive mean, ordered percentiles.
+    let l = read_until(&dir, pid, id(&latency), |r| {
+        r["latency"]["count"].as_u64().unwrap() >= 20
+    });
+    let l = &l["latency"];
+    let (mean, p50, p99, max) = (
+        l["mean_ns"].as_f64().unwrap(),
+        l["p50_ns"].as_f64().unwrap(),
+        l["p99_ns"].as_f64().unwrap(),
+        l["max_ns"].as_f64().unwrap(),
+    );
+    assert!(mean > 0.0 && p50 > 0.0, "{l}");
+    assert!(p50 <= p99 && p99 <= max && mean <= max, "{l}");
+
+    // The histogram holds exactly the argument passed: one bucket, containing 700.
+    let h = read_until(&dir, pid, id(&hist), |r| r["calls"].as_u64().unwrap() >= 10);
+    let buckets = h["histogram"].as_array().unwrap();
+    assert_eq!(buckets.len(), 1, "{h}");
+    let (low, n) = (
+        buckets[0][0].as_u64().unwrap(),
+        buckets[0][1].as_u64().unwrap(),
+    );
+    assert!(
+        low <= 700 && 700 < low * 2,
+        "bucket [{low}, {}) holds 700: {h}",
+        low * 2
+    );
+    assert!(n >= 10 && n <= h["calls"].as_u64().unwrap(), "{h}");
+
+    // Predicates: `== 700` holds for every call (the first backtraces kept), `>= 701` for none.
+    let eq = read_until(&dir, pid, id(&equal), |r| r["hits"].as_u64().unwrap() >= 5);
+    assert!(
+        eq["hits"].as_u64().unwrap() <= eq["calls"].as_u64().unwrap(),
+        "{eq}"
+    );
+    assert!(!eq["backtraces"][0].as_str().unwrap().is_empty(), "{eq}");
+    let ab = read_until(&dir, pid, id(&above), |r| r["calls"].as_u64().unwrap() >= 5);
+    assert_eq!(ab["hits"], 0, "{ab}");
+
+    // Coverage: not hit until the host runs `rare`; then hit, and the probe detaches itself.
+    let c = read_until(&dir, pid, id(&coverage), |_| true);
+    assert_eq!(
+        (c["covered"].clone(), c["calls"].clone()),
+        (false.into(), 0.into()),
+        "{c}"
+    );
+    assert!(host.rare()["rare"].as_u64().is_some());
+    let c = read_until(&dir, pid, id(&coverage), |r| r["attached"] == false);
+    assert_eq!(c["covered"], true, "{c}");
+    assert_eq!(c["calls"], 1, "{c}");
+
+    // Human output: what each kind recorded.
+    let read = evolve(&dir, &["probe", pid, "read"]);
+    assert!(read.ok(), "{}", read.stderr());
+    let text = read.stdout();
+    for needle in [
+        "ctlhost::tally",
+        "calls",
+        "latency   mean",
+        "p50",
+        "p99",
+        "[512, 1024)",
+        "arg0 values:",
+        "hits      0 of",
+        "where arg0 >= 701",
+        "first backtrace",
+        "covered   yes",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+    // Latency figures carry their unit.
+    assert!(text.contains(" ns") || text.contains(" µs"), "{text}");
+
+    // top shows the probes next to the functions, in a frame and as JSON.
+    let top = evolve(&dir, &["top", pid, "--once"]);
+    assert!(top.ok(), "{}", top.stderr());
+    let frame = top.stdout();
+    for needle in [
+        "HOT FUNCTION",
+        "PROBED FUNCTION",
+        "CALLS/S",
+        "ctlhost::tally",
+        "hist arg0",
+        "when arg0 == 700",
+        "mostly [512, 1024)",
+        "ctlhost::rare",
+        "hit (detached)",
+    ] {
+        assert!(frame.contains(needle), "{needle:?} in\n{frame}");
+    }
+    let top = evolve(&dir, &["top", pid, "--once", "--json"]).expect_json();
+    assert_eq!(top["hello"]["pid"], host.pid());
+    assert_eq!(
+        top["probes"]["readings"].as_array().unwrap().len(),
+        6,
+        "{top}"
+    );
+    let counted = top["functions"]["call_counts"].as_array().unwrap();
+    assert!(
+        counted
+            .iter()
+            .any(|c| c[0] == "ctlhost::tally" && c[1].as_u64().unwrap() > 0),
+        "{top}"
+    );
+
+    // Refusals: exit 1 with the cause, or 2 for a usage error.
+    fails_with(
+        &evolve(&dir, &["probe", pid, "add", "nosuch::function", "--count"]),
+        1,
+        &["no function matches", "nosuch::function"],
+    );
+    fails_with(
+        &evolve(&dir, &["probe", pid, "add", "ctlhost::tiny", "--latency"]),
+        1,
+        &["cannot probe `ctlhost::tiny`"],
+    );
+    let json_error = evolve(
+        &dir,
+        &["probe", pid, "add", "nosuch::function", "--count", "--json"],
+    );
+    assert_eq!(json_error.json()["ok"], false);
+    for bad in [
+        "arg0 = 1",
+        "arg6 == 1",
+        "x > 1",
+        "arg0 == banana",
+        "arg1 >= 0",
+        "arg0 < -3",
+    ] {
+        fails_with(
+            &evolve(
+                &dir,
+                &["probe", pid, "add", "ctlhost::tally", "--when", bad],
+            ),
+            2,
+            &["bad expression", "argN OP VALUE"],
+        );
+    }
+    fails_with(
+        &evolve(
+            &dir,
+            &["probe", pid, "add", "ctlhost::tally", "--hist", "9"],
+        ),
+        2,
+        &["0-5"],
+    );
+    fails_with(
+        &evolve(&dir, &["probe", pid, "add", "ctlhost::tally"]),
+        2,
+        &["--count"],
+    );
+    fails_with(
+        &evolve(
+            &dir,
+            &[
+                "probe",
+                pid,
+                "add",
+                "ctlhost::tally",
+                "--count",
+                "--latency",
+            ],
+        ),
+        2,
+        &["cannot be used with"],
+    );
+    fails_with(&evolve(&dir, &["probe", pid, "rm"]), 2, &[]);
+    fails_with(
+        &evolve(&dir, &["probe", pid, "rm", "99999"]),
+        1,
+        &["no probe has id 99999"],
+    );
+    fails_with(
+        &evolve(&dir, &["probe", pid, "rm", "nosuch::*"]),
+        1,
+        &["no probe matches `nosuch::*`"],
+    );
+    fails_with(
+        &evolve(&dir, &["probe", pid, "read", "99999"]),
+        1,
+        &["no probe has id 99999"],
+    );
+    assert_eq!(
+        list(&dir)["probes"].as_array().unwrap().len(),
+        6,
+        "refusals change nothing"
+    );
+
+    // rm by id, by pattern, all: the list empties.
+    let removed = evolve(
+        &dir,
+        &["probe", pid, "rm", &id(&count).to_string(), "--json"],
+    )
+    .expect_json();
+    assert_eq!(removed["probes"][0]["id"], id(&count));
+    let human = evolve(&dir, &["probe", pid, "rm", "*::tally"]);
+    assert!(human.ok(), "{}", human.stderr());
+    assert_eq!(
+        human.stdout().matches("removed probe").count(),
+        4,
+        "{}",
+        human.stdout()
+    );
+    let left = list(&dir);
+    assert_eq!(left["probes"][0]["id"], id(&coverage), "{left}");
+    assert_eq!(left["probes"][0]["attached"], false, "{left}");
+    let all = evolve(&dir, &["probe", pid, "rm", "--all", "--json"]).expect_json();
+    assert_eq!(all["probes"].as_array().unwrap().len(), 1, "{all}");
+    assert_eq!(list(&dir)["probes"], serde_json::json!([]));
+    let none = evolve(&dir, &["probe", pid, "read"]);
+    assert!(
+        none.ok() && none.stdout().contains("no probes"),
+        "{}",
+        none.stdout()
+    );
+
+    // The function runs unprobed, and takes a probe again.
+    assert_eq!(host.probe()["price"], 30);
+    let again = add_probe(&dir, pid, "ctlhost::tally", &["--count"]);
+    read_until(&dir, pid, id(&again), |r| r["calls"].as_u64().unwrap() > 0);
+    evolve(&dir, &["probe", pid, "rm", "--all", "--json"]).expect_json();
+
+    // The journal has every add and rm, refusals included, with who and when.
+    let history = evolve(&dir, &["history", pid, "--json"]).expect_json();
+    let entries = history["entries"].as_array().unwrap();
+    let ops: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|e| (e["op"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    let ok_add = ("probe_add", "ok");
+    let failed_add = ("probe_add", "failed");
+    let (ok_rm, failed_rm) = (("probe_rm", "ok"), ("probe_rm", "failed"));
+    assert_eq!(
+        ops,
+        [
+            ok_add, ok_add, ok_add, ok_add, ok_add, ok_add, failed_add, failed_add, failed_add,
+            failed_rm, failed_rm, ok_rm, ok_rm, ok_rm, ok_add, ok_rm,
+        ],
+        "{history}"
+    );
+    let me = rustix::process::geteuid().as_raw();
+    assert!(entries
+        .iter()
+        .all(|e| e["uid"] == me && e["at_ms"].as_u64().unwrap() > 0));
+    assert!(entries[0]["target"]
+        .as_str()
+        .unwrap()
+        .contains("ctlhost::tally"));
+    assert!(entries[6]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no function matches"));
+    assert!(host.quit().success());
 }

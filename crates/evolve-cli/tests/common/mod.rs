@@ -154,6 +154,13 @@ impl Host {
         self.answer()
     }
 
+    /// Asks the host to run `rare(3)` once (a function nothing else calls): `{"rare": ...}`.
+    pub fn rare(&mut self) -> Value {
+        writeln!(self.stdin, "rare").unwrap();
+        self.stdin.flush().unwrap();
+        self.answer()
+    }
+
     /// Asks the host to exit and waits for it.
     pub fn quit(mut self) -> std::process::ExitStatus {
         writeln!(self.stdin, "quit").unwrap();
