@@ -7,6 +7,7 @@
 mod apply_latency;
 mod call_overhead;
 mod demo;
+mod kv_live_update;
 mod multiverse_commit;
 mod multiverse_lock_elision;
 mod multiverse_spinlock;
@@ -54,6 +55,9 @@ enum Scenario {
     ApplyLatency(apply_latency::Args),
     /// N successive patches of one function under continuous calls, with reclamation.
     Reclaim(reclaim::Args),
+    /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
+    /// patch applied and reverted continuously while the benchmark runs.
+    KvLiveUpdate(kv_live_update::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -86,6 +90,7 @@ fn main() {
         Scenario::ApplyLatency(args) => apply_latency::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
+        Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
     };
     if let Ok(record) = &result {
         if !matches!(

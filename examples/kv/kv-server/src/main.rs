@@ -129,6 +129,6 @@ fn exchange(stream: &mut TcpStream, store: &Store) -> std::io::Result<()> {
 
 /// `SHUTDOWN`: removes the agent's socket and exits.
 fn shutdown() -> ! {
-    drop(AGENT.lock().unwrap_or_else(|p| p.into_inner()).take());
+    let _ = AGENT.lock().unwrap_or_else(|p| p.into_inner()).take();
     std::process::exit(0)
 }
