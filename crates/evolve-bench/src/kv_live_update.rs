@@ -49,14 +49,20 @@ struct Run {
 fn benchmark(server: &Server, args: &Args) -> Result<Run, String> {
     let output = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &server.addr.port().to_string()])
-        .args(["-c", &args.clients.to_string(), "-n", &args.requests.to_string()])
-        .args(["-r", "100000", "-t", &args.tests, "-e", "--csv"])
+        .args([
+            "-c",
+            &args.clients.to_string(),
+            "-n",
+            &args.requests.to_string(),
+        ])
+        .args(["-r", "100000", "-t", &args.tests, "--csv"])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("redis-benchmark: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let mut errors = stdout.matches("Error").count() as u64 + stderr.matches("Error").count() as u64;
+    let mut errors =
+        stdout.matches("Error").count() as u64 + stderr.matches("Error").count() as u64;
     if !output.status.success() {
         errors += 1;
     }
@@ -72,7 +78,9 @@ fn benchmark(server: &Server, args: &Args) -> Result<Run, String> {
         })
         .collect();
     if rows.is_empty() || rows.iter().any(|r| r.len() < 6) {
-        return Err(format!("unexpected redis-benchmark output: {stdout}{stderr}"));
+        return Err(format!(
+            "unexpected redis-benchmark output: {stdout}{stderr}"
+        ));
     }
     let mean = |column: usize| rows.iter().map(|r| r[column]).sum::<f64>() / rows.len() as f64;
     Ok(Run {
@@ -86,10 +94,18 @@ fn benchmark(server: &Server, args: &Args) -> Result<Run, String> {
 fn server_errors(server: &Server) -> Result<u64, String> {
     let mut client = Client::connect(server.addr).map_err(|e| e.to_string())?;
     let info = client.info().map_err(|e| e.to_string())?;
-    Ok(["total_error_replies", "dropped_connections", "protocol_errors"]
-        .iter()
-        .map(|k| info.get(*k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1))
-        .sum())
+    Ok([
+        "total_error_replies",
+        "dropped_connections",
+        "protocol_errors",
+    ]
+    .iter()
+    .map(|k| {
+        info.get(*k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1)
+    })
+    .sum())
 }
 
 fn measure(binary: &Path, args: &Args, patch: Option<&Path>) -> Result<(Run, u64), String> {
@@ -131,7 +147,9 @@ pub fn run(args: &Args) -> Result<Value, String> {
         .is_ok_and(|o| o.status.success())
     {
         eprintln!("kv-live-update: skipped: redis-benchmark is not installed (Debian: apt-get install redis-tools)");
-        return Ok(json!({"scenario": "kv-live-update", "skipped": "redis-benchmark not installed"}));
+        return Ok(
+            json!({"scenario": "kv-live-update", "skipped": "redis-benchmark not installed"}),
+        );
     }
     let fail = |e: anyhow::Error| format!("{e:#}");
     eprintln!("kv-live-update: building the kv server with and without Evolve, and the patch…");

@@ -458,20 +458,48 @@ pub fn words_pointing_into(
             what: "reading /proc/self/maps (too many mappings)",
         }));
     }
+    // Other threads keep running and may unmap memory meanwhile (a thread's stack when it exits,
+    // a large allocation when it is freed), so the words are read through `/proc/self/mem`,
+    // where an unmapped page is an error to skip, not a fault.
+    let memory = std::fs::File::open("/proc/self/mem").map_err(|e| {
+        Error::new(ErrorKind::Os {
+            operation: "open /proc/self/mem",
+            errno: e.raw_os_error().unwrap_or(0),
+        })
+    })?;
+    let mut chunk = vec![0u8; 256 << 10];
+    let own = (
+        chunk.as_ptr() as usize,
+        chunk.as_ptr() as usize + chunk.len(),
+    );
     let mut words = Vec::new();
     for &(start, end, rw_private, shared) in &buffers.mappings {
         if !rw_private || shared || skip.iter().any(|s| s.0.get() < end && start < s.1.get()) {
             continue;
         }
-        // SAFETY: a private readable and writable mapping of this process; other threads may
-        // write it concurrently (we read words with volatile loads, values may be stale, which
-        // only makes the result more conservative) but the loader holds no reference to
-        // unmap it: heap and data mappings are not unmapped by loading.
-        unsafe {
-            scan_words(start, end, targets, &|_, _| false, &mut |at| {
-                words.push((at, Hidden::new(std::ptr::read_volatile(at as *const usize))))
-            })
-        };
+        let mut at = start.next_multiple_of(8);
+        while at + 8 <= end {
+            let want = (end - at).min(chunk.len()) & !7;
+            let read =
+                match std::os::unix::fs::FileExt::read_at(&memory, &mut chunk[..want], at as u64) {
+                    Ok(n) if n >= 8 => n & !7,
+                    // Unmapped since /proc/self/maps was read: skip the page.
+                    _ => {
+                        at = (at | 4095) + 1;
+                        continue;
+                    }
+                };
+            for (i, word) in chunk[..read].chunks_exact(8).enumerate() {
+                let address = at + i * 8;
+                let value = usize::from_ne_bytes(word.try_into().expect("8 bytes"));
+                // The chunk itself holds copies, not the loader's words.
+                if (own.0..own.1).contains(&address) || !hit(targets, value) {
+                    continue;
+                }
+                words.push((address, Hidden::new(value)));
+            }
+            at += read;
+        }
     }
     Ok(words)
 }

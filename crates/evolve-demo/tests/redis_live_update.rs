@@ -41,7 +41,9 @@ fn redis_benchmark_sees_no_failure_across_a_live_update() {
             std::env::var_os("CI").is_none(),
             "CI must install redis-tools (redis-benchmark, redis-cli)"
         );
-        eprintln!("SKIPPED: redis-benchmark / redis-cli not installed (apt-get install redis-tools)");
+        eprintln!(
+            "SKIPPED: redis-benchmark / redis-cli not installed (apt-get install redis-tools)"
+        );
         return;
     }
     let workspace = KvWorkspace::prepare("redis-test").unwrap();
@@ -67,8 +69,17 @@ fn redis_benchmark_sees_no_failure_across_a_live_update() {
     let started = Instant::now();
     let mut benchmark = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &server.addr.port().to_string()])
-        .args(["-c", "50", "-n", "300000", "-r", "100000", "-t", "set,get,incr"])
-        .args(["-e", "--csv"])
+        .args([
+            "-c",
+            "50",
+            "-n",
+            "300000",
+            "-r",
+            "100000",
+            "-t",
+            "set,get,incr",
+        ])
+        .arg("--csv")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -105,7 +116,13 @@ fn redis_benchmark_sees_no_failure_across_a_live_update() {
             .lines()
             .find(|l| l.starts_with(&format!("\"{test}\"")))
             .unwrap_or_else(|| panic!("no {test} result in {stdout}"));
-        let rps: f64 = line.split(',').nth(1).unwrap().trim_matches('"').parse().unwrap();
+        let rps: f64 = line
+            .split(',')
+            .nth(1)
+            .unwrap()
+            .trim_matches('"')
+            .parse()
+            .unwrap();
         assert!(rps > 0.0, "{line}");
     }
 
