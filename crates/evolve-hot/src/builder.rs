@@ -294,11 +294,12 @@ fn manifest_source(json: &str) -> String {
 pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     let base_file = options.base.file();
     let base = read_base(&base_file)?;
+    // `Cargo.toml` alone has the empty path as parent: the current directory.
     let workdir = options
         .manifest_path
         .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let toolchain = toolchain(&workdir)?;
     let scratch = std::env::temp_dir().join(format!(
         "evolve-patch-{}-{}",
@@ -367,6 +368,31 @@ fn build_in(
         .cloned()
         .collect();
     if !missing.is_empty() {
+        // The same items under other hashes: the crate graph was compiled differently (features
+        // are part of every hash), not a missing dependency. Say so, with what to do.
+        let paths: HashSet<String> = available.iter().map(|s| path_without_hash(s)).collect();
+        let rehashed: Vec<String> = missing
+            .iter()
+            .map(|s| path_without_hash(s))
+            .filter(|p| paths.contains(p))
+            .collect();
+        if !rehashed.is_empty() {
+            return Err(build_error(
+                "matching the program's symbols",
+                format!(
+                    "{} of the {} symbols the patch needs exist in the program under other \
+                     hashes (e.g. {}): the crates were compiled with other features than \
+                     the program's build. Build the program's package alone (`cargo build \
+                     -p BINARY`, not together with other packages, whose features cargo \
+                     unifies) and give the builder the features it enabled for {} \
+                     (--features, --no-default-features)",
+                    rehashed.len(),
+                    missing.len(),
+                    rehashed[0],
+                    options.package
+                ),
+            ));
+        }
         return Err(Error::new(ErrorKind::Unresolved {
             path: options.output.display().to_string(),
             symbols: missing,
