@@ -21,7 +21,7 @@
 //! one through another.
 
 use crate::registry::{Function, Plan, FUNCTIONS};
-use crate::switch::{AnySwitch, Switch, SwitchValue};
+use crate::switch::AnySwitch;
 use crate::Error;
 use evolve_code::{Batch, BatchReport, FnPtr};
 use std::sync::Mutex;
@@ -105,15 +105,17 @@ pub fn revert() -> Result<CommitReport, Error> {
     run(|_| true, false)
 }
 
-/// Commits only the functions that read `switch`.
-pub fn commit_refs<T: SwitchValue>(switch: &'static Switch<T>) -> Result<CommitReport, Error> {
-    let id = AnySwitch::id(switch);
+/// Commits only the functions that read `switch` (for a function-pointer switch: its call
+/// sites).
+pub fn commit_refs<S: AnySwitch + ?Sized>(switch: &'static S) -> Result<CommitReport, Error> {
+    let id = switch.id();
     run(|f| f.uses(id), true)
 }
 
-/// Reverts only the functions that read `switch`.
-pub fn revert_refs<T: SwitchValue>(switch: &'static Switch<T>) -> Result<CommitReport, Error> {
-    let id = AnySwitch::id(switch);
+/// Reverts only the functions that read `switch` (for a function-pointer switch: its call
+/// sites).
+pub fn revert_refs<S: AnySwitch + ?Sized>(switch: &'static S) -> Result<CommitReport, Error> {
+    let id = switch.id();
     run(|f| f.uses(id), false)
 }
 

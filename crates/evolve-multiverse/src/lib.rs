@@ -48,6 +48,7 @@
 //! functions of the crate that declares them.
 
 mod commit;
+mod fnswitch;
 mod registry;
 mod switch;
 
@@ -55,6 +56,7 @@ pub use commit::{
     commit, commit_fn, commit_refs, commit_refs_dyn, function_states, functions, is_committed,
     revert, revert_fn, revert_refs, revert_refs_dyn, CommitReport, FunctionState, Unmatched,
 };
+pub use fnswitch::FnSwitch;
 pub use registry::Multiversed;
 pub use switch::{switch_named, switches, AnySwitch, Switch, SwitchValue};
 
@@ -110,6 +112,7 @@ impl std::error::Error for Error {
 pub mod __private {
     pub use crate::registry::{Function, FUNCTIONS};
     pub use crate::switch::SWITCHES;
+    pub use evolve_code::fn_ptr_type;
     pub use linkme;
 
     use crate::switch::{Switch, SwitchValue};
