@@ -8,9 +8,10 @@
 //!   `evolve::multiverse::FnSwitch<__EvolveFn_HASH>` and adds `call`, `get`, `set` and
 //!   `committed` with plain function pointers;
 //! - the dispatcher `__evolve_fnsw_dispatch_HASH`, an `#[inline(never)]` function of the
-//!   switch's signature that calls the switch's current value; `call` (always inlined) calls it
-//!   directly, so every call of the switch is a `call rel32` commit can retarget (a Rust
-//!   function of the crate, so the compiler calls it directly, not through the GOT);
+//!   switch's signature that calls the switch's committed function, or its value if not
+//!   committed; `call` (always inlined) calls it directly, so every call of the switch is a
+//!   `call rel32` commit can retarget (a Rust function of the crate, so the compiler calls it
+//!   directly, not through the GOT);
 //! - the entry stub, an aligned 5-byte `jmp rel32` to the dispatcher under a global label inside
 //!   a naked function, declared to Rust through an `unsafe extern` block with the switch's
 //!   signature and ABI: the pointer `entry()` hands out, whose jump commit retargets with the
@@ -162,8 +163,7 @@ pub fn expand(domain: Option<Vec<Expr>>, item: ItemStatic, f: &TypeBareFn) -> Re
                 self.0.get().0
             }
 
-            /// Changes the value; committed call sites keep their binding until the next commit.
-            #[inline]
+            /// Changes the value; committed calls keep their binding until the next commit.
             #vis fn set(&self, f: #ty) {
                 self.0.set(#newtype(f))
             }
@@ -209,12 +209,13 @@ pub fn expand(domain: Option<Vec<Expr>>, item: ItemStatic, f: &TypeBareFn) -> Re
             &[#(#declared_names),*],
         ));
 
-        /// The indirect path of the switch: calls its current value.
+        /// The indirect path of the switch: calls its committed function, or its value if it
+        /// is not committed.
         #[doc(hidden)]
         #[inline(never)]
         #[allow(non_snake_case, improper_ctypes_definitions)]
         extern #extern_abi fn #dispatch(#(#args: #types),*) #output {
-            (#ident.0.get().0)(#(#args),*)
+            (#ident.0.route().0)(#(#args),*)
         }
 
         // The entry stub: one `jmp rel32` to the dispatcher, spelled as bytes so that the

@@ -92,6 +92,11 @@ fn commit_binds_until_the_next_commit_and_revert_restores_every_byte() {
     HASH.set(fnv);
     assert_eq!(hash_pair(data), expected(length, data));
     assert_eq!(through_entry(data), 6, "the stub follows the binding");
+    assert_eq!(
+        (HASH.dispatcher().0)(data),
+        6,
+        "so does the dispatcher (calls commit could not rewrite)"
+    );
     assert_eq!(address(HASH.get()), address(fnv));
     assert_eq!((HASH.get())(data), fnv(data));
 
@@ -226,6 +231,12 @@ fn a_function_switch_is_a_switch_for_control_tools() {
     assert_eq!(switch.raw(), other_hook as fn() as usize as u64);
     HOOK.set(no_hook);
     assert!(mv::switches().iter().any(|s| s.name() == "HASH"));
+}
+
+#[test]
+#[should_panic(expected = "cannot hold its own entry")]
+fn a_switch_cannot_hold_its_own_entry() {
+    OTHER.set(OTHER.entry().0);
 }
 
 extern "C" fn add(a: u64, b: u64, c: &u64) -> u64 {
