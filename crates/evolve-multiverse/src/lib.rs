@@ -12,6 +12,9 @@
 //! - `#[evolve::multiverse(A, B = [v1, v2])]` on a function generates its generic body and one
 //!   variant per assignment of the listed switches (`B` only for the listed values: partial
 //!   specialisation); at most [`MAX_VARIANTS`].
+//! - `#[evolve::switch] static HASH: fn(&[u8]) -> u64 = fnv;` declares a function-pointer
+//!   switch ([`FnSwitch`]): `HASH.call(data)` calls its function, indirectly until a commit turns
+//!   every such call into a direct call of the current function (the paper's PV-ops case).
 //! - [`commit`], [`revert`], [`commit_refs`], [`revert_refs`], [`commit_fn`], [`revert_fn`],
 //!   [`is_committed`]: the API of the paper's Table 1. See [`commit`](mod@crate::commit) for
 //!   the semantics.
