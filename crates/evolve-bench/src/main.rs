@@ -9,6 +9,7 @@ mod call_overhead;
 mod demo;
 mod kv_live_update;
 mod multiverse_commit;
+mod multiverse_fnptr;
 mod multiverse_lock_elision;
 mod multiverse_spinlock;
 mod patch_sites;
@@ -46,6 +47,9 @@ enum Scenario {
     MultiverseLockElision(Raw),
     /// Multiverse commit and revert of N direct call sites (`--call-sites`, `--runs`).
     MultiverseCommit(Raw),
+    /// Multiverse function-pointer switch: calls through it before and after commit, against
+    /// a direct call of the function (`--iters`, `--runs`).
+    MultiverseFnptr(Raw),
     /// Hot update: a call through a hot function's stub, against a direct call and a PSU-style
     /// trampoline (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu` for callgrind).
     CallOverhead(call_overhead::Args),
@@ -85,6 +89,7 @@ fn main() {
         Scenario::MultiverseSpinlock(raw) => Ok(multiverse_spinlock::run(&raw.args)),
         Scenario::MultiverseLockElision(raw) => Ok(multiverse_lock_elision::run(&raw.args)),
         Scenario::MultiverseCommit(raw) => Ok(multiverse_commit::run(&raw.args)),
+        Scenario::MultiverseFnptr(raw) => multiverse_fnptr::run(&raw.args),
         Scenario::CallOverhead(args) => call_overhead::run(args),
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),

@@ -23,8 +23,9 @@ use std::marker::PhantomData;
 ///
 /// # Safety
 ///
-/// Implementors must be plain function pointers (`fn` or `extern "C" fn` types), so that an
-/// address obtained from [`FnPtr::address`] of a value of the type is callable as the type.
+/// Implementors must be plain function pointers (`fn` or `extern "C" fn` types, or
+/// `#[repr(transparent)]` newtypes of one, see [`crate::fn_ptr_type!`]) whose bits are the
+/// address [`FnPtr::address`] returns, so that such an address is callable as the type.
 pub unsafe trait FnPtr: Copy + Send + Sync + 'static {
     /// The function's address.
     fn address(self) -> usize;

@@ -13,6 +13,8 @@
 //! - [`NearBlock`] allocates executable memory within ±2 GiB of an address, and springboards
 //!   carry branches to targets beyond that;
 //! - [`FnSite`] is a generated, typed site: safe to retarget between functions of one type;
+//!   [`FnCell`] an atomically shared function pointer, and [`fn_ptr_type!`] makes any `fn` type
+//!   (higher-ranked ones too) usable by the typed APIs;
 //! - [`inspect`] reads the process's own ELF images: symbols, function ranges, build id, and
 //!   every `call rel32` that targets a function.
 //!
@@ -56,6 +58,7 @@ mod detour;
 pub mod dylib;
 pub mod error;
 mod fault;
+mod fncell;
 mod fnsite;
 mod hidden;
 pub mod inspect;
@@ -74,6 +77,7 @@ pub use detour::{
     quarantined_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue, SavedRegs,
 };
 pub use error::{Error, ErrorKind, Result};
+pub use fncell::FnCell;
 pub use fnsite::{FnPtr, FnSite, Placement};
 pub use hidden::{scrub, scrub_spare, Hidden};
 pub use near::NearBlock;

@@ -1,6 +1,7 @@
 //! Evolve's procedural macros; use them through the `evolve` facade.
 //!
-//! - `#[evolve::switch]` declares a configuration switch (see `evolve::multiverse::Switch`);
+//! - `#[evolve::switch]` declares a configuration switch (see `evolve::multiverse::Switch`), or
+//!   on a function pointer static a function-pointer switch (`evolve::multiverse::FnSwitch`);
 //! - `#[evolve::multiverse(SWITCHES...)]` generates a function's generic body and its variants;
 //! - `#[derive(evolve::SwitchValue)]` makes a fieldless enum's variants a switch domain.
 //!
@@ -9,6 +10,7 @@
 
 use proc_macro::TokenStream;
 
+mod fnswitch;
 mod multiverse;
 mod switch;
 
@@ -17,6 +19,11 @@ mod switch;
 /// `T` is `bool`, an enum deriving `SwitchValue`, or an integer with a declared domain:
 /// `#[evolve::switch(in 0..=3)]` or `#[evolve::switch(in [1, 4, 16])]`. The static becomes an
 /// `evolve::multiverse::Switch<T>`, read with `.get()` and written with `.set(v)`.
+///
+/// A static of a function pointer type (`static HASH: fn(&[u8]) -> u64 = fnv;`) becomes a
+/// function-pointer switch (`evolve::multiverse::FnSwitch`): `HASH.call(data)` calls its
+/// function, and commit turns those calls into direct calls of the current one. The optional
+/// `in [f, g]` names the functions control tools may select.
 #[proc_macro_attribute]
 pub fn switch(attr: TokenStream, item: TokenStream) -> TokenStream {
     switch::expand(attr.into(), item.into())

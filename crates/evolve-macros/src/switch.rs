@@ -85,6 +85,14 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> Result<TokenStream> {
             "a switch is written with `.set()`: declare it without `mut`",
         ));
     }
+    if let Some(f) = crate::fnswitch::bare_fn(&item.ty) {
+        let declared = match domain {
+            Domain::Implied => None,
+            Domain::Values(values) => Some(values),
+        };
+        let f = f.clone();
+        return crate::fnswitch::expand(declared, item, &f);
+    }
     let ItemStatic {
         attrs,
         vis,

@@ -12,6 +12,10 @@
 //! generic code, and is reported in [`CommitReport::unmatched`]. [`revert`] restores every byte
 //! it changed.
 //!
+//! Function-pointer switches take part in the same operations, as if they were functions that
+//! read themselves: commit binds their calls to their current function, revert makes them
+//! indirect again (see [`crate::FnSwitch`]).
+//!
 //! # Threads
 //!
 //! Commits and reverts are serialised by one lock, and all the sites of one operation are
@@ -21,7 +25,7 @@
 //! one through another.
 
 use crate::registry::{Function, Plan, FUNCTIONS};
-use crate::switch::{AnySwitch, Switch, SwitchValue};
+use crate::switch::AnySwitch;
 use crate::Error;
 use evolve_code::{Batch, BatchReport, FnPtr};
 use std::sync::Mutex;
@@ -75,7 +79,8 @@ fn run(select: impl Fn(&dyn Function) -> bool, commit: bool) -> Result<CommitRep
     Ok(report)
 }
 
-/// Binds every multiversed function to the current values of its switches.
+/// Binds every multiversed function to the current values of its switches, and the calls of
+/// every function-pointer switch to its current function.
 ///
 /// # Example
 ///
@@ -100,20 +105,70 @@ pub fn commit() -> Result<CommitReport, Error> {
     run(|_| true, true)
 }
 
-/// Restores the generic code of every multiversed function.
+/// Restores the generic code of every multiversed function and the indirect calls of every
+/// function-pointer switch.
+///
+/// # Example
+///
+/// ```
+/// #[evolve::switch]
+/// static ROUND: fn(f64) -> f64 = f64::floor;
+///
+/// evolve::multiverse::commit().unwrap();
+/// assert!(ROUND.is_committed());
+/// assert!(evolve::multiverse::revert().unwrap().changed.contains(&"ROUND"));
+/// assert!(!ROUND.is_committed());
+/// ```
 pub fn revert() -> Result<CommitReport, Error> {
     run(|_| true, false)
 }
 
-/// Commits only the functions that read `switch`.
-pub fn commit_refs<T: SwitchValue>(switch: &'static Switch<T>) -> Result<CommitReport, Error> {
-    let id = AnySwitch::id(switch);
+/// Commits only the functions that read `switch` (for a function-pointer switch: its call
+/// sites).
+///
+/// # Example
+///
+/// ```
+/// #[evolve::switch]
+/// static FAST: bool = false;
+/// #[evolve::multiverse(FAST)]
+/// fn speed() -> u32 {
+///     if FAST.get() { 2 } else { 1 }
+/// }
+///
+/// #[evolve::switch]
+/// static ROUND: fn(f64) -> f64 = f64::floor;
+///
+/// FAST.set(true);
+/// ROUND.set(f64::ceil);
+/// assert_eq!(evolve::multiverse::commit_refs(&FAST).unwrap().changed, ["speed"]);
+/// assert_eq!(evolve::multiverse::commit_refs(&ROUND).unwrap().changed, ["ROUND"]);
+/// assert_eq!((speed(), ROUND.call(1.5)), (2, 2.0));
+/// evolve::multiverse::revert_refs(&FAST).unwrap();
+/// evolve::multiverse::revert_refs(&ROUND).unwrap();
+/// ```
+pub fn commit_refs<S: AnySwitch + ?Sized>(switch: &'static S) -> Result<CommitReport, Error> {
+    let id = switch.id();
     run(|f| f.uses(id), true)
 }
 
-/// Reverts only the functions that read `switch`.
-pub fn revert_refs<T: SwitchValue>(switch: &'static Switch<T>) -> Result<CommitReport, Error> {
-    let id = AnySwitch::id(switch);
+/// Reverts only the functions that read `switch` (for a function-pointer switch: its call
+/// sites).
+///
+/// # Example
+///
+/// ```
+/// #[evolve::switch]
+/// static ROUND: fn(f64) -> f64 = f64::floor;
+///
+/// evolve::multiverse::commit_refs(&ROUND).unwrap();
+/// ROUND.set(f64::ceil); // committed calls keep `floor`
+/// assert_eq!(ROUND.call(1.5), 1.0);
+/// assert_eq!(evolve::multiverse::revert_refs(&ROUND).unwrap().changed, ["ROUND"]);
+/// assert_eq!(ROUND.call(1.5), 2.0); // the indirect path follows the value again
+/// ```
+pub fn revert_refs<S: AnySwitch + ?Sized>(switch: &'static S) -> Result<CommitReport, Error> {
+    let id = switch.id();
     run(|f| f.uses(id), false)
 }
 
@@ -157,12 +212,13 @@ pub fn revert_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
 }
 
 /// Whether `f` runs a variant (it was committed and its switches had a variant); `false` for a
-/// function that is not multiversed.
+/// function that is not multiversed. For a function-pointer switch pass its `entry()`, or ask
+/// `SWITCH.is_committed()`.
 pub fn is_committed<F: FnPtr>(f: F) -> bool {
     find(f.address()).is_ok_and(|g| g.is_committed())
 }
 
-/// The names of every multiversed function of the program.
+/// The names of every multiversed function and function-pointer switch of the program.
 pub fn functions() -> Vec<&'static str> {
     FUNCTIONS.iter().map(|f| f.name()).collect()
 }

@@ -12,6 +12,9 @@
 //! - `#[evolve::multiverse(A, B = [v1, v2])]` on a function generates its generic body and one
 //!   variant per assignment of the listed switches (`B` only for the listed values: partial
 //!   specialisation); at most [`MAX_VARIANTS`].
+//! - `#[evolve::switch] static HASH: fn(&[u8]) -> u64 = fnv;` declares a function-pointer
+//!   switch ([`FnSwitch`]): `HASH.call(data)` calls its function, indirectly until a commit turns
+//!   every such call into a direct call of the current function (the paper's PV-ops case).
 //! - [`commit`], [`revert`], [`commit_refs`], [`revert_refs`], [`commit_fn`], [`revert_fn`],
 //!   [`is_committed`]: the API of the paper's Table 1. See [`commit`](mod@crate::commit) for
 //!   the semantics.
@@ -48,6 +51,7 @@
 //! functions of the crate that declares them.
 
 mod commit;
+mod fnswitch;
 mod registry;
 mod switch;
 
@@ -55,6 +59,7 @@ pub use commit::{
     commit, commit_fn, commit_refs, commit_refs_dyn, function_states, functions, is_committed,
     revert, revert_fn, revert_refs, revert_refs_dyn, CommitReport, FunctionState, Unmatched,
 };
+pub use fnswitch::FnSwitch;
 pub use registry::Multiversed;
 pub use switch::{switch_named, switches, AnySwitch, Switch, SwitchValue};
 
@@ -110,6 +115,7 @@ impl std::error::Error for Error {
 pub mod __private {
     pub use crate::registry::{Function, FUNCTIONS};
     pub use crate::switch::SWITCHES;
+    pub use evolve_code::fn_ptr_type;
     pub use linkme;
 
     use crate::switch::{Switch, SwitchValue};
