@@ -96,7 +96,7 @@ pub fn mget(store: &Store, args: &[Vec<u8>]) -> Reply {
 /// `MSET key value [key value ...]`
 #[cfg_attr(feature = "evolve", evolve::hot)]
 pub fn mset(store: &Store, args: &[Vec<u8>]) -> Reply {
-    if args.is_empty() || args.len() % 2 != 0 {
+    if args.is_empty() || !args.len().is_multiple_of(2) {
         return Reply::arity("mset");
     }
     for pair in args.chunks_exact(2) {

@@ -7,6 +7,9 @@ use std::time::Instant;
 
 const SHARDS: usize = 64;
 
+/// The keys of one shard.
+type Map = HashMap<Vec<u8>, Entry>;
+
 /// A value and its expiry time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -32,7 +35,7 @@ impl Entry {
 
 /// One shard of the key space, locked.
 pub struct Shard<'a> {
-    map: MutexGuard<'a, HashMap<Vec<u8>, Entry>>,
+    map: MutexGuard<'a, Map>,
     now: Instant,
 }
 
@@ -59,7 +62,7 @@ impl Shard<'_> {
 
 /// The whole key space.
 pub struct Store {
-    shards: Box<[Mutex<HashMap<Vec<u8>, Entry>>]>,
+    shards: Box<[Mutex<Map>]>,
 }
 
 impl Default for Store {
