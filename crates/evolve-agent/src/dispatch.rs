@@ -369,6 +369,9 @@ fn apply(
         atomic,
         trial_ms,
         total_ms: report.total_ms,
+        verify_ms: report.verify_ms,
+        load_ms: report.load_ms,
+        switch_ms: report.apply_ms,
     })
 }
 

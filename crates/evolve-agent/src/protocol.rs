@@ -408,6 +408,15 @@ pub struct Applied {
     pub trial_ms: Option<u64>,
     /// Milliseconds, in all.
     pub total_ms: f64,
+    /// Of which: reading and verifying the manifest.
+    #[serde(default)]
+    pub verify_ms: f64,
+    /// Loading and binding the object.
+    #[serde(default)]
+    pub load_ms: f64,
+    /// Switching the functions (the only part that touches running code).
+    #[serde(default)]
+    pub switch_ms: f64,
 }
 
 /// The result of `revert`.

@@ -61,10 +61,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let applied: Applied = typed(result?)?;
             print(json, &applied, || {
                 println!(
-                    "applied {} to process {} in {:.2} ms{}{}",
+                    "applied {} to process {} in {:.2} ms (verify {:.2}, load {:.2}, switch {:.2}){}{}",
                     applied.patch,
                     target.pid,
                     applied.total_ms,
+                    applied.verify_ms,
+                    applied.load_ms,
+                    applied.switch_ms,
                     if applied.atomic { " (atomically)" } else { "" },
                     applied
                         .trial_ms

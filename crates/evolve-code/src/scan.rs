@@ -224,6 +224,69 @@ impl Buffers {
     }
 }
 
+/// Which pages of a range hold data: present in memory or swapped out, as
+/// `/proc/self/pagemap` tells (bits 63 and 62 of each page's entry; readable without privilege).
+/// A page never touched holds zeros, so no pointer, and most of a process's writable address
+/// space is such pages — each thread's stack reserves megabytes and uses kilobytes (the kv server
+/// with 50 clients: 118 MB of writable mappings, 19 MB resident) — so scans skip them.
+struct TouchedPages {
+    pagemap: Option<std::fs::File>,
+    /// Preallocated entries of one chunk (nothing is allocated while threads are stopped).
+    entries: Vec<u8>,
+}
+
+impl TouchedPages {
+    /// Pages per `pagemap` read.
+    const CHUNK: usize = 8192;
+
+    fn new() -> TouchedPages {
+        TouchedPages {
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+            entries: vec![0; Self::CHUNK * 8],
+        }
+    }
+
+    /// Calls `f(from, to)` for each run of touched pages within `start..end` (clamped to it).
+    /// Where `pagemap` cannot be read, every page counts as touched.
+    fn runs(&mut self, start: usize, end: usize, f: &mut dyn FnMut(usize, usize)) {
+        let Some(pagemap) = &self.pagemap else {
+            f(start, end);
+            return;
+        };
+        let page = crate::sys::memory::page_size();
+        let mut page_at = start & !(page - 1);
+        while page_at < end {
+            let pages = (end - page_at).div_ceil(page).min(Self::CHUNK);
+            let chunk_end = (page_at + pages * page).min(end);
+            let bytes = &mut self.entries[..pages * 8];
+            let offset = (page_at / page * 8) as u64;
+            match std::os::unix::fs::FileExt::read_at(pagemap, bytes, offset) {
+                Ok(n) if n == pages * 8 => {
+                    let mut run: Option<usize> = None;
+                    for (i, entry) in bytes.chunks_exact(8).enumerate() {
+                        let entry = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
+                        let touched = entry >> 62 != 0;
+                        let at = page_at + i * page;
+                        match (touched, run) {
+                            (true, None) => run = Some(at),
+                            (false, Some(from)) => {
+                                f(from.max(start), at);
+                                run = None;
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(from) = run {
+                        f(from.max(start), chunk_end);
+                    }
+                }
+                _ => f(page_at.max(start), chunk_end),
+            }
+            page_at += pages * page;
+        }
+    }
+}
+
 fn hit(targets: &[(Hidden, Hidden)], value: usize) -> bool {
     targets
         .iter()
@@ -288,6 +351,7 @@ pub fn scan_for_references(
         maps: Vec::with_capacity(4 << 20),
         mappings: Vec::with_capacity(65_536),
     };
+    let mut touched = TouchedPages::new();
     // The scanner's own list of mappings holds the targets' plain addresses while it scans.
     let own_list = {
         let start = buffers.mappings.as_ptr() as usize;
@@ -373,10 +437,12 @@ pub fn scan_for_references(
             let sp = registers[libc::REG_RSP as usize].saturating_sub(128);
             if let Some((_, end, rw, _)) = buffers.mapping_of(sp) {
                 if rw {
-                    // SAFETY: the thread's stack mapping is readable and writable, and its
-                    // thread is stopped.
-                    unsafe { scan_words(sp, end, targets, excluded, &mut |at| note(at, 1)) };
-                    bytes_scanned += end - sp;
+                    touched.runs(sp, end, &mut |from, to| {
+                        // SAFETY: within the thread's stack mapping, readable and writable, and
+                        // its thread is stopped.
+                        unsafe { scan_words(from, to, targets, excluded, &mut |at| note(at, 1)) };
+                        bytes_scanned += to - from;
+                    });
                 }
             }
         }
@@ -395,10 +461,12 @@ pub fn scan_for_references(
                 if is_stack {
                     continue;
                 }
-                // SAFETY: a private readable and writable mapping, listed while every other
-                // thread is stopped, so nobody can unmap it during the scan.
-                unsafe { scan_words(start, end, targets, excluded, &mut |at| note(at, 2)) };
-                bytes_scanned += end - start;
+                touched.runs(start, end, &mut |from, to| {
+                    // SAFETY: within a private readable and writable mapping, listed while every
+                    // other thread is stopped, so nobody can unmap it during the scan.
+                    unsafe { scan_words(from, to, targets, excluded, &mut |at| note(at, 2)) };
+                    bytes_scanned += to - from;
+                });
             }
         }
     }
@@ -467,6 +535,7 @@ pub fn words_pointing_into(
             errno: e.raw_os_error().unwrap_or(0),
         })
     })?;
+    let mut touched = TouchedPages::new();
     let mut chunk = vec![0u8; 256 << 10];
     let own = (
         chunk.as_ptr() as usize,
@@ -477,29 +546,45 @@ pub fn words_pointing_into(
         if !rw_private || shared || skip.iter().any(|s| s.0.get() < end && start < s.1.get()) {
             continue;
         }
-        let mut at = start.next_multiple_of(8);
-        while at + 8 <= end {
-            let want = (end - at).min(chunk.len()) & !7;
-            let read =
-                match std::os::unix::fs::FileExt::read_at(&memory, &mut chunk[..want], at as u64) {
-                    Ok(n) if n >= 8 => n & !7,
-                    // Unmapped since /proc/self/maps was read: skip the page.
-                    _ => {
-                        at = (at | 4095) + 1;
-                        continue;
-                    }
-                };
-            for (i, word) in chunk[..read].chunks_exact(8).enumerate() {
-                let address = at + i * 8;
-                let value = usize::from_ne_bytes(word.try_into().expect("8 bytes"));
-                // The chunk itself holds copies, not the loader's words.
-                if (own.0..own.1).contains(&address) || !hit(targets, value) {
-                    continue;
-                }
-                words.push((address, Hidden::new(value)));
-            }
-            at += read;
-        }
+        touched.runs(start, end, &mut |from, to| {
+            read_words(&memory, &mut chunk, own, targets, from, to, &mut words)
+        });
     }
     Ok(words)
+}
+
+/// Reads `from..to` through `/proc/self/mem` into `chunk`, collecting the words that point into
+/// `targets` (except in `own`, the chunk itself, which holds copies) and skipping pages that
+/// are gone.
+fn read_words(
+    memory: &std::fs::File,
+    chunk: &mut [u8],
+    own: (usize, usize),
+    targets: &[(Hidden, Hidden)],
+    from: usize,
+    to: usize,
+    words: &mut Vec<(usize, Hidden)>,
+) {
+    let mut at = from.next_multiple_of(8);
+    while at + 8 <= to {
+        let want = (to - at).min(chunk.len()) & !7;
+        let read = match std::os::unix::fs::FileExt::read_at(memory, &mut chunk[..want], at as u64)
+        {
+            Ok(n) if n >= 8 => n & !7,
+            // Unmapped since /proc/self/maps was read: skip the page.
+            _ => {
+                at = (at | 4095) + 1;
+                continue;
+            }
+        };
+        for (i, word) in chunk[..read].chunks_exact(8).enumerate() {
+            let address = at + i * 8;
+            let value = usize::from_ne_bytes(word.try_into().expect("8 bytes"));
+            if (own.0..own.1).contains(&address) || !hit(targets, value) {
+                continue;
+            }
+            words.push((address, Hidden::new(value)));
+        }
+        at += read;
+    }
 }
