@@ -48,6 +48,7 @@
 //! trampoline passes to the hook thunk, and free trampolines only under the check above.
 #![allow(unsafe_code)]
 
+use crate::counter::Counter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::near::NearBlock;
 use crate::sys::{membarrier, memory};
@@ -57,7 +58,7 @@ use iced_x86::{
     InstructionBlock,
 };
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 /// Bytes the entry `jmp` occupies.
@@ -260,8 +261,8 @@ pub type EntryHook = dyn Fn(&mut Entry<'_>) + Send + Sync;
 /// What a detour's trampoline does.
 #[derive(Clone)]
 pub struct DetourHooks {
-    /// Incremented (`lock inc`) by every call.
-    pub counter: Arc<AtomicU64>,
+    /// Incremented by every call (per thread, see [`Counter`]).
+    pub counter: Arc<Counter>,
     /// While true, every call also calls `on_entry`.
     pub slow: Arc<AtomicBool>,
     /// The entry hook.
@@ -285,22 +286,46 @@ extern "C" fn entry_thunk(regs: *mut SavedRegs, hook: *const Arc<EntryHook>) {
     hook(&mut Entry { regs });
 }
 
-/// Everything a trampoline references; dropped only after the block is freed.
+extern "C" fn adopt_thunk(_regs: *mut SavedRegs, _unused: usize) {
+    crate::counter::adopt();
+}
+
+/// Everything a trampoline references; dropped only after no thread can be inside it.
 struct Trampoline {
     block: NearBlock,
-    active: Box<AtomicU64>,
+    /// Threads inside the hook call (incremented before, decremented after, per thread);
+    /// boxed: the trampoline's code holds its address.
+    active: Box<Counter>,
+    /// For a routed jump site: the slot the trampoline's tail jumps through.
+    slot: Option<Box<AtomicUsize>>,
     _hooks: DetourHooks,
     _hook_box: Box<Arc<EntryHook>>,
 }
 
 static DETOURED: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 static QUARANTINE: Mutex<Vec<Trampoline>> = Mutex::new(Vec::new());
+/// Trampoline blocks no thread can be in, with their unwind info registered: reused first.
+static FREE_BLOCKS: Mutex<Vec<NearBlock>> = Mutex::new(Vec::new());
+/// Removed trampolines of routed jump sites wait for this many before a stop reclaims them.
+const RECLAIM_BATCH: usize = 16;
+
+/// How a detour enters its trampoline.
+enum Route {
+    /// A `jmp` over the relocated prologue, written with the world stopped.
+    Prologue {
+        prologue: Prologue,
+        jmp: [u8; JMP_LEN],
+    },
+    /// The function's first instruction is a `jmp rel32` (a prepared function's stub): the
+    /// site is routed through the trampoline ([`crate::write`]'s interposition); the tail jumps
+    /// through a slot that follows the site's target.
+    Jump,
+}
 
 /// An installed entry detour. Dropping it leaves it installed; [`Detour::remove`] removes it.
 pub struct Detour {
     function: usize,
-    prologue: Prologue,
-    jmp: [u8; JMP_LEN],
+    route: Route,
     trampoline: Option<Trampoline>,
 }
 
@@ -308,66 +333,263 @@ impl std::fmt::Debug for Detour {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Detour")
             .field("function", &format_args!("{:#x}", self.function))
-            .field("len", &self.prologue.len())
+            .field("through_stub", &matches!(self.route, Route::Jump))
             .finish_non_exhaustive()
     }
 }
 
-struct Emitter(Vec<u8>);
+/// Machine code with its call-frame rule (CFA offset from `rsp`) after every instruction that
+/// changes it.
+struct Emitter {
+    code: Vec<u8>,
+    cfa: u32,
+    rules: Vec<(usize, u32)>,
+}
 
 impl Emitter {
     fn bytes(&mut self, b: &[u8]) -> &mut Emitter {
-        self.0.extend_from_slice(b);
+        self.code.extend_from_slice(b);
         self
     }
     fn movabs_r11(&mut self, v: usize) -> &mut Emitter {
         self.bytes(&[0x49, 0xbb]).bytes(&(v as u64).to_le_bytes())
     }
+    /// The stack pointer moved down by `n` bytes (`n < 0`: up) with the last instruction.
+    fn stack(&mut self, n: i32) -> &mut Emitter {
+        self.cfa = (self.cfa as i32 + n) as u32;
+        self.rules.push((self.code.len(), self.cfa));
+        self
+    }
+    fn here(&self) -> usize {
+        self.code.len()
+    }
+    /// A `jcc`/`jmp rel32` whose 4-byte displacement ends here, patched to `to` later.
+    fn fix(&mut self, at_end: usize, to: usize) {
+        let rel = (to as i64 - at_end as i64) as i32;
+        self.code[at_end - 4..at_end].copy_from_slice(&rel.to_le_bytes());
+    }
+    /// `mov r11, fs:[offset]`: the thread's counter block.
+    fn thread_block(&mut self, offset: i32) -> &mut Emitter {
+        self.bytes(&[0x64, 0x4c, 0x8b, 0x1c, 0x25])
+            .bytes(&offset.to_le_bytes())
+    }
+    /// Adds `delta` (±1) to a counter: in the thread's block if it has one, else shared.
+    fn count(&mut self, c: &Counter, delta: i8, tls: Option<i32>) -> &mut Emitter {
+        let modrm_block = if delta > 0 { 0x83 } else { 0x8b }; // inc / dec qword [r11 + disp32]
+        let modrm_shared = if delta > 0 { 0x03 } else { 0x0b }; // inc / dec qword [r11]
+        if let (Some(offset), Some(slot)) = (tls, c.slot_offset()) {
+            self.thread_block(offset)
+                .bytes(&[0x4d, 0x85, 0xdb]) // test r11, r11
+                .bytes(&[0x74, 0]); // jz shared
+            let jz = self.here();
+            self.bytes(&[0x49, 0xff, modrm_block])
+                .bytes(&slot.to_le_bytes())
+                .bytes(&[0xeb, 0]); // jmp done
+            let jmp = self.here();
+            self.code[jz - 1] = (jmp - jz) as u8;
+            self.movabs_r11(c.shared_address())
+                .bytes(&[0xf0, 0x49, 0xff, modrm_shared]);
+            let done = self.here();
+            self.code[jmp - 1] = (done - jmp) as u8;
+            self
+        } else {
+            self.movabs_r11(c.shared_address())
+                .bytes(&[0xf0, 0x49, 0xff, modrm_shared])
+        }
+    }
+    /// Saves the argument registers, calls `thunk(saved registers, rsi)`, restores them.
+    fn call_saved(&mut self, thunk: usize, rsi: usize) -> &mut Emitter {
+        for r in [
+            &[0x57][..],
+            &[0x56],
+            &[0x52],
+            &[0x51],
+            &[0x41, 0x50],
+            &[0x41, 0x51],
+            &[0x50],
+        ] {
+            self.bytes(r).stack(8); // push rdi, rsi, rdx, rcx, r8, r9, rax
+        }
+        self.bytes(&[0x48, 0x81, 0xec, 0x80, 0, 0, 0]).stack(128); // sub rsp, 128
+        for i in 0..8u8 {
+            self.bytes(&[0xf3, 0x0f, 0x7f, 0x44 | (i << 3), 0x24, i * 16]); // movdqu [rsp+16i], xmm_i
+        }
+        self.bytes(&[0x48, 0x89, 0xe7]) // mov rdi, rsp
+            .bytes(&[0x48, 0xbe])
+            .bytes(&(rsi as u64).to_le_bytes()) // movabs rsi, ...
+            .bytes(&[0x48, 0xb8])
+            .bytes(&(thunk as u64).to_le_bytes()) // movabs rax, thunk
+            .bytes(&[0xff, 0xd0]); // call rax
+        for i in 0..8u8 {
+            self.bytes(&[0xf3, 0x0f, 0x6f, 0x44 | (i << 3), 0x24, i * 16]); // movdqu xmm_i, [rsp+16i]
+        }
+        self.bytes(&[0x48, 0x81, 0xc4, 0x80, 0, 0, 0]).stack(-128); // add rsp, 128
+        for r in [
+            &[0x58][..],
+            &[0x41, 0x59],
+            &[0x41, 0x58],
+            &[0x59],
+            &[0x5a],
+            &[0x5e],
+            &[0x5f],
+        ] {
+            self.bytes(r).stack(-8); // pop rax, r9, r8, rcx, rdx, rsi, rdi
+        }
+        self
+    }
 }
 
-fn trampoline_prefix(
-    hooks: &DetourHooks,
-    active: &AtomicU64,
-    hook_box: &Arc<EntryHook>,
-) -> Vec<u8> {
-    let mut e = Emitter(Vec::with_capacity(256));
-    e.movabs_r11(Arc::as_ptr(&hooks.counter) as usize)
-        .bytes(&[0xf0, 0x49, 0xff, 0x03]) // lock inc qword [r11]
-        .movabs_r11(Arc::as_ptr(&hooks.slow) as usize)
+/// The trampoline up to its tail (relocated prologue, or jump through the slot), with its
+/// call-frame rules. Its length and rules are the same for every trampoline of the process.
+fn trampoline_prefix(hooks: &DetourHooks, active: &Counter, hook_box: &Arc<EntryHook>) -> Emitter {
+    let tls = crate::counter::tls_offset();
+    let mut e = Emitter {
+        code: Vec::with_capacity(400),
+        cfa: 8,
+        rules: Vec::new(),
+    };
+    let per_thread = tls.is_some() && hooks.counter.per_thread();
+    let mut adopt_jz = None;
+    if let (true, Some(offset), Some(slot)) = (per_thread, tls, hooks.counter.slot_offset()) {
+        // The counting fast path: a plain increment in the thread's own block.
+        e.thread_block(offset)
+            .bytes(&[0x4d, 0x85, 0xdb]) // test r11, r11
+            .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // jz adopt
+        adopt_jz = Some(e.here());
+        e.bytes(&[0x49, 0xff, 0x83]).bytes(&slot.to_le_bytes()); // inc qword [r11 + slot]
+    } else {
+        e.movabs_r11(hooks.counter.shared_address())
+            .bytes(&[0xf0, 0x49, 0xff, 0x03]); // lock inc qword [r11]
+    }
+    let check = e.here();
+    e.movabs_r11(Arc::as_ptr(&hooks.slow) as usize)
         .bytes(&[0x41, 0x80, 0x3b, 0x00]) // cmp byte [r11], 0
-        .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // je tail (patched below)
-    let je_end = e.0.len();
-    e.movabs_r11(active as *const AtomicU64 as usize)
-        .bytes(&[0xf0, 0x49, 0xff, 0x03]) // lock inc qword [r11]
-        .bytes(&[0x57, 0x56, 0x52, 0x51, 0x41, 0x50, 0x41, 0x51, 0x50]) // push rdi..r9, rax
-        .bytes(&[0x48, 0x81, 0xec, 0x80, 0, 0, 0]); // sub rsp, 128
-    for i in 0..8u8 {
-        e.bytes(&[0xf3, 0x0f, 0x7f, 0x44 | (i << 3), 0x24, i * 16]); // movdqu [rsp+16i], xmm_i
+        .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // je tail
+    let je_tail = e.here();
+    e.count(active, 1, tls)
+        .call_saved(
+            entry_thunk as *const () as usize,
+            hook_box as *const Arc<EntryHook> as usize,
+        )
+        .count(active, -1, tls)
+        .bytes(&[0xe9, 0, 0, 0, 0]); // jmp tail
+    let jmp_tail = e.here();
+    if let Some(jz) = adopt_jz {
+        // First probed call of a thread without a block: count it shared, adopt a block.
+        let adopt = e.here();
+        e.fix(jz, adopt);
+        e.movabs_r11(hooks.counter.shared_address())
+            .bytes(&[0xf0, 0x49, 0xff, 0x03]) // lock inc qword [r11]
+            .movabs_r11(active.shared_address())
+            .bytes(&[0xf0, 0x49, 0xff, 0x03]) // lock inc qword [r11]
+            .call_saved(adopt_thunk as *const () as usize, 0)
+            .movabs_r11(active.shared_address())
+            .bytes(&[0xf0, 0x49, 0xff, 0x0b]) // lock dec qword [r11]
+            .bytes(&[0xe9, 0, 0, 0, 0]); // jmp check
+        let end = e.here();
+        e.fix(end, check);
     }
-    e.bytes(&[0x48, 0x89, 0xe7]) // mov rdi, rsp
-        .bytes(&[0x48, 0xbe])
-        .bytes(&(hook_box as *const Arc<EntryHook> as u64).to_le_bytes()) // movabs rsi, hook
-        .bytes(&[0x48, 0xb8])
-        .bytes(&(entry_thunk as *const () as u64).to_le_bytes()) // movabs rax, thunk
-        .bytes(&[0xff, 0xd0]); // call rax
-    for i in 0..8u8 {
-        e.bytes(&[0xf3, 0x0f, 0x6f, 0x44 | (i << 3), 0x24, i * 16]); // movdqu xmm_i, [rsp+16i]
-    }
-    e.bytes(&[0x48, 0x81, 0xc4, 0x80, 0, 0, 0]) // add rsp, 128
-        .bytes(&[0x58, 0x41, 0x59, 0x41, 0x58, 0x59, 0x5a, 0x5e, 0x5f]) // pop rax, r9..rdi
-        .movabs_r11(active as *const AtomicU64 as usize)
-        .bytes(&[0xf0, 0x49, 0xff, 0x0b]); // lock dec qword [r11]
-    let rel = (e.0.len() - je_end) as u32;
-    e.0[je_end - 4..je_end].copy_from_slice(&rel.to_le_bytes());
-    e.0
+    let tail = e.here();
+    e.fix(je_tail, tail);
+    e.fix(jmp_tail, tail);
+    e
 }
 
-/// Writes `bytes` at `function` with the world stopped, once no RIP lies in `busy`.
+fn uleb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// `.eh_frame` bytes (CIE, one FDE, terminator) for a trampoline prefix at `at`, so that
+/// unwinding and backtraces from a hook pass through the trampoline to the probed call's caller.
+fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
+    let mut cie = vec![0, 0, 0, 0]; // CIE id
+    cie.push(1); // version
+    cie.extend(b"zR\0");
+    uleb(&mut cie, 1); // code alignment
+    cie.push(0x78); // data alignment -8
+    cie.push(16); // return address column
+    uleb(&mut cie, 1); // augmentation data length
+    cie.push(0x00); // FDE pointers: absptr
+    cie.extend([0x0c, 7, 8]); // DW_CFA_def_cfa rsp, 8
+    cie.extend([0x90, 1]); // DW_CFA_offset rip, cfa - 8
+    while (cie.len() + 4) % 8 != 0 {
+        cie.push(0);
+    }
+    let mut out = Vec::new();
+    out.extend((cie.len() as u32).to_le_bytes());
+    out.extend(&cie);
+    let fde_start = out.len();
+    let mut fde = Vec::new();
+    fde.extend(((fde_start + 4) as u32).to_le_bytes()); // CIE pointer
+    fde.extend((at as u64).to_le_bytes());
+    fde.extend((len as u64).to_le_bytes());
+    uleb(&mut fde, 0);
+    let mut last = 0;
+    for &(offset, cfa) in rules {
+        let delta = offset - last;
+        if delta > 0 {
+            if delta < 64 {
+                fde.push(0x40 | delta as u8); // DW_CFA_advance_loc
+            } else {
+                fde.push(0x02); // DW_CFA_advance_loc1
+                fde.push(delta as u8);
+            }
+        }
+        fde.push(0x0e); // DW_CFA_def_cfa_offset
+        uleb(&mut fde, cfa as u64);
+        last = offset;
+    }
+    while (fde.len() + 4) % 8 != 0 {
+        fde.push(0);
+    }
+    out.extend((fde.len() as u32).to_le_bytes());
+    out.extend(fde);
+    out.extend([0, 0, 0, 0]);
+    out
+}
+
+unsafe extern "C" {
+    fn __register_frame(begin: *const u8);
+}
+
+/// A trampoline block near `function`: a free one in reach, or a new one with unwind info.
+fn trampoline_block(function: usize, prefix: &Emitter) -> Result<NearBlock> {
+    {
+        let mut free = FREE_BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        let reach = |b: &NearBlock| {
+            b.address().abs_diff(function) < crate::near::REACH
+                && (b.address() + b.len()).abs_diff(function) < crate::near::REACH
+        };
+        if let Some(i) = free.iter().position(reach) {
+            return Ok(free.swap_remove(i));
+        }
+    }
+    let block = NearBlock::alloc(function, TRAMPOLINE_LEN)?;
+    let eh = eh_frame(block.address(), prefix.code.len(), &prefix.rules).leak();
+    // SAFETY: `eh` is a complete, zero-terminated .eh_frame section that lives forever; it
+    // describes the prefix that every trampoline written to this block starts with (the
+    // prefix's layout is the same for the life of the process), and blocks are never given
+    // back to the near allocator.
+    unsafe { __register_frame(eh.as_ptr()) };
+    Ok(block)
+}
+
+/// Writes `bytes` at `function` with the world stopped, once no RIP lies in `busy`; then, still
+/// stopped, lets `after` look at the threads' RIPs.
 fn write_stopped(
     function: usize,
     expected: &[u8],
     bytes: &[u8; JMP_LEN],
     busy: std::ops::Range<usize>,
+    after: &mut dyn FnMut(&[usize]),
 ) -> Result<()> {
     let mut current = [0u8; 32];
     for _attempt in 0..1000 {
@@ -386,6 +608,7 @@ fn write_stopped(
             }
             window.write(function, bytes).map_err(|_| ())?;
             membarrier::sync_cores().map_err(|_| ())?;
+            after(rips);
             Ok(true)
         });
         window.close()?;
@@ -407,44 +630,59 @@ fn write_stopped(
     }))
 }
 
+fn read_byte(address: usize) -> Result<u8> {
+    Ok(read_code(address, 1)?[0])
+}
+
 impl Detour {
     /// Detours the function at `function` (`size` bytes, from its symbol) to a trampoline that
     /// runs `hooks` (see the module docs).
     ///
+    /// A function whose first instruction is a `jmp rel32` — the stub of a prepared (hot or
+    /// multiverse) function — is detoured by routing that jump through the trampoline instead:
+    /// no prologue is relocated, no thread is stopped, and the stub's target may keep changing
+    /// (hot update, multiverse commit) while it is detoured.
+    ///
     /// # Errors
     /// [`ErrorKind::Unrelocatable`] with the reason; [`ErrorKind::InvalidArgument`] if the
-    /// function is already detoured or holds a registered patch site (prepared functions keep
-    /// their stub).
+    /// function is already detoured or holds a registered patch site in its prologue.
     ///
     /// # Example
     /// ```
-    /// use std::sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}};
+    /// use std::sync::{Arc, atomic::AtomicBool};
     /// #[inline(never)]
     /// extern "C" fn f(x: u64) -> u64 { std::hint::black_box(x).wrapping_mul(0x9e37_79b9) ^ x >> 7 }
     /// let sym = evolve_code::inspect::executable().unwrap().function_containing(f as usize).unwrap().clone();
     /// let hooks = evolve_code::DetourHooks {
-    ///     counter: Arc::new(AtomicU64::new(0)),
+    ///     counter: Arc::new(evolve_code::Counter::new()),
     ///     slow: Arc::new(AtomicBool::new(false)),
     ///     on_entry: Arc::new(|_| {}),
     /// };
     /// let d = evolve_code::Detour::install(sym.address, sym.size, hooks.clone()).unwrap();
     /// let g: extern "C" fn(u64) -> u64 = std::hint::black_box(f);
     /// assert_eq!(g(5), 5u64.wrapping_mul(0x9e37_79b9) ^ 0);
-    /// assert_eq!(hooks.counter.load(Ordering::Relaxed), 1);
+    /// assert_eq!(hooks.counter.get(), 1);
     /// d.remove().unwrap();
     /// ```
     pub fn install(function: usize, size: usize, hooks: DetourHooks) -> Result<Detour> {
-        let prologue = Prologue::of(function, size)?;
-        for a in function..function + prologue.len() {
-            if crate::write::is_registered(a) {
-                return Err(Error::new(ErrorKind::InvalidArgument {
-                    reason: format!(
-                        "{function:#x} holds the registered patch site {a:#x} (a prepared \
-                         function: probe it through its stub)"
-                    ),
-                }));
+        let through_stub = size >= JMP_LEN && read_byte(function)? == 0xe9;
+        let prologue = if through_stub {
+            None
+        } else {
+            let prologue = Prologue::of(function, size)?;
+            for a in function..function + prologue.len() {
+                if crate::write::is_registered(a) {
+                    return Err(Error::new(ErrorKind::InvalidArgument {
+                        reason: format!(
+                            "{function:#x} holds the registered patch site {a:#x} (`{}`) in \
+                             its prologue",
+                            crate::write::current(a).expect("registered")
+                        ),
+                    }));
+                }
             }
-        }
+            Some(prologue)
+        };
         {
             let mut d = DETOURED.lock().unwrap_or_else(|p| p.into_inner());
             if !d.get_or_insert_with(HashSet::new).insert(function) {
@@ -453,48 +691,114 @@ impl Detour {
                 }));
             }
         }
-        let result = Detour::install_unregistered(function, prologue, hooks);
+        let result = match prologue {
+            Some(prologue) => Detour::install_prologue(function, prologue, hooks),
+            None => Detour::install_through_jump(function, hooks),
+        };
         if result.is_err() {
             forget(function);
         }
         result
     }
 
-    fn install_unregistered(
+    fn new_trampoline(
         function: usize,
-        prologue: Prologue,
         hooks: DetourHooks,
-    ) -> Result<Detour> {
-        let block = NearBlock::alloc(function, TRAMPOLINE_LEN)?;
-        let active = Box::new(AtomicU64::new(0));
+        tail: impl FnOnce(usize) -> Result<Vec<u8>>,
+        slot: Option<Box<AtomicUsize>>,
+    ) -> Result<Trampoline> {
+        let active = Box::new(Counter::new());
         let hook_box = Box::new(hooks.on_entry.clone());
-        let mut code = trampoline_prefix(&hooks, &active, &hook_box);
-        code.extend(prologue.relocate(block.address() + code.len())?);
+        let prefix = trampoline_prefix(&hooks, &active, &hook_box);
+        let block = trampoline_block(function, &prefix)?;
+        let mut code = prefix.code;
+        let tail = tail(block.address() + code.len());
+        let tail = match tail {
+            Ok(t) => t,
+            Err(e) => {
+                FREE_BLOCKS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(block);
+                return Err(e);
+            }
+        };
+        code.extend(tail);
         if code.len() > block.len() {
-            return Err(prologue.refuse(format!("trampoline of {} bytes too long", code.len())));
+            FREE_BLOCKS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(block);
+            return Err(Error::new(ErrorKind::Unrelocatable {
+                function,
+                reason: format!("trampoline of {} bytes too long", code.len()),
+            }));
         }
-        // SAFETY: the block is fresh; nothing branches to it until the jmp below is written.
+        // SAFETY: the block is fresh or free (no thread can be in it: see `reclaim`); nothing
+        // branches to it until the caller publishes it.
         unsafe { block.write(0, &code)? };
-        let rel = (block.address() as i64 - (function + JMP_LEN) as i64) as i32;
+        Ok(Trampoline {
+            block,
+            active,
+            slot,
+            _hooks: hooks,
+            _hook_box: hook_box,
+        })
+    }
+
+    fn install_prologue(function: usize, prologue: Prologue, hooks: DetourHooks) -> Result<Detour> {
+        let t = Detour::new_trampoline(function, hooks, |at| prologue.relocate(at), None)?;
+        let rel = (t.block.address() as i64 - (function + JMP_LEN) as i64) as i32;
         let mut jmp = [0xe9, 0, 0, 0, 0];
         jmp[1..].copy_from_slice(&rel.to_le_bytes());
         let original = prologue.original().to_vec();
-        write_stopped(
+        if let Err(e) = write_stopped(
             function,
             &original,
             &jmp,
             function + 1..function + prologue.len(),
-        )?;
+            &mut |_| {},
+        ) {
+            release(t);
+            return Err(e);
+        }
         Ok(Detour {
             function,
-            prologue,
-            jmp,
-            trampoline: Some(Trampoline {
-                block,
-                active,
-                _hooks: hooks,
-                _hook_box: hook_box,
-            }),
+            route: Route::Prologue { prologue, jmp },
+            trampoline: Some(t),
+        })
+    }
+
+    fn install_through_jump(function: usize, hooks: DetourHooks) -> Result<Detour> {
+        // The stub is registered (idempotently) so the engine knows its meaning; the only bytes
+        // written there for the detour are a jump to a trampoline that ends by jumping to the
+        // stub's own target, and the stub's own bytes again.
+        crate::write::register(function)?;
+        let slot = Box::new(AtomicUsize::new(0));
+        let slot_address = &*slot as *const AtomicUsize as usize;
+        let t = Detour::new_trampoline(
+            function,
+            hooks,
+            |_| {
+                let mut e = Emitter {
+                    code: Vec::new(),
+                    cfa: 8,
+                    rules: Vec::new(),
+                };
+                e.movabs_r11(slot_address).bytes(&[0x41, 0xff, 0x23]); // jmp qword [r11]
+                Ok(e.code)
+            },
+            Some(slot),
+        )?;
+        let slot = t.slot.as_deref().expect("a routed trampoline has a slot");
+        if let Err(e) = crate::write::interpose(function, t.block.address(), slot) {
+            release(t);
+            return Err(e);
+        }
+        Ok(Detour {
+            function,
+            route: Route::Jump,
+            trampoline: Some(t),
         })
     }
 
@@ -503,25 +807,66 @@ impl Detour {
         self.function
     }
 
+    /// Whether the detour routes the function's entry stub (a prepared function) rather than
+    /// overwriting its prologue.
+    pub fn through_stub(&self) -> bool {
+        matches!(self.route, Route::Jump)
+    }
+
     /// The trampoline's address range.
     pub fn trampoline(&self) -> std::ops::Range<usize> {
         let b = &self.trampoline.as_ref().expect("installed").block;
         b.address()..b.address() + b.len()
     }
 
-    /// Removes the detour: the function's original bytes are back, byte for byte. The
-    /// trampoline is freed as soon as no thread is inside it (possibly by a later removal).
+    /// Removes the detour: the function's bytes are back, byte for byte (for a stub: the jump
+    /// to its current target). The trampoline is reused once no thread can be inside it.
     pub fn remove(mut self) -> Result<()> {
-        let original: [u8; JMP_LEN] = self.prologue.original()[..JMP_LEN]
-            .try_into()
-            .expect("5 bytes");
-        write_stopped(self.function, &self.jmp, &original, 0..0)?;
-        forget(self.function);
         let t = self.trampoline.take().expect("installed");
-        let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
-        q.push(t);
-        reclaim(&mut q);
+        match &self.route {
+            Route::Prologue { prologue, jmp } => {
+                let original: [u8; JMP_LEN] =
+                    prologue.original()[..JMP_LEN].try_into().expect("5 bytes");
+                let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
+                q.push(t);
+                // One stop restores the bytes and finds which trampolines no thread is in.
+                let blocks = crate::counter::blocks();
+                let mut free = vec![false; q.len()];
+                let result = write_stopped(self.function, jmp, &original, 0..0, &mut |rips| {
+                    idle(&q, &blocks, rips, &mut free)
+                });
+                drop(blocks);
+                if let Err(e) = result {
+                    let t = q.pop().expect("pushed above");
+                    self.trampoline = Some(t);
+                    return Err(e);
+                }
+                forget(self.function);
+                release_idle(&mut q, &free);
+            }
+            Route::Jump => {
+                if let Err(e) = crate::write::uninterpose(self.function) {
+                    self.trampoline = Some(t);
+                    return Err(e);
+                }
+                forget(self.function);
+                let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
+                q.push(t);
+                if q.len() >= RECLAIM_BATCH {
+                    reclaim(&mut q);
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+impl Drop for Detour {
+    fn drop(&mut self) {
+        // Left installed: its trampoline must outlive every call that reaches it.
+        if let Some(t) = self.trampoline.take() {
+            std::mem::forget(t);
+        }
     }
 }
 
@@ -531,39 +876,65 @@ fn forget(function: usize) {
     }
 }
 
-/// Frees quarantined trampolines that no thread is in.
-fn reclaim(q: &mut Vec<Trampoline>) {
-    if q.is_empty() {
-        return;
+/// Returns a trampoline that was never published.
+fn release(t: Trampoline) {
+    FREE_BLOCKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(t.block);
+}
+
+/// With the world stopped: which quarantined trampolines no thread is in (no RIP inside, no
+/// thread inside the hook call).
+fn idle(q: &[Trampoline], blocks: &crate::counter::Blocks<'_>, rips: &[usize], free: &mut [bool]) {
+    for (t, free) in q.iter().zip(free.iter_mut()) {
+        let range = t.block.address()..t.block.address() + t.block.len();
+        *free = t.active.get_in(blocks) == 0 && !rips.iter().any(|r| range.contains(r));
     }
-    let ranges: Vec<(usize, usize)> = q
-        .iter()
-        .map(|t| (t.block.address(), t.block.address() + t.block.len()))
-        .collect();
-    let mut free = vec![false; q.len()];
-    let stopped = stop_the_world(|rips| {
-        for (i, &(start, end)) in ranges.iter().enumerate() {
-            free[i] = q[i].active.load(Ordering::Acquire) == 0
-                && !rips.iter().any(|r| (start..end).contains(r));
-        }
-    });
-    if stopped.is_err() {
-        return;
-    }
+}
+
+/// Moves the trampolines marked free to the free blocks (their references are dropped).
+fn release_idle(q: &mut Vec<Trampoline>, free: &[bool]) {
     let all = std::mem::take(q);
-    for (t, free) in all.into_iter().zip(free) {
+    let mut released = Vec::new();
+    for (t, &free) in all.into_iter().zip(free) {
         if free {
-            // SAFETY: with the world stopped, no thread's RIP was in the block and none was in
-            // its hook (`active` is zero, and only code in the block increments it); the jmp to
-            // it was removed before, so no thread can enter it again.
-            unsafe { t.block.free() };
+            released.push(t);
         } else {
             q.push(t);
         }
     }
+    let mut blocks = FREE_BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
+    for t in released {
+        // No thread can be in the block (see `idle`): its jump was removed before the stop in
+        // which it was found idle, so no thread can enter it again.
+        blocks.push(t.block);
+    }
 }
 
-/// Trampolines removed but not yet freed because a thread was inside them.
+/// Finds (stopping the world once) and releases quarantined trampolines no thread is in.
+fn reclaim(q: &mut Vec<Trampoline>) {
+    if q.is_empty() {
+        return;
+    }
+    let mut free = vec![false; q.len()];
+    let blocks = crate::counter::blocks();
+    let stopped = stop_the_world(|rips| idle(q, &blocks, rips, &mut free));
+    drop(blocks);
+    if stopped.is_ok() {
+        release_idle(q, &free);
+    }
+}
+
+/// Trampolines removed but not yet released because a thread was, or may have been, inside.
 pub fn quarantined_trampolines() -> usize {
     QUARANTINE.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
+/// Stops the world once to release every removed trampoline no thread is in (removals of
+/// stub detours otherwise do this every 16 removals); returns how many remain quarantined.
+pub fn reclaim_trampolines() -> usize {
+    let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
+    reclaim(&mut q);
+    q.len()
 }

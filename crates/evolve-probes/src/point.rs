@@ -18,13 +18,13 @@
 use crate::glob;
 use crate::kind::ProbeKind;
 use evolve_code::shadow::{ns_per_tick, ReturnSink};
-use evolve_code::{inspect, Detour, DetourHooks, Entry};
+use evolve_code::{inspect, Counter, Detour, DetourHooks, Entry, Published};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Identifies a probe (unique for the life of the process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -193,7 +193,7 @@ struct Probe {
     kind: ProbeKind,
     function: String,
     address: usize,
-    counter: Arc<AtomicU64>,
+    counter: Arc<Counter>,
     /// Counter value when attached (set after the probe is visible to the hook, see `attach`).
     base: AtomicU64,
     /// Counter value when detached.
@@ -267,7 +267,7 @@ impl Probe {
             .end
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_else(|| self.counter.load(Ordering::SeqCst));
+            .unwrap_or_else(|| self.counter.get());
         ProbeReading {
             id: self.id,
             function: self.function.clone(),
@@ -288,11 +288,13 @@ impl Probe {
     }
 }
 
-type ProbeList = Arc<RwLock<Vec<Arc<Probe>>>>;
+/// A point's probes, as the hook reads them: one load per call, no lock (see
+/// [`evolve_code::Published`]; versions are kept until the point's trampoline is released).
+type ProbeList = Arc<Published<Vec<Arc<Probe>>>>;
 
 struct Point {
     detour: Detour,
-    counter: Arc<AtomicU64>,
+    counter: Arc<Counter>,
     slow: Arc<AtomicBool>,
     probes: ProbeList,
 }
@@ -401,16 +403,16 @@ fn attach(
     kind: ProbeKind,
 ) -> Result<ProbeId> {
     if let std::collections::hash_map::Entry::Vacant(slot) = r.points.entry(address) {
-        let counter = Arc::new(AtomicU64::new(0));
+        let counter = Arc::new(Counter::new());
         // A new point's first probe: the hook is on before any call can reach the detour.
         let slow = Arc::new(AtomicBool::new(kind.needs_hook()));
-        let probes: ProbeList = Arc::default();
+        let probes: ProbeList = Arc::new(Published::new(Vec::new()));
         let list = probes.clone();
         let hooks = DetourHooks {
             counter: counter.clone(),
             slow: slow.clone(),
             on_entry: Arc::new(move |e: &mut Entry<'_>| {
-                for p in list.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                for p in list.get() {
                     p.on_entry(e);
                 }
             }),
@@ -424,7 +426,7 @@ fn attach(
         });
     }
     let point = &r.points[&address];
-    let mut probes = point.probes.write().unwrap_or_else(|p| p.into_inner());
+    let mut probes = point.probes.get().clone();
     if kind == ProbeKind::Latency && probes.iter().any(|p| p.kind == ProbeKind::Latency) {
         return Err(Error::Refused {
             function: name.to_string(),
@@ -455,18 +457,16 @@ fn attach(
         covered: AtomicBool::new(false),
         latency,
     });
+    // `base` is read before the probe is published: every call the hook sees is counted in
+    // `calls`; calls that pass while the probe is being published are counted without reaching
+    // its hook (a reading never shows more hooked calls than `calls`, except for the few calls
+    // in flight: a thread's per-thread increment may become visible after `base` was read).
+    probe.base.store(point.counter.get(), Ordering::SeqCst);
     probes.push(probe.clone());
+    point.probes.set(probes);
     if kind.needs_hook() {
         point.slow.store(true, Ordering::SeqCst);
     }
-    // The trampoline's `lock inc` of the counter is a full barrier before it loads `slow`, and
-    // so are these two SeqCst accesses: a call whose increment `base` misses sees `slow` set,
-    // and runs the hook, which sees this probe once the list's write lock is released. So
-    // every call counted in `calls` reaches the probe's hook.
-    probe
-        .base
-        .store(point.counter.load(Ordering::SeqCst), Ordering::Relaxed);
-    drop(probes);
     r.probes.insert(id, (probe, true));
     Ok(id)
 }
@@ -485,15 +485,16 @@ fn detach(r: &mut Registry, id: ProbeId) -> Result<()> {
         .get(&address)
         .expect("an attached probe has a point");
     let remaining = {
-        let mut probes = point.probes.write().unwrap_or_else(|p| p.into_inner());
+        let mut probes = point.probes.get().clone();
         probes.retain(|p| p.id != id);
         if !probes.iter().any(|p| p.kind.needs_hook()) {
             point.slow.store(false, Ordering::Release);
         }
-        probes.len()
+        let n = probes.len();
+        point.probes.set(probes);
+        n
     };
-    *probe.end.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(point.counter.load(Ordering::Relaxed));
+    *probe.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(point.counter.get());
     if remaining == 0 {
         let point = r.points.remove(&address).expect("present");
         point.detour.remove()?;
