@@ -329,26 +329,82 @@ fn reaper() -> &'static Mutex<Sender<ProbeId>> {
     })
 }
 
-/// Functions matching `pattern`: `(name, address, size)`, deduplicated by address.
+/// Prepared functions of the program: `(name, entry stub)`. Hot functions come from the
+/// engine's stub table (`crate::module::function`); multiverse functions from their stub
+/// symbols (`path::__evolve_mv_stub_NAME` is the entry of `path::NAME`).
+fn prepared() -> Result<&'static [(String, usize)]> {
+    static PREPARED: OnceLock<Vec<(String, usize)>> = OnceLock::new();
+    if let Some(p) = PREPARED.get() {
+        return Ok(p);
+    }
+    let exe = inspect::executable()?;
+    let mut out: Vec<(String, usize)> = evolve_code::stub::STUBS
+        .iter()
+        .map(|e| (e.name().to_string(), e.stub_address()))
+        .collect();
+    for f in exe.functions() {
+        if let Some(at) = f.demangled.find(MV_STUB) {
+            let name = format!(
+                "{}{}",
+                &f.demangled[..at],
+                &f.demangled[at + MV_STUB.len()..]
+            );
+            out.push((name, f.address));
+        }
+    }
+    Ok(PREPARED.get_or_init(|| out))
+}
+
+const MV_STUB: &str = "__evolve_mv_stub_";
+
+/// Symbols a glob skips: the parts of prepared functions (stubs, implementations, variant
+/// bodies), which are probed as one function through the prepared name.
+fn is_prepared_part(name: &str) -> bool {
+    [
+        "__evolve_stub_",
+        "__evolve_impl_",
+        MV_STUB,
+        "__evolve_mv_body_",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+}
+
+/// Functions matching `pattern`: `(name, address, size)`, deduplicated by address. A prepared
+/// function's address is its entry stub.
 fn resolve(pattern: &str) -> Result<Vec<(String, usize, usize)>> {
     let mut out: Vec<(String, usize, usize)> = Vec::new();
-    for image in inspect::images()? {
-        if glob::is_glob(pattern) {
-            // Every match contains the pattern's longest literal run: a fast substring test
-            // rejects almost every symbol before the glob runs.
-            let literal = pattern
-                .split(['*', '?'])
-                .max_by_key(|l| l.len())
-                .unwrap_or("");
-            let candidate = |name: &str| name.contains(literal) && glob::matches(pattern, name);
+    let prepared = prepared()?;
+    if glob::is_glob(pattern) {
+        // Every match contains the pattern's longest literal run: a fast substring test
+        // rejects almost every symbol before the glob runs.
+        let literal = pattern
+            .split(['*', '?'])
+            .max_by_key(|l| l.len())
+            .unwrap_or("");
+        let candidate = |name: &str| name.contains(literal) && glob::matches(pattern, name);
+        for (name, stub) in prepared {
+            if candidate(name) {
+                out.push((name.clone(), *stub, evolve_code::SITE_LEN));
+            }
+        }
+        for image in inspect::images()? {
             for f in image.functions().filter(|f| f.size > 0) {
-                if candidate(&f.demangled) || candidate(&f.name) {
+                if (candidate(&f.demangled) || candidate(&f.name))
+                    && !is_prepared_part(&f.demangled)
+                {
                     out.push((f.demangled.clone(), f.address, f.size));
                 }
             }
-        } else if let Some(f) = image.symbol_by_name(pattern).filter(|f| f.size > 0) {
-            out.push((f.demangled.clone(), f.address, f.size));
-            break;
+        }
+    } else if let Some((name, stub)) = prepared.iter().find(|(name, _)| name == pattern) {
+        out.push((name.clone(), *stub, evolve_code::SITE_LEN));
+    } else {
+        for image in inspect::images()? {
+            if let Some(f) = image.symbol_by_name(pattern).filter(|f| f.size > 0) {
+                out.push((f.demangled.clone(), f.address, f.size));
+                break;
+            }
         }
     }
     out.sort_by_key(|f| f.1);
