@@ -299,7 +299,7 @@ fn probes_and_hot_retargets_race_while_threads_call() {
         let retargeter = s.spawn(|| {
             let mut flips = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let (from, to) = if flips % 2 == 0 {
+                let (from, to) = if flips.is_multiple_of(2) {
                     (original.address(), cube_code)
                 } else {
                     (cube_code.address(), original)
