@@ -293,6 +293,10 @@ extern "C" fn adopt_thunk(_regs: *mut SavedRegs, _unused: usize) {
 /// Everything a trampoline references; dropped only after no thread can be inside it.
 struct Trampoline {
     block: NearBlock,
+    /// The unwind info registered for the block.
+    unwind: Unwind,
+    /// Offset of the tail (relocated prologue, or jump through the slot).
+    tail: usize,
     /// Threads inside the hook call (incremented before, decremented after, per thread);
     /// boxed: the trampoline's code holds its address.
     active: Box<Counter>,
@@ -305,7 +309,14 @@ struct Trampoline {
 static DETOURED: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 static QUARANTINE: Mutex<Vec<Trampoline>> = Mutex::new(Vec::new());
 /// Trampoline blocks no thread can be in, with their unwind info registered: reused first.
-static FREE_BLOCKS: Mutex<Vec<NearBlock>> = Mutex::new(Vec::new());
+static FREE_BLOCKS: Mutex<Vec<(NearBlock, Unwind)>> = Mutex::new(Vec::new());
+
+/// The `.eh_frame` registered for a trampoline block, and the prefix layout it describes.
+struct Unwind {
+    eh: &'static [u8],
+    len: usize,
+    rules: Vec<(usize, u32)>,
+}
 /// Removed trampolines of routed jump sites wait for this many before a stop reclaims them.
 const RECLAIM_BATCH: usize = 16;
 
@@ -558,38 +569,55 @@ fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
 
 unsafe extern "C" {
     fn __register_frame(begin: *const u8);
+    fn __deregister_frame(begin: *const u8);
 }
 
-/// A trampoline block near `function`: a free one in reach, or a new one with unwind info.
-fn trampoline_block(function: usize, prefix: &Emitter) -> Result<NearBlock> {
-    {
+fn register_unwind(at: usize, prefix: &Emitter) -> Unwind {
+    let eh = eh_frame(at, prefix.code.len(), &prefix.rules).leak();
+    // SAFETY: `eh` is a complete, zero-terminated .eh_frame section that lives forever; it
+    // describes the prefix written to the block at `at` (re-registered if a later prefix
+    // differs, see `trampoline_block`); blocks are never given back to the near allocator.
+    unsafe { __register_frame(eh.as_ptr()) };
+    Unwind {
+        eh,
+        len: prefix.code.len(),
+        rules: prefix.rules.clone(),
+    }
+}
+
+/// A trampoline block near `function`: a free one in reach, or a new one, with unwind info for
+/// `prefix`.
+fn trampoline_block(function: usize, prefix: &Emitter) -> Result<(NearBlock, Unwind)> {
+    let reused = {
         let mut free = FREE_BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
         let reach = |b: &NearBlock| {
             b.address().abs_diff(function) < crate::near::REACH
                 && (b.address() + b.len()).abs_diff(function) < crate::near::REACH
         };
-        if let Some(i) = free.iter().position(reach) {
-            return Ok(free.swap_remove(i));
+        free.iter()
+            .position(|(b, _)| reach(b))
+            .map(|i| free.swap_remove(i))
+    };
+    if let Some((block, unwind)) = reused {
+        if unwind.len == prefix.code.len() && unwind.rules == prefix.rules {
+            return Ok((block, unwind));
         }
+        // SAFETY: `eh` was registered by `register_unwind` and no thread is in the block.
+        unsafe { __deregister_frame(unwind.eh.as_ptr()) };
+        let unwind = register_unwind(block.address(), prefix);
+        return Ok((block, unwind));
     }
     let block = NearBlock::alloc(function, TRAMPOLINE_LEN)?;
-    let eh = eh_frame(block.address(), prefix.code.len(), &prefix.rules).leak();
-    // SAFETY: `eh` is a complete, zero-terminated .eh_frame section that lives forever; it
-    // describes the prefix that every trampoline written to this block starts with (the
-    // prefix's layout is the same for the life of the process), and blocks are never given
-    // back to the near allocator.
-    unsafe { __register_frame(eh.as_ptr()) };
-    Ok(block)
+    let unwind = register_unwind(block.address(), prefix);
+    Ok((block, unwind))
 }
 
-/// Writes `bytes` at `function` with the world stopped, once no RIP lies in `busy`; then, still
-/// stopped, lets `after` look at the threads' RIPs.
+/// Writes `bytes` at `function` with the world stopped, once no RIP lies in `busy`.
 fn write_stopped(
     function: usize,
     expected: &[u8],
     bytes: &[u8; JMP_LEN],
     busy: std::ops::Range<usize>,
-    after: &mut dyn FnMut(&[usize]),
 ) -> Result<()> {
     let mut current = [0u8; 32];
     for _attempt in 0..1000 {
@@ -608,7 +636,6 @@ fn write_stopped(
             }
             window.write(function, bytes).map_err(|_| ())?;
             membarrier::sync_cores().map_err(|_| ())?;
-            after(rips);
             Ok(true)
         });
         window.close()?;
@@ -632,6 +659,34 @@ fn write_stopped(
 
 fn read_byte(address: usize) -> Result<u8> {
     Ok(read_code(address, 1)?[0])
+}
+
+/// Decoded entries, by function and size: `None` for a function that starts with a `jmp rel32`
+/// (detoured through it), else its prologue. Cached: adding and removing probes on one function
+/// decodes it once (a stale entry is caught by the byte comparison when the detour is written,
+/// and dropped).
+static DECODED: Mutex<Option<std::collections::HashMap<(usize, usize), Option<Prologue>>>> =
+    Mutex::new(None);
+
+fn decoded(function: usize, size: usize) -> Result<Option<Prologue>> {
+    let mut cache = DECODED.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(Default::default);
+    if let Some(d) = cache.get(&(function, size)) {
+        return Ok(d.clone());
+    }
+    let d = if size >= JMP_LEN && read_byte(function)? == 0xe9 {
+        None
+    } else {
+        Some(Prologue::of(function, size)?)
+    };
+    cache.insert((function, size), d.clone());
+    Ok(d)
+}
+
+fn forget_decoded(function: usize) {
+    if let Some(cache) = DECODED.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        cache.retain(|k, _| k.0 != function);
+    }
 }
 
 impl Detour {
@@ -665,11 +720,10 @@ impl Detour {
     /// d.remove().unwrap();
     /// ```
     pub fn install(function: usize, size: usize, hooks: DetourHooks) -> Result<Detour> {
-        let through_stub = size >= JMP_LEN && read_byte(function)? == 0xe9;
-        let prologue = if through_stub {
+        let prologue = if decoded(function, size)?.is_none() {
             None
         } else {
-            let prologue = Prologue::of(function, size)?;
+            let prologue = decoded(function, size)?.expect("not a jump");
             for a in function..function + prologue.len() {
                 if crate::write::is_registered(a) {
                     return Err(Error::new(ErrorKind::InvalidArgument {
@@ -710,7 +764,8 @@ impl Detour {
         let active = Box::new(Counter::new());
         let hook_box = Box::new(hooks.on_entry.clone());
         let prefix = trampoline_prefix(&hooks, &active, &hook_box);
-        let block = trampoline_block(function, &prefix)?;
+        let (block, unwind) = trampoline_block(function, &prefix)?;
+        let tail_at = prefix.code.len();
         let mut code = prefix.code;
         let tail = tail(block.address() + code.len());
         let tail = match tail {
@@ -719,7 +774,7 @@ impl Detour {
                 FREE_BLOCKS
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(block);
+                    .push((block, unwind));
                 return Err(e);
             }
         };
@@ -728,7 +783,7 @@ impl Detour {
             FREE_BLOCKS
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(block);
+                .push((block, unwind));
             return Err(Error::new(ErrorKind::Unrelocatable {
                 function,
                 reason: format!("trampoline of {} bytes too long", code.len()),
@@ -739,6 +794,8 @@ impl Detour {
         unsafe { block.write(0, &code)? };
         Ok(Trampoline {
             block,
+            unwind,
+            tail: tail_at,
             active,
             slot,
             _hooks: hooks,
@@ -757,9 +814,11 @@ impl Detour {
             &original,
             &jmp,
             function + 1..function + prologue.len(),
-            &mut |_| {},
         ) {
             release(t);
+            if matches!(e.kind(), ErrorKind::UnexpectedBytes { .. }) {
+                forget_decoded(function);
+            }
             return Err(e);
         }
         Ok(Detour {
@@ -825,24 +884,27 @@ impl Detour {
         let t = self.trampoline.take().expect("installed");
         match &self.route {
             Route::Prologue { prologue, jmp } => {
+                // The jump is one instruction: no thread can be inside it, so the original
+                // bytes go back through the int3 protocol without stopping anyone; a thread
+                // arriving meanwhile continues in the trampoline's relocated prologue.
                 let original: [u8; JMP_LEN] =
                     prologue.original()[..JMP_LEN].try_into().expect("5 bytes");
-                let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
-                q.push(t);
-                // One stop restores the bytes and finds which trampolines no thread is in.
-                let blocks = crate::counter::blocks();
-                let mut free = vec![false; q.len()];
-                let result = write_stopped(self.function, jmp, &original, 0..0, &mut |rips| {
-                    idle(&q, &blocks, rips, &mut free)
-                });
-                drop(blocks);
-                if let Err(e) = result {
-                    let t = q.pop().expect("pushed above");
+                let relocated = t.block.address() + t.tail;
+                if let Err(e) = crate::write::replace_instruction(
+                    self.function,
+                    *jmp,
+                    original,
+                    crate::site::SiteInsn::Jmp(relocated),
+                ) {
                     self.trampoline = Some(t);
                     return Err(e);
                 }
                 forget(self.function);
-                release_idle(&mut q, &free);
+                let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
+                q.push(t);
+                if q.len() >= RECLAIM_BATCH {
+                    reclaim(&mut q);
+                }
             }
             Route::Jump => {
                 if let Err(e) = crate::write::uninterpose(self.function) {
@@ -881,7 +943,7 @@ fn release(t: Trampoline) {
     FREE_BLOCKS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(t.block);
+        .push((t.block, t.unwind));
 }
 
 /// With the world stopped: which quarantined trampolines no thread is in (no RIP inside, no
@@ -908,7 +970,7 @@ fn release_idle(q: &mut Vec<Trampoline>, free: &[bool]) {
     for t in released {
         // No thread can be in the block (see `idle`): its jump was removed before the stop in
         // which it was found idle, so no thread can enter it again.
-        blocks.push(t.block);
+        blocks.push((t.block, t.unwind));
     }
 }
 

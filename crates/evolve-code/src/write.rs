@@ -337,6 +337,48 @@ pub(crate) fn uninterpose(site: usize) -> Result<()> {
     result
 }
 
+/// Replaces the 5 bytes `expected` at `address` (code the engine does not track as a site: the
+/// jump of an entry detour) with `new`, without stopping any thread, through the int3
+/// protocol: a thread that reaches `address` meanwhile traps and continues as if it had
+/// executed `emulate`. Sound when no thread can be at `address + 1 .. address + 5` (the bytes
+/// replaced are one instruction) and `emulate` has the effect of `new` for a thread arriving at
+/// `address` (e.g. a jump to a relocated copy of `new`'s instructions).
+pub(crate) fn replace_instruction(
+    address: usize,
+    expected: [u8; SITE_LEN],
+    new: [u8; SITE_LEN],
+    emulate: SiteInsn,
+) -> Result<()> {
+    let mut w = lock();
+    let found = read_site(address);
+    if found != expected {
+        return Err(Error::new(ErrorKind::UnexpectedBytes {
+            address,
+            expected,
+            found,
+        }));
+    }
+    let armed = arch::encode(emulate, address).ok_or(ErrorKind::InvalidArgument {
+        reason: format!("`{emulate}` is out of reach of {address:#x}"),
+    })?;
+    membarrier::ensure_registered()?;
+    crate::sys::trap::install()?;
+    let window = w.open_code_window(address, SITE_LEN)?;
+    w.traps.insert(address);
+    w.traps.arm(address, armed);
+    let written = (|| {
+        window.write(address, &[INT3])?;
+        membarrier::sync_cores()?;
+        window.write(address + 1, &new[1..])?;
+        membarrier::sync_cores()?;
+        window.write(address, &new[..1])?;
+        membarrier::sync_cores()
+    })();
+    w.traps.disarm(address);
+    window.close()?;
+    written
+}
+
 #[derive(Debug, Clone, Copy)]
 enum NewInsn {
     Insn(SiteInsn),

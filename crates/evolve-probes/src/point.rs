@@ -370,10 +370,36 @@ fn is_prepared_part(name: &str) -> bool {
     .any(|p| name.contains(p))
 }
 
+type Resolved = Vec<(String, usize, usize)>;
+
 /// Functions matching `pattern`: `(name, address, size)`, deduplicated by address. A prepared
-/// function's address is its entry stub.
-fn resolve(pattern: &str) -> Result<Vec<(String, usize, usize)>> {
-    let mut out: Vec<(String, usize, usize)> = Vec::new();
+/// function's address is its entry stub. Results are cached per pattern while the process's
+/// loaded images stay the same (a probe added and removed in a loop resolves once).
+fn resolve(pattern: &str) -> Result<Resolved> {
+    type Cache = HashMap<String, (Vec<(std::path::PathBuf, usize)>, Resolved)>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+    let images = inspect::images()?;
+    let key: Vec<(std::path::PathBuf, usize)> = images
+        .iter()
+        .map(|i| (i.path().to_path_buf(), i.load_bias()))
+        .collect();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if let Some((k, resolved)) = cache.get(pattern) {
+        if *k == key {
+            return Ok(resolved.clone());
+        }
+    }
+    let resolved = resolve_in(pattern, &images)?;
+    if cache.len() > 256 {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), (key, resolved.clone()));
+    Ok(resolved)
+}
+
+fn resolve_in(pattern: &str, images: &[inspect::Image]) -> Result<Resolved> {
+    let mut out: Resolved = Vec::new();
     let prepared = prepared()?;
     if glob::is_glob(pattern) {
         // Every match contains the pattern's longest literal run: a fast substring test
@@ -388,7 +414,7 @@ fn resolve(pattern: &str) -> Result<Vec<(String, usize, usize)>> {
                 out.push((name.clone(), *stub, evolve_code::SITE_LEN));
             }
         }
-        for image in inspect::images()? {
+        for image in images {
             for f in image.functions().filter(|f| f.size > 0) {
                 if (candidate(&f.demangled) || candidate(&f.name))
                     && !is_prepared_part(&f.demangled)
@@ -400,7 +426,7 @@ fn resolve(pattern: &str) -> Result<Vec<(String, usize, usize)>> {
     } else if let Some((name, stub)) = prepared.iter().find(|(name, _)| name == pattern) {
         out.push((name.clone(), *stub, evolve_code::SITE_LEN));
     } else {
-        for image in inspect::images()? {
+        for image in images {
             if let Some(f) = image.symbol_by_name(pattern).filter(|f| f.size > 0) {
                 out.push((f.demangled.clone(), f.address, f.size));
                 break;
