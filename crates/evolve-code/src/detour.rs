@@ -665,8 +665,9 @@ fn read_byte(address: usize) -> Result<u8> {
 /// (detoured through it), else its prologue. Cached: adding and removing probes on one function
 /// decodes it once (a stale entry is caught by the byte comparison when the detour is written,
 /// and dropped).
-static DECODED: Mutex<Option<std::collections::HashMap<(usize, usize), Option<Prologue>>>> =
-    Mutex::new(None);
+static DECODED: Mutex<Option<Decoded>> = Mutex::new(None);
+
+type Decoded = std::collections::HashMap<(usize, usize), Option<Prologue>>;
 
 fn decoded(function: usize, size: usize) -> Result<Option<Prologue>> {
     let mut cache = DECODED.lock().unwrap_or_else(|p| p.into_inner());
