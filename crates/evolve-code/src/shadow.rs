@@ -149,18 +149,27 @@ extern "C" fn exit_hook(depth: usize) -> usize {
             .expect("an exit stub runs only on a thread with a block");
         // SAFETY: the block's frames belong to this thread.
         let frames = unsafe { &mut *block.frames };
-        for f in frames[depth + 1..s.top.max(depth + 1)].iter().rev() {
-            if let Some(sink) = f.sink {
-                sink.returned(f.entered, left, true);
-            }
+        if s.top > depth + 1 {
+            unwound_above(&frames[depth + 1..s.top], left);
         }
         s.top = depth;
-        let f = frames[depth];
+        let f = &frames[depth];
         if let Some(sink) = f.sink {
             sink.returned(f.entered, left, false);
         }
         f.ret
     })
+}
+
+/// Frames above a returning one were unwound without our personality seeing them.
+#[cold]
+#[inline(never)]
+fn unwound_above(frames: &[Frame], left: u64) {
+    for f in frames.iter().rev() {
+        if let Some(sink) = f.sink {
+            sink.returned(f.entered, left, true);
+        }
+    }
 }
 
 /// Pops frames from `depth` up as unwound (the personality's cleanup phase).
@@ -329,9 +338,7 @@ impl Entry<'_> {
             // SAFETY: only this thread touches its shadow; no reference outlives this closure.
             let s = unsafe { &mut *s.get() };
             if s.block.is_none() {
-                let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
-                s.block = pooled.or_else(new_block);
-                s.top = 0;
+                first_block(s);
             }
             let Some(block) = s.block.as_ref() else {
                 return false;
@@ -340,11 +347,8 @@ impl Entry<'_> {
             let frames = unsafe { &mut *block.frames };
             // Frames at or below this slot are dead (a panic unwound them and was caught
             // without passing our personality, e.g. a foreign unwinder): report them.
-            while s.top > 0 && frames[s.top - 1].slot <= slot {
-                s.top -= 1;
-                if let Some(sink) = frames[s.top].sink {
-                    sink.returned(frames[s.top].entered, entered, true);
-                }
+            if s.top > 0 && frames[s.top - 1].slot <= slot {
+                s.top = dead_frames(frames, s.top, slot, entered);
             }
             if s.top == DEPTH {
                 return false;
@@ -361,6 +365,28 @@ impl Entry<'_> {
             true
         })
     }
+}
+
+/// The thread's first caught call: a block from the pool, or a new one.
+#[cold]
+#[inline(never)]
+fn first_block(s: &mut ThreadShadow) {
+    let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    s.block = pooled.or_else(new_block);
+    s.top = 0;
+}
+
+/// Reports the dead frames at or below `slot` as unwound; returns the new top.
+#[cold]
+#[inline(never)]
+fn dead_frames(frames: &[Frame; DEPTH], mut top: usize, slot: usize, now: u64) -> usize {
+    while top > 0 && frames[top - 1].slot <= slot {
+        top -= 1;
+        if let Some(sink) = frames[top].sink {
+            sink.returned(frames[top].entered, now, true);
+        }
+    }
+    top
 }
 
 /// Probed frames of the calling thread whose exit is being caught now.

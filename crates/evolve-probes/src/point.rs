@@ -290,7 +290,47 @@ impl Probe {
 
 /// A point's probes, as the hook reads them: one load per call, no lock (see
 /// [`evolve_code::Published`]; versions are kept until the point's trampoline is released).
-type ProbeList = Arc<Published<Vec<Arc<Probe>>>>;
+type ProbeList = Arc<Published<Hooked>>;
+
+/// A version of a point's probe list, with what the hook needs precomputed.
+struct Hooked {
+    probes: Vec<Arc<Probe>>,
+    /// The latency probe's sink (a point has at most one): timed without walking the list.
+    latency: Option<&'static LatencySink>,
+    /// Whether a probe other than count and latency needs the hook.
+    others: bool,
+}
+
+impl Hooked {
+    fn new(probes: Vec<Arc<Probe>>) -> Hooked {
+        Hooked {
+            latency: probes.iter().find_map(|p| p.latency),
+            others: probes
+                .iter()
+                .any(|p| !matches!(p.kind, ProbeKind::Count | ProbeKind::Latency)),
+            probes,
+        }
+    }
+
+    /// The hook: kept small, the latency probe inline and the other kinds out of line.
+    fn on_entry(&self, e: &mut Entry<'_>) {
+        if let Some(sink) = self.latency {
+            e.on_return(sink);
+        }
+        if self.others {
+            self.others_on_entry(e);
+        }
+    }
+
+    #[inline(never)]
+    fn others_on_entry(&self, e: &mut Entry<'_>) {
+        for p in &self.probes {
+            if !matches!(p.kind, ProbeKind::Latency) {
+                p.on_entry(e);
+            }
+        }
+    }
+}
 
 struct Point {
     detour: Detour,
@@ -488,16 +528,12 @@ fn attach(
         let counter = Arc::new(Counter::new());
         // A new point's first probe: the hook is on before any call can reach the detour.
         let slow = Arc::new(AtomicBool::new(kind.needs_hook()));
-        let probes: ProbeList = Arc::new(Published::new(Vec::new()));
+        let probes: ProbeList = Arc::new(Published::new(Hooked::new(Vec::new())));
         let list = probes.clone();
         let hooks = DetourHooks {
             counter: counter.clone(),
             slow: slow.clone(),
-            on_entry: Arc::new(move |e: &mut Entry<'_>| {
-                for p in list.get() {
-                    p.on_entry(e);
-                }
-            }),
+            on_entry: Arc::new(move |e: &mut Entry<'_>| list.get().on_entry(e)),
         };
         let detour = Detour::install(address, size, hooks)?;
         slot.insert(Point {
@@ -508,7 +544,7 @@ fn attach(
         });
     }
     let point = &r.points[&address];
-    let mut probes = point.probes.get().clone();
+    let mut probes = point.probes.get().probes.clone();
     if kind == ProbeKind::Latency && probes.iter().any(|p| p.kind == ProbeKind::Latency) {
         return Err(Error::Refused {
             function: name.to_string(),
@@ -545,7 +581,7 @@ fn attach(
     // in flight: a thread's per-thread increment may become visible after `base` was read).
     probe.base.store(point.counter.get(), Ordering::SeqCst);
     probes.push(probe.clone());
-    point.probes.set(probes);
+    point.probes.set(Hooked::new(probes));
     if kind.needs_hook() {
         point.slow.store(true, Ordering::SeqCst);
     }
@@ -567,13 +603,13 @@ fn detach(r: &mut Registry, id: ProbeId) -> Result<()> {
         .get(&address)
         .expect("an attached probe has a point");
     let remaining = {
-        let mut probes = point.probes.get().clone();
+        let mut probes = point.probes.get().probes.clone();
         probes.retain(|p| p.id != id);
         if !probes.iter().any(|p| p.kind.needs_hook()) {
             point.slow.store(false, Ordering::Release);
         }
         let n = probes.len();
-        point.probes.set(probes);
+        point.probes.set(Hooked::new(probes));
         n
     };
     *probe.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(point.counter.get());
