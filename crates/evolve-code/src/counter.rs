@@ -23,8 +23,10 @@
 //!
 //! # Safety
 //!
-//! Blocks are leaked (`'static`) and written only by their owner thread (generated code) and,
-//! while unowned, zeroed under the pool lock. The offset is checked on two threads before use.
+//! Blocks are leaked (`'static`). A slot in use is written only by the thread that owns the
+//! block (generated code, a plain `inc`: an aligned 8-byte store, which readers on other threads
+//! load atomically); a free slot, which no code increments, is zeroed in every block under the
+//! pool lock. The thread-local offset is checked on two threads before any code uses it.
 #![allow(unsafe_code)]
 
 use std::cell::Cell;

@@ -21,31 +21,56 @@
 //! # The trampoline
 //!
 //! ```text
-//! movabs r11, &counter ; lock inc qword [r11]       -- the counting fast path (r11 is free
-//! movabs r11, &slow    ; cmp byte [r11], 0 ; je tail    at entry in the SysV ABI)
-//! lock inc [active] ; push the 6 argument registers and rax ; save xmm0-7
-//! mov rdi, rsp ; movabs rsi, ctx ; call entry_thunk  -- hook gets the saved registers
-//! restore ; lock dec [active]
-//! tail: <relocated prologue> ; jmp function + len
+//! mov r11, fs:[block] ; test r11, r11 ; jz adopt  -- the counting fast path: a plain `inc` in
+//! inc qword [r11 + slot]                            the thread's counter block (crate::counter);
+//! check: movabs r11, &slow ; cmp byte [r11], 0         r11 is free at entry in the SysV ABI
+//! je tail
+//! active += 1 (per thread) ; push the 6 argument registers and rax ; save xmm0-7
+//! mov rdi, rsp ; movabs rsi, hook ; call entry_thunk  -- hook gets the saved registers
+//! restore ; active -= 1 ; jmp tail
+//! adopt: lock inc [counter.shared] ; (saved) call adopt ; jmp check  -- a thread's first call
+//! tail: <relocated prologue> ; jmp function + len     -- or, through a stub: jmp [slot]
 //! ```
 //!
 //! The slow path saves exactly what the ABI needs to preserve the call's arguments (the hook is
-//! an ordinary `extern "C"` function that preserves callee-saved registers itself).
+//! an ordinary `extern "C"` function that preserves callee-saved registers itself). The prefix
+//! (everything before the tail) has unwind info registered with `__register_frame`, so a
+//! backtrace or a panic in a hook passes through the trampoline to the probed call's caller.
+//!
+//! # Prepared functions: routing the stub
+//!
+//! A function whose first instruction is a `jmp rel32` (the entry stub of a hot or multiverse
+//! function) is not relocated: its stub is *routed* through the trampoline
+//! ([`crate::write`]'s interposition). The stub's bytes jump to the trampoline, whose tail is
+//! `jmp [slot]`; the slot holds the stub's current target. While routed, every batch that
+//! retargets the stub — hot apply and revert, multiverse commit and revert — stores the new
+//! target in the slot instead of rewriting the bytes, and direct calls of the stub that a
+//! multiverse commit would send to the variant keep calling the stub. The stub's meaning
+//! ([`crate::PatchSite::current`]) never changes, so those layers need not know about probes.
+//! Removing writes the stub's bytes for its current target: its original bytes if the target
+//! did not change. The stub is one instruction, so neither step stops the world.
 //!
 //! # Installing and removing
 //!
-//! Writing the `jmp` replaces several instructions, so it happens with the world stopped
-//! ([`crate::stop_the_world`]), under the engine's write lock, only when no thread's RIP lies
-//! strictly inside the replaced bytes (otherwise it resumes them and tries again). Removing
-//! writes the original 5 bytes back the same way; the trampoline is freed only once no thread's
-//! RIP lies in it and no thread is inside its hook (`active` is zero); until then it is
-//! quarantined and reclaimed by a later removal.
+//! Writing the `jmp` over a prologue replaces several instructions, so it happens with the
+//! world stopped ([`crate::stop_the_world`]), under the engine's write lock, only when no
+//! thread's RIP lies strictly inside the replaced bytes (otherwise it resumes them and tries
+//! again). Removing writes the original 5 bytes back over the `jmp` — one instruction, so no
+//! stop: the int3 protocol, a thread that reaches the function meanwhile continues in the
+//! trampoline's relocated prologue. Prologues are decoded once per function (cached; a stale
+//! entry is caught by the byte comparison made with the world stopped).
+//!
+//! A removed trampoline is quarantined; every 16 removals (or [`reclaim_trampolines`]) one stop
+//! of the world releases those no thread is in: no thread's RIP lies in it and no thread is
+//! inside its hook (the per-thread `active` counts sum to zero). Released blocks keep their
+//! unwind info and are reused by later trampolines in reach.
 //!
 //! # Safety
 //!
 //! The unsafe blocks read the function's code (inside an executable mapping checked first),
 //! write a trampoline before anything can reach it, dereference the register frame the
-//! trampoline passes to the hook thunk, and free trampolines only under the check above.
+//! trampoline passes to the hook thunk, register unwind info that lives forever, and reuse
+//! trampolines only under the check above.
 #![allow(unsafe_code)]
 
 use crate::counter::Counter;

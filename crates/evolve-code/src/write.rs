@@ -325,6 +325,10 @@ pub(crate) fn interpose(site: usize, trampoline: usize, slot: &AtomicUsize) -> R
 pub(crate) fn uninterpose(site: usize) -> Result<()> {
     let mut w = lock();
     let key = Hidden::new(site);
+    if !w.sites.contains_key(&key) {
+        // Its code was unmapped (a patch unloaded) and the engine forgot it: nothing to write.
+        return Ok(());
+    }
     let Some(ip) = w.interposed.remove(&key) else {
         return Err(Error::new(ErrorKind::InvalidArgument {
             reason: format!("site {site:#x} is not routed through a trampoline"),
@@ -693,6 +697,7 @@ impl Writer {
     pub(crate) fn forget_sites_in(&mut self, inside: &dyn Fn(usize) -> bool) {
         self.sites.retain(|site, _| !inside(site.get()));
         self.follows.retain(|site, _| !inside(site.get()));
+        self.interposed.retain(|site, _| !inside(site.get()));
         self.protections.retain(|page, _| !inside(page.get()));
         self.executable.retain(|r| !inside(r.0.get()));
     }
