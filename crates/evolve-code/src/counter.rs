@@ -78,7 +78,7 @@ impl Drop for Owner {
     }
 }
 
-fn thread_pointer() -> usize {
+pub(crate) fn thread_pointer() -> usize {
     let tp: usize;
     // SAFETY: on x86-64 Linux, fs:[0] holds the thread control block's own address (TLS ABI).
     unsafe {

@@ -89,7 +89,7 @@ use std::sync::{Arc, Mutex};
 /// Bytes the entry `jmp` occupies.
 const JMP_LEN: usize = 5;
 /// Size of a trampoline block.
-const TRAMPOLINE_LEN: usize = 512;
+const TRAMPOLINE_LEN: usize = 1024;
 
 /// The relocatable first instructions of a function.
 #[derive(Debug, Clone)]
@@ -327,6 +327,8 @@ struct Trampoline {
     active: Box<Counter>,
     /// For a routed jump site: the slot the trampoline's tail jumps through.
     slot: Option<Box<AtomicUsize>>,
+    /// The latency sink the trampoline times calls for (a `&'static Sink`, 0: none).
+    latency: Box<AtomicUsize>,
     _hooks: DetourHooks,
     _hook_box: Box<Arc<EntryHook>>,
 }
@@ -477,8 +479,14 @@ impl Emitter {
 
 /// The trampoline up to its tail (relocated prologue, or jump through the slot), with its
 /// call-frame rules. Its length and rules are the same for every trampoline of the process.
-fn trampoline_prefix(hooks: &DetourHooks, active: &Counter, hook_box: &Arc<EntryHook>) -> Emitter {
+fn trampoline_prefix(
+    hooks: &DetourHooks,
+    active: &Counter,
+    hook_box: &Arc<EntryHook>,
+    latency: &AtomicUsize,
+) -> Emitter {
     let tls = crate::counter::tls_offset();
+    let shadow = crate::shadow::fast_offset();
     let mut e = Emitter {
         code: Vec::with_capacity(400),
         cfa: 8,
@@ -497,11 +505,99 @@ fn trampoline_prefix(hooks: &DetourHooks, active: &Counter, hook_box: &Arc<Entry
         e.movabs_r11(hooks.counter.shared_address())
             .bytes(&[0xf0, 0x49, 0xff, 0x03]); // lock inc qword [r11]
     }
+    // Timing: push a shadow frame and hijack the return address, in machine code (see
+    // `crate::shadow`); anything unusual (no block yet, too deep, dead frames below) goes to
+    // the hook, whose Rust side handles it.
+    let mut to_check = Vec::new();
+    let mut to_hook = Vec::new();
+    let counted = e.here();
+    if let Some(off) = shadow {
+        let (frames, stubs, top) = (off, off + 8, off + 16);
+        e.movabs_r11(latency as *const AtomicUsize as usize)
+            .bytes(&[0x4d, 0x8b, 0x1b]) // mov r11, [r11]: the sink
+            .bytes(&[0x4d, 0x85, 0xdb]) // test r11, r11
+            .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // jz check
+        to_check.push(e.here());
+        e.bytes(&[0x50])
+            .stack(8) // push rax
+            .bytes(&[0x51])
+            .stack(8) // push rcx
+            .bytes(&[0x52])
+            .stack(8) // push rdx
+            .bytes(&[0x64, 0x48, 0x8b, 0x0c, 0x25]) // mov rcx, fs:[frames]
+            .bytes(&frames.to_le_bytes())
+            .bytes(&[0x48, 0x85, 0xc9]) // test rcx, rcx
+            .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // jz fallback
+        let mut to_fallback = vec![e.here()];
+        e.bytes(&[0x64, 0x48, 0x8b, 0x04, 0x25]) // mov rax, fs:[top]
+            .bytes(&top.to_le_bytes())
+            .bytes(&[0x48, 0x3d])
+            .bytes(&(crate::shadow::DEPTH as u32).to_le_bytes()) // cmp rax, DEPTH
+            .bytes(&[0x0f, 0x83, 0, 0, 0, 0]); // jae fallback
+        to_fallback.push(e.here());
+        e.bytes(&[0x48, 0x8d, 0x54, 0x24, 0x18]) // lea rdx, [rsp + 24]: the return slot
+            .bytes(&[0x48, 0xc1, 0xe0, 0x05]) // shl rax, 5: top * size_of::<Frame>()
+            .bytes(&[0x74, 0]); // jz push (top == 0)
+        let jz_push = e.here();
+        e.bytes(&[0x48, 0x39, 0x54, 0x01, 0xe8]) // cmp [rcx + rax - 24], rdx: frames[top-1].slot
+            .bytes(&[0x0f, 0x86, 0, 0, 0, 0]); // jbe fallback (a dead frame)
+        to_fallback.push(e.here());
+        let push = e.here();
+        e.code[jz_push - 1] = (push - jz_push) as u8;
+        e.bytes(&[0x48, 0x01, 0xc1]) // add rcx, rax: &frames[top]
+            .bytes(&[0x48, 0x89, 0x51, 0x08]) // mov [rcx + 8], rdx: slot
+            .bytes(&[0x4c, 0x89, 0x59, 0x18]) // mov [rcx + 24], r11: sink
+            .bytes(&[0x48, 0x8b, 0x54, 0x24, 0x18]) // mov rdx, [rsp + 24]
+            .bytes(&[0x48, 0x89, 0x11]) // mov [rcx], rdx: ret
+            .bytes(&[0x0f, 0x31]) // rdtsc
+            .bytes(&[0x48, 0xc1, 0xe2, 0x20]) // shl rdx, 32
+            .bytes(&[0x48, 0x09, 0xd0]) // or rax, rdx
+            .bytes(&[0x48, 0x89, 0x41, 0x10]) // mov [rcx + 16], rax: entered
+            .bytes(&[0x64, 0x48, 0x8b, 0x04, 0x25]) // mov rax, fs:[top]
+            .bytes(&top.to_le_bytes())
+            .bytes(&[0x48, 0x8d, 0x50, 0x01]) // lea rdx, [rax + 1]
+            .bytes(&[0x64, 0x48, 0x89, 0x14, 0x25]) // mov fs:[top], rdx
+            .bytes(&top.to_le_bytes())
+            .bytes(&[0x48, 0xc1, 0xe0, 0x04]) // shl rax, 4: top * STUB
+            .bytes(&[0x64, 0x48, 0x03, 0x04, 0x25]) // add rax, fs:[stubs]
+            .bytes(&stubs.to_le_bytes())
+            .bytes(&[0x48, 0xff, 0xc0]) // inc rax: exit stub `top` (after its padding byte)
+            .bytes(&[0x48, 0x89, 0x44, 0x24, 0x18]) // mov [rsp + 24], rax: the return address
+            .bytes(&[0x5a])
+            .stack(-8) // pop rdx
+            .bytes(&[0x59])
+            .stack(-8) // pop rcx
+            .bytes(&[0x58])
+            .stack(-8) // pop rax
+            .bytes(&[0xe9, 0, 0, 0, 0]); // jmp check
+        to_check.push(e.here());
+        let fallback = e.here();
+        for at in to_fallback {
+            e.fix(at, fallback);
+        }
+        e.rules.push((fallback, 32));
+        e.cfa = 32;
+        e.bytes(&[0x5a])
+            .stack(-8) // pop rdx
+            .bytes(&[0x59])
+            .stack(-8) // pop rcx
+            .bytes(&[0x58])
+            .stack(-8) // pop rax
+            .bytes(&[0xe9, 0, 0, 0, 0]); // jmp hook
+        to_hook.push(e.here());
+    }
     let check = e.here();
+    for at in to_check {
+        e.fix(at, check);
+    }
     e.movabs_r11(Arc::as_ptr(&hooks.slow) as usize)
         .bytes(&[0x41, 0x80, 0x3b, 0x00]) // cmp byte [r11], 0
         .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // je tail
     let je_tail = e.here();
+    let hook = e.here();
+    for at in to_hook {
+        e.fix(at, hook);
+    }
     e.count(active, 1, tls)
         .call_saved(
             entry_thunk as *const () as usize,
@@ -521,9 +617,9 @@ fn trampoline_prefix(hooks: &DetourHooks, active: &Counter, hook_box: &Arc<Entry
             .call_saved(adopt_thunk as *const () as usize, 0)
             .movabs_r11(active.shared_address())
             .bytes(&[0xf0, 0x49, 0xff, 0x0b]) // lock dec qword [r11]
-            .bytes(&[0xe9, 0, 0, 0, 0]); // jmp check
+            .bytes(&[0xe9, 0, 0, 0, 0]); // jmp counted
         let end = e.here();
-        e.fix(end, check);
+        e.fix(end, counted);
     }
     let tail = e.here();
     e.fix(je_tail, tail);
@@ -789,7 +885,8 @@ impl Detour {
     ) -> Result<Trampoline> {
         let active = Box::new(Counter::new());
         let hook_box = Box::new(hooks.on_entry.clone());
-        let prefix = trampoline_prefix(&hooks, &active, &hook_box);
+        let latency = Box::new(AtomicUsize::new(0));
+        let prefix = trampoline_prefix(&hooks, &active, &hook_box, &latency);
         let (block, unwind) = trampoline_block(function, &prefix)?;
         let tail_at = prefix.code.len();
         let mut code = prefix.code;
@@ -823,6 +920,7 @@ impl Detour {
             unwind,
             tail: tail_at,
             active,
+            latency,
             slot,
             _hooks: hooks,
             _hook_box: hook_box,
@@ -885,6 +983,21 @@ impl Detour {
             route: Route::Jump,
             trampoline: Some(t),
         })
+    }
+
+    /// Makes the trampoline time every call for `sink` in machine code (shadow frame pushed
+    /// and return address replaced, no hook call), or stop (`None`). Returns false if this
+    /// process's thread-local layout does not allow it: then time calls from the entry hook
+    /// ([`Entry::on_return`]), which is always correct (a call the trampoline already timed is
+    /// recognised and not timed twice).
+    pub fn set_latency(&self, sink: Option<&'static crate::shadow::Sink>) -> bool {
+        if crate::shadow::fast_offset().is_none() {
+            return false;
+        }
+        let t = self.trampoline.as_ref().expect("installed");
+        let value = sink.map_or(0, |s| s as *const crate::shadow::Sink as usize);
+        t.latency.store(value, std::sync::atomic::Ordering::Release);
+        true
     }
 
     /// The detoured function's address.

@@ -17,7 +17,7 @@
 
 use crate::glob;
 use crate::kind::ProbeKind;
-use evolve_code::shadow::{ns_per_tick, ReturnSink};
+use evolve_code::shadow::{ns_per_tick, ReturnSink, Sink};
 use evolve_code::{inspect, Counter, Detour, DetourHooks, Entry, Published};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -203,6 +203,8 @@ struct Probe {
     backtraces: Mutex<Vec<String>>,
     covered: AtomicBool,
     latency: Option<&'static LatencySink>,
+    /// The same sink as the shadow stack stores it.
+    sink: Option<&'static Sink>,
 }
 
 impl Probe {
@@ -210,7 +212,7 @@ impl Probe {
         match self.kind {
             ProbeKind::Count => {}
             ProbeKind::Latency => {
-                if let Some(sink) = self.latency {
+                if let Some(sink) = self.sink {
                     e.on_return(sink);
                 }
             }
@@ -296,7 +298,7 @@ type ProbeList = Arc<Published<Hooked>>;
 struct Hooked {
     probes: Vec<Arc<Probe>>,
     /// The latency probe's sink (a point has at most one): timed without walking the list.
-    latency: Option<&'static LatencySink>,
+    latency: Option<&'static Sink>,
     /// Whether a probe other than count and latency needs the hook.
     others: bool,
 }
@@ -304,7 +306,7 @@ struct Hooked {
 impl Hooked {
     fn new(probes: Vec<Arc<Probe>>) -> Hooked {
         Hooked {
-            latency: probes.iter().find_map(|p| p.latency),
+            latency: probes.iter().find_map(|p| p.sink),
             others: probes
                 .iter()
                 .any(|p| !matches!(p.kind, ProbeKind::Count | ProbeKind::Latency)),
@@ -574,6 +576,7 @@ fn attach(
         backtraces: Mutex::new(Vec::new()),
         covered: AtomicBool::new(false),
         latency,
+        sink: latency.map(|l| &*Box::leak(Box::new(Sink(l)))),
     });
     // `base` is read before the probe is published: every call the hook sees is counted in
     // `calls`; calls that pass while the probe is being published are counted without reaching
@@ -581,12 +584,25 @@ fn attach(
     // in flight: a thread's per-thread increment may become visible after `base` was read).
     probe.base.store(point.counter.get(), Ordering::SeqCst);
     probes.push(probe.clone());
+    point.slow.store(hook_needed(&probes), Ordering::SeqCst);
     point.probes.set(Hooked::new(probes));
-    if kind.needs_hook() {
-        point.slow.store(true, Ordering::SeqCst);
+    if kind == ProbeKind::Latency {
+        // Timed by the trampoline from now on (or by the hook, whose `slow` flag is then set).
+        point.detour.set_latency(probe.sink);
     }
     r.probes.insert(id, (probe, true));
     Ok(id)
+}
+
+/// Whether calls must go through the point's hook for these probes: every kind but counting,
+/// and latency only where trampolines cannot time calls themselves.
+fn hook_needed(probes: &[Arc<Probe>]) -> bool {
+    let timed_by_trampoline = evolve_code::shadow::trampolines_time_calls();
+    probes.iter().any(|p| match p.kind {
+        ProbeKind::Count => false,
+        ProbeKind::Latency => !timed_by_trampoline,
+        _ => true,
+    })
 }
 
 /// Takes a probe off its point (removing the detour with the last probe); keeps its reading.
@@ -605,9 +621,10 @@ fn detach(r: &mut Registry, id: ProbeId) -> Result<()> {
     let remaining = {
         let mut probes = point.probes.get().probes.clone();
         probes.retain(|p| p.id != id);
-        if !probes.iter().any(|p| p.kind.needs_hook()) {
-            point.slow.store(false, Ordering::Release);
+        if probe.kind == ProbeKind::Latency {
+            point.detour.set_latency(None);
         }
+        point.slow.store(hook_needed(&probes), Ordering::SeqCst);
         let n = probes.len();
         point.probes.set(Hooked::new(probes));
         n

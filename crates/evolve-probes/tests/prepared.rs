@@ -317,6 +317,14 @@ fn probes_and_hot_retargets_race_while_threads_call() {
             }
             flips
         });
+        /// Stops the other threads even if an assertion below fails (else the scope hangs).
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
         let kinds = ["count", "latency", "hist:arg0"];
         let mut cycles = 0;
         while cycles < 2000 && std::time::Instant::now() < deadline {
