@@ -23,7 +23,9 @@
 //! ```text
 //! mov r11, fs:[block] ; test r11, r11 ; jz adopt  -- the counting fast path: a plain `inc` in
 //! inc qword [r11 + slot]                            the thread's counter block (crate::counter);
-//! check: movabs r11, &slow ; cmp byte [r11], 0         r11 is free at entry in the SysV ABI
+//! counted: if a latency sink is set (see below):      r11 is free at entry in the SysV ABI
+//!   push rax, rcx, rdx ; push a shadow frame ; rdtsc ; return address = exit stub ; pop
+//! check: movabs r11, &slow ; cmp byte [r11], 0
 //! je tail
 //! active += 1 (per thread) ; push the 6 argument registers and rax ; save xmm0-7
 //! mov rdi, rsp ; movabs rsi, hook ; call entry_thunk  -- hook gets the saved registers
@@ -31,6 +33,14 @@
 //! adopt: lock inc [counter.shared] ; (saved) call adopt ; jmp check  -- a thread's first call
 //! tail: <relocated prologue> ; jmp function + len     -- or, through a stub: jmp [slot]
 //! ```
+//!
+//! **Latency in machine code.** With a sink set ([`Detour::set_latency`]), the trampoline times
+//! the call itself: it reads the thread's shadow-stack state at a fixed offset from the thread
+//! pointer ([`crate::shadow`]), writes the frame (return address, its slot, `rdtsc`, sink),
+//! bumps the depth and replaces the return address with the thread's exit stub for that depth,
+//! saving only rax, rcx and rdx. A thread without a shadow block yet, 128 timed frames deep, or
+//! with dead frames below (unwound by a foreign unwinder) takes the hook instead, whose Rust
+//! side handles those cases and does not time a call twice.
 //!
 //! The slow path saves exactly what the ABI needs to preserve the call's arguments (the hook is
 //! an ordinary `extern "C"` function that preserves callee-saved registers itself). The prefix

@@ -34,6 +34,11 @@
 //!
 //! Blocks of exited threads return to a pool and are reused with their FDE.
 //!
+//! The thread's state (frames, exit stubs, depth) is a `#[repr(C)]` thread-local at one offset
+//! from the thread pointer in every thread ([`trampolines_time_calls`] checks), so detour
+//! trampolines push frames in machine code with the same layout ([`crate::Detour::set_latency`]);
+//! [`Entry::on_return`] is the Rust path for the cases the trampoline leaves to the hook.
+//!
 //! # Safety
 //!
 //! Stub blocks are mapped, written and made executable before any return address points at
