@@ -7,6 +7,10 @@
 //! samples (ns per call); `probe_cost_ns` is their difference. The probe's own count of calls
 //! is checked against the calls made (`errors` counts mismatches).
 //!
+//! `--threads N` makes N threads call the function at once (each `calls` times; ns per call
+//! is each sample's wall time over `calls`): the cost of counting under contention. With more
+//! threads than cores both sides include the time sharing of the cores.
+//!
 //! Goals: a counting probe ≤ 15 ns per call, a latency probe ≤ 40 ns (none set for `hist`:
 //! `goal_ns` and `meets_goal` are null).
 
@@ -28,6 +32,9 @@ pub struct Args {
     /// Samples per side (the median is reported).
     #[arg(long, default_value_t = 11)]
     pub runs: usize,
+    /// Threads calling the function at once.
+    #[arg(long, default_value_t = 1)]
+    pub threads: u64,
     /// Accepted for uniformity: the output is always JSON.
     #[arg(long)]
     pub json: bool,
@@ -41,15 +48,26 @@ pub fn probe_overhead_target(x: u64) -> u64 {
 
 const PATTERN: &str = "*::probe_overhead::probe_overhead_target";
 
-/// Nanoseconds per call over `calls` calls.
-fn sample(calls: u64) -> f64 {
-    let f = black_box(probe_overhead_target as fn(u64) -> u64);
+/// Nanoseconds per call over `calls` calls on each of `threads` threads (wall time).
+fn sample(calls: u64, threads: u64) -> f64 {
+    let run = || {
+        let f = black_box(probe_overhead_target as fn(u64) -> u64);
+        let mut acc = 0u64;
+        for i in 0..calls {
+            acc = acc.wrapping_add(f(i));
+        }
+        black_box(acc);
+    };
     let start = Instant::now();
-    let mut acc = 0u64;
-    for i in 0..calls {
-        acc = acc.wrapping_add(f(i));
+    if threads <= 1 {
+        run();
+    } else {
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(run);
+            }
+        });
     }
-    black_box(acc);
     start.elapsed().as_nanos() as f64 / calls.max(1) as f64
 }
 
@@ -62,16 +80,17 @@ pub fn run(args: &Args) -> Result<Value, String> {
         other => return Err(format!("unknown --kind {other:?} (count, hist, latency)")),
     };
     let runs = args.runs.max(1);
-    sample(args.calls.min(100_000)); // warm up
+    let threads = args.threads.max(1);
+    sample(args.calls.min(100_000), threads); // warm up
     let (mut baseline, mut probed) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     let mut errors = 0u64;
     for _ in 0..runs {
-        baseline.push(sample(args.calls));
+        baseline.push(sample(args.calls, threads));
         let ids = evolve_probes::add(PATTERN, kind).map_err(|e| e.to_string())?;
         if ids.len() != 1 {
             return Err(format!("{PATTERN} matched {} functions", ids.len()));
         }
-        probed.push(sample(args.calls));
+        probed.push(sample(args.calls, threads));
         let reading = evolve_probes::read(ids[0]).map_err(|e| e.to_string())?;
         evolve_probes::remove(ids[0]).map_err(|e| e.to_string())?;
         let seen = match &reading.latency {
@@ -81,7 +100,8 @@ pub fn run(args: &Args) -> Result<Value, String> {
             }
             None => reading.calls,
         };
-        if reading.calls != args.calls || seen != args.calls {
+        let made = args.calls * threads;
+        if reading.calls != made || seen != made {
             errors += 1;
         }
     }
@@ -91,6 +111,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "scenario": "probe-overhead",
         "kind": args.kind,
         "calls_per_sample": args.calls,
+        "threads": threads,
         "runs": runs,
         "baseline_ns": round3(baseline_ns),
         "probed_ns": round3(probed_ns),

@@ -161,6 +161,8 @@ impl<F: FnPtr> DirectCalls<F> {
             // another F, a NOP in place of a call to a bare `ret`, or the original bytes (see
             // the module docs). The executable stays mapped for the life of the process.
             let site = unsafe { PatchSite::register(branch.address)? };
+            // While the stub is routed through a probe, this call keeps calling it.
+            crate::write::follow(branch.address, target);
             sites.push((site, branch.kind));
         }
         Ok(DirectCalls {

@@ -54,6 +54,7 @@
 
 mod arch;
 pub mod callsite;
+mod counter;
 mod detour;
 pub mod dylib;
 pub mod error;
@@ -63,6 +64,7 @@ mod fnsite;
 mod hidden;
 pub mod inspect;
 mod near;
+mod published;
 pub mod scan;
 pub mod shadow;
 mod site;
@@ -73,14 +75,17 @@ mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};
+pub use counter::Counter;
 pub use detour::{
-    quarantined_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue, SavedRegs,
+    quarantined_trampolines, reclaim_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue,
+    SavedRegs,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use fncell::FnCell;
 pub use fnsite::{FnPtr, FnSite, Placement};
 pub use hidden::{scrub, scrub_spare, Hidden};
 pub use near::NearBlock;
+pub use published::Published;
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
 pub use world::{stop_signal, stop_the_world};

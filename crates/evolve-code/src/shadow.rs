@@ -34,6 +34,11 @@
 //!
 //! Blocks of exited threads return to a pool and are reused with their FDE.
 //!
+//! The thread's state (frames, exit stubs, depth) is a `#[repr(C)]` thread-local at one offset
+//! from the thread pointer in every thread ([`trampolines_time_calls`] checks), so detour
+//! trampolines push frames in machine code with the same layout ([`crate::Detour::set_latency`]);
+//! [`Entry::on_return`] is the Rust path for the cases the trampoline leaves to the hook.
+//!
 //! # Safety
 //!
 //! Stub blocks are mapped, written and made executable before any return address points at
@@ -59,13 +64,26 @@ pub trait ReturnSink: Sync {
     fn returned(&self, entered: u64, left: u64, unwound: bool);
 }
 
+/// A [`ReturnSink`] behind a thin pointer, as shadow frames (and trampolines) store it.
+pub struct Sink(pub &'static dyn ReturnSink);
+
+/// A shadow-stack entry. Layout fixed: trampolines write it (see [`crate::detour`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Frame {
     ret: usize,
     slot: usize,
     entered: u64,
-    sink: Option<&'static dyn ReturnSink>,
+    sink: Option<&'static Sink>,
+}
+
+/// The thread's shadow stack as generated code reads it, at [`fast_offset`] from the thread
+/// pointer: frames (0: no block yet), exit stubs, depth.
+#[repr(C)]
+struct Fast {
+    frames: usize,
+    stubs: usize,
+    top: usize,
 }
 
 struct Block {
@@ -78,21 +96,57 @@ unsafe impl Send for Block {}
 
 static POOL: Mutex<Vec<Block>> = Mutex::new(Vec::new());
 
+/// Owns the thread's block; returns it to the pool when the thread exits.
 struct ThreadShadow {
     block: Option<Block>,
-    top: usize,
 }
 
 impl Drop for ThreadShadow {
     fn drop(&mut self) {
         if let Some(b) = self.block.take() {
+            // Calls made by later destructors of this thread are not timed.
+            let _ = FAST.try_with(|f| {
+                // SAFETY: this thread's own state; no reference to it is alive here.
+                let f = unsafe { &mut *f.get() };
+                (f.frames, f.stubs, f.top) = (0, 0, 0);
+            });
             POOL.lock().unwrap_or_else(|p| p.into_inner()).push(b);
         }
     }
 }
 
 thread_local! {
-    static SHADOW: UnsafeCell<ThreadShadow> = const { UnsafeCell::new(ThreadShadow { block: None, top: 0 }) };
+    static SHADOW: UnsafeCell<ThreadShadow> = const { UnsafeCell::new(ThreadShadow { block: None }) };
+    static FAST: UnsafeCell<Fast> = const { UnsafeCell::new(Fast { frames: 0, stubs: 0, top: 0 }) };
+}
+
+/// This thread's [`Fast`] state. Callers hold no other reference to it.
+fn fast() -> *mut Fast {
+    FAST.with(|f| f.get())
+}
+
+fn fast_offset_here() -> isize {
+    fast() as isize - crate::counter::thread_pointer() as isize
+}
+
+/// Whether trampolines time calls in machine code ([`crate::Detour::set_latency`]) in this
+/// process (its thread-local storage is at a fixed offset from the thread pointer).
+pub fn trampolines_time_calls() -> bool {
+    fast_offset().is_some()
+}
+
+/// The offset of the thread's shadow-stack state ([`Fast`]: frames, stubs, depth, 8 bytes each)
+/// from the thread pointer, if the same in every thread (checked on two) and a 32-bit value.
+pub(crate) fn fast_offset() -> Option<i32> {
+    static OFFSET: OnceLock<Option<i32>> = OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        if std::env::var_os("EVOLVE_SHARED_COUNTERS").is_some() {
+            return None;
+        }
+        let here = fast_offset_here();
+        let there = std::thread::spawn(fast_offset_here).join().ok()?;
+        (here == there).then(|| i32::try_from(here).ok()).flatten()
+    })
 }
 
 /// The time-stamp counter (`rdtsc`): cheap, monotonic per core on modern x86-64.
@@ -140,50 +194,48 @@ unsafe extern "C" {
 
 extern "C" fn exit_hook(depth: usize) -> usize {
     let left = ticks();
-    SHADOW.with(|s| {
-        // SAFETY: only this thread touches its shadow; no reference to it outlives this call.
-        let s = unsafe { &mut *s.get() };
-        let block = s
-            .block
-            .as_ref()
-            .expect("an exit stub runs only on a thread with a block");
-        // SAFETY: the block's frames belong to this thread.
-        let frames = unsafe { &mut *block.frames };
-        for f in frames[depth + 1..s.top.max(depth + 1)].iter().rev() {
-            if let Some(sink) = f.sink {
-                sink.returned(f.entered, left, true);
-            }
-        }
-        s.top = depth;
-        let f = frames[depth];
+    // SAFETY: only this thread touches its state; no other reference to it is alive.
+    let f = unsafe { &mut *fast() };
+    // SAFETY: an exit stub runs only on a thread with a block; its frames are this thread's.
+    let frames = unsafe { &mut *(f.frames as *mut [Frame; DEPTH]) };
+    if f.top > depth + 1 {
+        unwound_above(&frames[depth + 1..f.top], left);
+    }
+    f.top = depth;
+    let frame = &frames[depth];
+    if let Some(sink) = frame.sink {
+        sink.0.returned(frame.entered, left, false);
+    }
+    frame.ret
+}
+
+/// Frames above a returning one were unwound without our personality seeing them.
+#[cold]
+#[inline(never)]
+fn unwound_above(frames: &[Frame], left: u64) {
+    for f in frames.iter().rev() {
         if let Some(sink) = f.sink {
-            sink.returned(f.entered, left, false);
+            sink.0.returned(f.entered, left, true);
         }
-        f.ret
-    })
+    }
 }
 
 /// Pops frames from `depth` up as unwound (the personality's cleanup phase).
 fn unwound_from(depth: usize) {
     let left = ticks();
-    SHADOW.with(|s| {
-        // SAFETY: as in `exit_hook`.
-        let s = unsafe { &mut *s.get() };
-        let Some(block) = s.block.as_ref() else {
-            return;
-        };
-        // SAFETY: the block's frames belong to this thread.
-        let frames = unsafe { &*block.frames };
-        if depth >= s.top {
-            return;
+    // SAFETY: as in `exit_hook`.
+    let f = unsafe { &mut *fast() };
+    if f.frames == 0 || depth >= f.top {
+        return;
+    }
+    // SAFETY: the block's frames belong to this thread.
+    let frames = unsafe { &*(f.frames as *const [Frame; DEPTH]) };
+    for frame in frames[depth..f.top].iter().rev() {
+        if let Some(sink) = frame.sink {
+            sink.0.returned(frame.entered, left, true);
         }
-        for f in frames[depth..s.top].iter().rev() {
-            if let Some(sink) = f.sink {
-                sink.returned(f.entered, left, true);
-            }
-        }
-        s.top = depth;
-    })
+    }
+    f.top = depth;
 }
 
 const URC_CONTINUE_UNWIND: i32 = 8;
@@ -199,15 +251,11 @@ extern "C" fn personality(
     if actions & UA_CLEANUP_PHASE != 0 {
         // SAFETY: the unwinder passes its context for this frame.
         let ip = unsafe { _Unwind_GetIP(context) };
-        SHADOW.with(|s| {
-            // SAFETY: read-only peek at this thread's block address.
-            let stubs = unsafe { &*s.get() }.block.as_ref().map(|b| b.stubs);
-            if let Some(stubs) = stubs {
-                if (stubs..stubs + DEPTH * STUB).contains(&ip) {
-                    unwound_from((ip - stubs) / STUB);
-                }
-            }
-        });
+        // SAFETY: a read of this thread's own state.
+        let stubs = unsafe { &*fast() }.stubs;
+        if stubs != 0 && (stubs..stubs + DEPTH * STUB).contains(&ip) {
+            unwound_from((ip - stubs) / STUB);
+        }
     }
     URC_CONTINUE_UNWIND
 }
@@ -322,49 +370,81 @@ impl Entry<'_> {
     /// Catches this call's exit: `sink` is told when it returns or is unwound. Returns false
     /// (and changes nothing) if the thread already has [`DEPTH`] caught frames or no stub
     /// block could be mapped.
-    pub fn on_return(&mut self, sink: &'static dyn ReturnSink) -> bool {
+    pub fn on_return(&mut self, sink: &'static Sink) -> bool {
         let slot = self.stack_pointer();
+        // SAFETY: only this thread touches its state; no other reference to it is alive.
+        let mut f = unsafe { &mut *fast() };
+        if f.frames == 0 {
+            first_block();
+            // SAFETY: as above (the previous reference is not used again).
+            f = unsafe { &mut *fast() };
+            if f.frames == 0 {
+                return false;
+            }
+        }
+        if (f.stubs..f.stubs + DEPTH * STUB).contains(&self.regs.ret) {
+            // The trampoline already caught this call's exit.
+            return true;
+        }
         let entered = ticks();
-        SHADOW.with(|s| {
-            // SAFETY: only this thread touches its shadow; no reference outlives this closure.
-            let s = unsafe { &mut *s.get() };
-            if s.block.is_none() {
-                let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
-                s.block = pooled.or_else(new_block);
-                s.top = 0;
-            }
-            let Some(block) = s.block.as_ref() else {
-                return false;
-            };
-            // SAFETY: this thread's frames.
-            let frames = unsafe { &mut *block.frames };
-            // Frames at or below this slot are dead (a panic unwound them and was caught
-            // without passing our personality, e.g. a foreign unwinder): report them.
-            while s.top > 0 && frames[s.top - 1].slot <= slot {
-                s.top -= 1;
-                if let Some(sink) = frames[s.top].sink {
-                    sink.returned(frames[s.top].entered, entered, true);
-                }
-            }
-            if s.top == DEPTH {
-                return false;
-            }
-            let d = s.top;
-            frames[d] = Frame {
-                ret: self.regs.ret,
-                slot,
-                entered,
-                sink: Some(sink),
-            };
-            s.top += 1;
-            self.regs.ret = block.stubs + d * STUB + 1;
-            true
-        })
+        // SAFETY: this thread's frames.
+        let frames = unsafe { &mut *(f.frames as *mut [Frame; DEPTH]) };
+        // Frames at or below this slot are dead (a panic unwound them and was caught without
+        // passing our personality, e.g. a foreign unwinder): report them.
+        if f.top > 0 && frames[f.top - 1].slot <= slot {
+            f.top = dead_frames(frames, f.top, slot, entered);
+        }
+        if f.top == DEPTH {
+            return false;
+        }
+        let d = f.top;
+        frames[d] = Frame {
+            ret: self.regs.ret,
+            slot,
+            entered,
+            sink: Some(sink),
+        };
+        f.top += 1;
+        self.regs.ret = f.stubs + d * STUB + 1;
+        true
     }
+}
+
+/// The thread's first caught call: a block from the pool, or a new one.
+#[cold]
+#[inline(never)]
+fn first_block() {
+    let pooled = POOL.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    let Some(block) = pooled.or_else(new_block) else {
+        return;
+    };
+    let (frames, stubs) = (block.frames as usize, block.stubs);
+    let owned = SHADOW.try_with(|s| {
+        // SAFETY: this thread's own state; no other reference to it is alive.
+        unsafe { &mut *s.get() }.block = Some(block);
+    });
+    if owned.is_ok() {
+        // SAFETY: as above.
+        let f = unsafe { &mut *fast() };
+        (f.frames, f.stubs, f.top) = (frames, stubs, 0);
+    }
+}
+
+/// Reports the dead frames at or below `slot` as unwound; returns the new top.
+#[cold]
+#[inline(never)]
+fn dead_frames(frames: &[Frame; DEPTH], mut top: usize, slot: usize, now: u64) -> usize {
+    while top > 0 && frames[top - 1].slot <= slot {
+        top -= 1;
+        if let Some(sink) = frames[top].sink {
+            sink.0.returned(frames[top].entered, now, true);
+        }
+    }
+    top
 }
 
 /// Probed frames of the calling thread whose exit is being caught now.
 pub fn depth() -> usize {
-    // SAFETY: a read of this thread's own counter.
-    SHADOW.with(|s| unsafe { &*s.get() }.top)
+    // SAFETY: a read of this thread's own state.
+    unsafe { &*fast() }.top
 }

@@ -61,7 +61,7 @@ use crate::sys::memory::{self, Protection};
 use crate::sys::{membarrier, trap::TrapSites};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// How a batch writes its sites.
@@ -87,6 +87,20 @@ pub(crate) struct Writer {
     via_proc_mem: bool,
     /// Executable mappings as last read from `/proc/self/maps`, sorted (re-read on a miss).
     executable: Vec<(Hidden, Hidden)>,
+    /// Jump sites routed through a trampoline (see [`interpose`]), by site.
+    interposed: HashMap<Hidden, Interposed>,
+    /// Direct branches registered as calls of a stub ([`follow`]): site -> stub.
+    follows: HashMap<Hidden, Hidden>,
+}
+
+/// A jump site routed through a trampoline: its bytes jump to `trampoline`, which ends with an
+/// indirect jump through `slot`; the slot holds the site's logical target.
+#[derive(Debug, Clone, Copy)]
+struct Interposed {
+    trampoline: Hidden,
+    /// Address of the trampoline's `AtomicUsize` slot (owned by the caller of [`interpose`],
+    /// alive until [`uninterpose`] returns and no thread can be in the trampoline).
+    slot: Hidden,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +129,8 @@ pub(crate) fn lock() -> WriterGuard {
             springboards: Springboards::default(),
             via_proc_mem: std::env::var_os("EVOLVE_WRITE_VIA_PROC_MEM").is_some(),
             executable: Vec::new(),
+            interposed: HashMap::new(),
+            follows: HashMap::new(),
         });
     }
     WriterGuard(guard)
@@ -241,16 +257,138 @@ pub(crate) fn original(address: usize) -> Option<SiteInsn> {
 
 pub(crate) fn unregister(address: usize) -> Result<()> {
     let mut w = lock();
+    if w.interposed.contains_key(&Hidden::new(address)) {
+        return Err(Error::new(ErrorKind::InvalidArgument {
+            reason: format!("site {address:#x} is routed through a probe trampoline"),
+        }));
+    }
+    w.follows.remove(&Hidden::new(address));
     w.sites
         .remove(&Hidden::new(address))
         .map(|_| ())
         .ok_or(Error::new(ErrorKind::UnknownSite { address }))
 }
 
+/// Records that the registered site `site` is a direct branch to the stub `stub` (found by
+/// [`crate::callsite::DirectCalls`]): while `stub` is interposed, `site` keeps its original
+/// bytes (a branch to the stub), whatever it means, so calls it makes pass the trampoline.
+pub(crate) fn follow(site: usize, stub: usize) {
+    lock().follows.insert(Hidden::new(site), Hidden::new(stub));
+}
+
+/// Routes the registered jump site `site` through `trampoline`: `slot` gets the site's current
+/// target, then the site's bytes jump to the trampoline, which must end by jumping through
+/// `slot`. From now on retargeting the site (a batch, by any layer) changes `slot` instead of
+/// the bytes, and direct branches recorded by [`follow`] keep branching to the site. The site's
+/// meaning ([`PatchSite::current`]) never changes.
+///
+/// The caller keeps `slot` and the trampoline alive until [`uninterpose`] has returned and no
+/// thread can be in the trampoline.
+pub(crate) fn interpose(site: usize, trampoline: usize, slot: &AtomicUsize) -> Result<()> {
+    let mut w = lock();
+    let key = Hidden::new(site);
+    let state = *w
+        .sites
+        .get(&key)
+        .ok_or(Error::new(ErrorKind::UnknownSite { address: site }))?;
+    let SiteInsn::Jmp(target) = reveal_insn(state.current) else {
+        return Err(Error::new(ErrorKind::InvalidArgument {
+            reason: format!("site {site:#x} does not hold a jump"),
+        }));
+    };
+    if w.interposed.contains_key(&key) {
+        return Err(Error::new(ErrorKind::InvalidArgument {
+            reason: format!("site {site:#x} is already routed through a trampoline"),
+        }));
+    }
+    if arch::encode(SiteInsn::Jmp(trampoline), site).is_none() {
+        return Err(Error::new(ErrorKind::InvalidArgument {
+            reason: format!("trampoline {trampoline:#x} is out of reach of site {site:#x}"),
+        }));
+    }
+    slot.store(target, Ordering::Release);
+    w.interposed.insert(
+        key,
+        Interposed {
+            trampoline: Hidden::new(trampoline),
+            slot: Hidden::new(slot as *const AtomicUsize as usize),
+        },
+    );
+    let result = w.reroute(key);
+    if result.is_err() {
+        w.interposed.remove(&key);
+    }
+    result
+}
+
+/// Ends [`interpose`]: the site's bytes encode its meaning again, directly (its followers too).
+pub(crate) fn uninterpose(site: usize) -> Result<()> {
+    let mut w = lock();
+    let key = Hidden::new(site);
+    if !w.sites.contains_key(&key) {
+        // Its code was unmapped (a patch unloaded) and the engine forgot it: nothing to write.
+        return Ok(());
+    }
+    let Some(ip) = w.interposed.remove(&key) else {
+        return Err(Error::new(ErrorKind::InvalidArgument {
+            reason: format!("site {site:#x} is not routed through a trampoline"),
+        }));
+    };
+    let result = w.reroute(key);
+    if result.is_err() {
+        w.interposed.insert(key, ip);
+    }
+    result
+}
+
+/// Replaces the 5 bytes `expected` at `address` (code the engine does not track as a site: the
+/// jump of an entry detour) with `new`, without stopping any thread, through the int3
+/// protocol: a thread that reaches `address` meanwhile traps and continues as if it had
+/// executed `emulate`. Sound when no thread can be at `address + 1 .. address + 5` (the bytes
+/// replaced are one instruction) and `emulate` has the effect of `new` for a thread arriving at
+/// `address` (e.g. a jump to a relocated copy of `new`'s instructions).
+pub(crate) fn replace_instruction(
+    address: usize,
+    expected: [u8; SITE_LEN],
+    new: [u8; SITE_LEN],
+    emulate: SiteInsn,
+) -> Result<()> {
+    let mut w = lock();
+    let found = read_site(address);
+    if found != expected {
+        return Err(Error::new(ErrorKind::UnexpectedBytes {
+            address,
+            expected,
+            found,
+        }));
+    }
+    let armed = arch::encode(emulate, address).ok_or(ErrorKind::InvalidArgument {
+        reason: format!("`{emulate}` is out of reach of {address:#x}"),
+    })?;
+    membarrier::ensure_registered()?;
+    crate::sys::trap::install()?;
+    let window = w.open_code_window(address, SITE_LEN)?;
+    w.traps.insert(address);
+    w.traps.arm(address, armed);
+    let written = (|| {
+        window.write(address, &[INT3])?;
+        membarrier::sync_cores()?;
+        window.write(address + 1, &new[1..])?;
+        membarrier::sync_cores()?;
+        window.write(address, &new[..1])?;
+        membarrier::sync_cores()
+    })();
+    w.traps.disarm(address);
+    window.close()?;
+    written
+}
+
 #[derive(Debug, Clone, Copy)]
 enum NewInsn {
     Insn(SiteInsn),
     Original,
+    /// The site keeps its meaning; only its routing changes (interposition).
+    Same,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -372,12 +510,52 @@ impl Batch {
 /// A validated edit: the bytes to write and the state to record.
 struct Planned {
     site: usize,
+    /// Whether `bytes` differ from what the site holds (else only its slot or meaning change).
+    write_bytes: bool,
     bytes: [u8; SITE_LEN],
     insn: SiteInsn,
     via_springboard: bool,
+    /// For an interposed site: its slot and the target to store there.
+    slot: Option<(usize, usize)>,
 }
 
 impl Writer {
+    /// Whether `site` is a recorded direct branch to an interposed stub.
+    fn follows_interposed(&self, site: usize) -> bool {
+        self.follows
+            .get(&Hidden::new(site))
+            .is_some_and(|stub| self.interposed.contains_key(stub))
+    }
+
+    /// Rewrites `stub` and its followers so their bytes match their routing, meanings unchanged.
+    fn reroute(&mut self, stub: Hidden) -> Result<()> {
+        let mut edits = vec![Edit {
+            site: stub,
+            expected: None,
+            new: NewInsn::Same,
+        }];
+        edits.extend(
+            self.follows
+                .iter()
+                .filter(|(site, s)| **s == stub && self.sites.contains_key(site))
+                .map(|(site, _)| Edit {
+                    site: *site,
+                    expected: None,
+                    new: NewInsn::Same,
+                }),
+        );
+        let plan = match self.plan(&edits) {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.abandon_springboards();
+                return Err(e);
+            }
+        };
+        let result = self.write(&plan, default_write_path());
+        crate::hidden::scrub_plain(plan.0);
+        result.map(|_| ())
+    }
+
     fn plan(&mut self, edits: &[Edit]) -> Result<(Vec<Planned>, usize)> {
         // Hidden: the set is freed after planning (see `crate::hidden`).
         let mut seen = HashSet::with_capacity(edits.len());
@@ -402,10 +580,6 @@ impl Writer {
                 }));
             }
             let expected = edit.expected.map(reveal_insn);
-            let new = match edit.new {
-                NewInsn::Insn(insn) => NewInsn::Insn(reveal_insn(insn)),
-                NewInsn::Original => NewInsn::Original,
-            };
             if let Some(expected) = expected {
                 if expected != reveal_insn(state.current) {
                     return Err(Error::new(ErrorKind::UnexpectedInstruction {
@@ -415,6 +589,10 @@ impl Writer {
                     }));
                 }
             }
+            let new = match edit.new {
+                NewInsn::Insn(insn) => NewInsn::Insn(reveal_insn(insn)),
+                other => other,
+            };
             if let NewInsn::Insn(insn) = new {
                 if let Some(target) = insn.target() {
                     if !self.is_executable(target)? {
@@ -425,35 +603,69 @@ impl Writer {
                     }
                 }
             }
-            let (insn, bytes, via_springboard) = match new {
-                NewInsn::Original => {
-                    let insn =
-                        arch::decode(state.original, address).expect("validated at register");
-                    (self.springboards.resolve(insn), state.original, false)
-                }
-                NewInsn::Insn(insn) => match arch::encode(insn, address) {
-                    Some(bytes) => (insn, bytes, false),
-                    None => {
-                        let target = insn.target().expect("only branches can be out of range");
-                        let board = self.springboard_near(address, target)?;
-                        let bytes = match insn {
-                            SiteInsn::Jmp(_) => arch::encode(SiteInsn::Jmp(board), address),
-                            _ => arch::encode(SiteInsn::Call(board), address),
-                        }
-                        .expect("springboard within rel32 range");
-                        (insn, bytes, true)
-                    }
-                },
+            // The logical instruction: what callers of the site get.
+            let logical = match new {
+                NewInsn::Original => self
+                    .springboards
+                    .resolve(arch::decode(state.original, address).expect("validated at register")),
+                NewInsn::Same => reveal_insn(state.current),
+                NewInsn::Insn(insn) => insn,
             };
-            if bytes == state.bytes {
+            // The physical bytes: an interposed site jumps to its trampoline (which jumps
+            // through its slot to the logical target); a direct call of an interposed stub
+            // keeps calling the stub (its original bytes), so the trampoline sees the call.
+            let mut slot = None;
+            let (bytes, via_springboard) =
+                if let Some(ip) = self.interposed.get(&Hidden::new(address)) {
+                    let SiteInsn::Jmp(target) = logical else {
+                        return Err(Error::new(ErrorKind::InvalidArgument {
+                            reason: format!(
+                            "site {address:#x} is routed through a probe trampoline: it can only \
+                             hold a jump (not `{logical}`) until the probe is removed"
+                        ),
+                        }));
+                    };
+                    slot = Some((ip.slot.get(), target));
+                    let bytes = arch::encode(SiteInsn::Jmp(ip.trampoline.get()), address)
+                        .expect("trampolines are allocated within reach of their site");
+                    (bytes, false)
+                } else if self.follows_interposed(address) {
+                    (state.original, false)
+                } else {
+                    match new {
+                        NewInsn::Original => (state.original, false),
+                        _ => match arch::encode(logical, address) {
+                            Some(bytes) => (bytes, false),
+                            None => {
+                                let target =
+                                    logical.target().expect("only branches can be out of range");
+                                let board = self.springboard_near(address, target)?;
+                                let bytes = match logical {
+                                    SiteInsn::Jmp(_) => arch::encode(SiteInsn::Jmp(board), address),
+                                    _ => arch::encode(SiteInsn::Call(board), address),
+                                }
+                                .expect("springboard within rel32 range");
+                                (bytes, true)
+                            }
+                        },
+                    }
+                };
+            let slot_changes = slot.is_some_and(|(slot, target)| {
+                // SAFETY: an interposed site's slot lives until it is uninterposed (contract
+                // of `interpose`), which needs this lock.
+                unsafe { &*(slot as *const AtomicUsize) }.load(Ordering::Relaxed) != target
+            });
+            if bytes == state.bytes && !slot_changes && logical == reveal_insn(state.current) {
                 unchanged += 1;
                 continue;
             }
             planned.push(Planned {
                 site: address,
+                write_bytes: bytes != state.bytes,
                 bytes,
-                insn,
+                insn: logical,
                 via_springboard,
+                slot,
             });
         }
         Ok((planned, unchanged))
@@ -484,6 +696,8 @@ impl Writer {
     /// Forgets every site inside a range about to be unmapped.
     pub(crate) fn forget_sites_in(&mut self, inside: &dyn Fn(usize) -> bool) {
         self.sites.retain(|site, _| !inside(site.get()));
+        self.follows.retain(|site, _| !inside(site.get()));
+        self.interposed.retain(|site, _| !inside(site.get()));
         self.protections.retain(|page, _| !inside(page.get()));
         self.executable.retain(|r| !inside(r.0.get()));
     }
@@ -518,13 +732,21 @@ impl Writer {
         }
         membarrier::ensure_registered()?;
         self.publish_springboards()?;
-        let mut window = self.open_window(planned.iter().map(|p| p.site))?;
+        // Slots first: a site newly routed to its trampoline must find the target there.
+        for p in planned {
+            if let Some((slot, target)) = p.slot {
+                // SAFETY: the slot is alive while its site is interposed (see `interpose`).
+                unsafe { &*(slot as *const AtomicUsize) }.store(target, Ordering::Release);
+            }
+        }
+        let writes: Vec<&Planned> = planned.iter().filter(|p| p.write_bytes).collect();
+        let mut window = self.open_window(writes.iter().map(|p| p.site))?;
         report.mprotects += window.runs.len();
         let store_atomically = |site: usize| {
             path == WritePath::Auto && !window.via_proc_mem && site % 8 + SITE_LEN <= 8
         };
         let (stored, trapped): (Vec<&Planned>, Vec<&Planned>) =
-            planned.iter().partition(|p| store_atomically(p.site));
+            writes.iter().partition(|p| store_atomically(p.site));
 
         if !trapped.is_empty() {
             crate::sys::trap::install()?;

@@ -17,14 +17,14 @@
 
 use crate::glob;
 use crate::kind::ProbeKind;
-use evolve_code::shadow::{ns_per_tick, ReturnSink};
-use evolve_code::{inspect, Detour, DetourHooks, Entry};
+use evolve_code::shadow::{ns_per_tick, ReturnSink, Sink};
+use evolve_code::{inspect, Counter, Detour, DetourHooks, Entry, Published};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Identifies a probe (unique for the life of the process).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -193,7 +193,7 @@ struct Probe {
     kind: ProbeKind,
     function: String,
     address: usize,
-    counter: Arc<AtomicU64>,
+    counter: Arc<Counter>,
     /// Counter value when attached (set after the probe is visible to the hook, see `attach`).
     base: AtomicU64,
     /// Counter value when detached.
@@ -203,6 +203,8 @@ struct Probe {
     backtraces: Mutex<Vec<String>>,
     covered: AtomicBool,
     latency: Option<&'static LatencySink>,
+    /// The same sink as the shadow stack stores it.
+    sink: Option<&'static Sink>,
 }
 
 impl Probe {
@@ -210,7 +212,7 @@ impl Probe {
         match self.kind {
             ProbeKind::Count => {}
             ProbeKind::Latency => {
-                if let Some(sink) = self.latency {
+                if let Some(sink) = self.sink {
                     e.on_return(sink);
                 }
             }
@@ -267,7 +269,7 @@ impl Probe {
             .end
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_else(|| self.counter.load(Ordering::SeqCst));
+            .unwrap_or_else(|| self.counter.get());
         ProbeReading {
             id: self.id,
             function: self.function.clone(),
@@ -288,11 +290,53 @@ impl Probe {
     }
 }
 
-type ProbeList = Arc<RwLock<Vec<Arc<Probe>>>>;
+/// A point's probes, as the hook reads them: one load per call, no lock (see
+/// [`evolve_code::Published`]; versions are kept until the point's trampoline is released).
+type ProbeList = Arc<Published<Hooked>>;
+
+/// A version of a point's probe list, with what the hook needs precomputed.
+struct Hooked {
+    probes: Vec<Arc<Probe>>,
+    /// The latency probe's sink (a point has at most one): timed without walking the list.
+    latency: Option<&'static Sink>,
+    /// Whether a probe other than count and latency needs the hook.
+    others: bool,
+}
+
+impl Hooked {
+    fn new(probes: Vec<Arc<Probe>>) -> Hooked {
+        Hooked {
+            latency: probes.iter().find_map(|p| p.sink),
+            others: probes
+                .iter()
+                .any(|p| !matches!(p.kind, ProbeKind::Count | ProbeKind::Latency)),
+            probes,
+        }
+    }
+
+    /// The hook: kept small, the latency probe inline and the other kinds out of line.
+    fn on_entry(&self, e: &mut Entry<'_>) {
+        if let Some(sink) = self.latency {
+            e.on_return(sink);
+        }
+        if self.others {
+            self.others_on_entry(e);
+        }
+    }
+
+    #[inline(never)]
+    fn others_on_entry(&self, e: &mut Entry<'_>) {
+        for p in &self.probes {
+            if !matches!(p.kind, ProbeKind::Latency) {
+                p.on_entry(e);
+            }
+        }
+    }
+}
 
 struct Point {
     detour: Detour,
-    counter: Arc<AtomicU64>,
+    counter: Arc<Counter>,
     slow: Arc<AtomicBool>,
     probes: ProbeList,
 }
@@ -327,26 +371,108 @@ fn reaper() -> &'static Mutex<Sender<ProbeId>> {
     })
 }
 
-/// Functions matching `pattern`: `(name, address, size)`, deduplicated by address.
-fn resolve(pattern: &str) -> Result<Vec<(String, usize, usize)>> {
-    let mut out: Vec<(String, usize, usize)> = Vec::new();
-    for image in inspect::images()? {
-        if glob::is_glob(pattern) {
-            // Every match contains the pattern's longest literal run: a fast substring test
-            // rejects almost every symbol before the glob runs.
-            let literal = pattern
-                .split(['*', '?'])
-                .max_by_key(|l| l.len())
-                .unwrap_or("");
-            let candidate = |name: &str| name.contains(literal) && glob::matches(pattern, name);
+/// Prepared functions of the program: `(name, entry stub)`. Hot functions come from the
+/// engine's stub table (`crate::module::function`); multiverse functions from their stub
+/// symbols (`path::__evolve_mv_stub_NAME` is the entry of `path::NAME`).
+fn prepared() -> Result<&'static [(String, usize)]> {
+    static PREPARED: OnceLock<Vec<(String, usize)>> = OnceLock::new();
+    if let Some(p) = PREPARED.get() {
+        return Ok(p);
+    }
+    let exe = inspect::executable()?;
+    let mut out: Vec<(String, usize)> = evolve_code::stub::STUBS
+        .iter()
+        .map(|e| (e.name().to_string(), e.stub_address()))
+        .collect();
+    for f in exe.functions() {
+        if let Some(at) = f.demangled.find(MV_STUB) {
+            let name = format!(
+                "{}{}",
+                &f.demangled[..at],
+                &f.demangled[at + MV_STUB.len()..]
+            );
+            out.push((name, f.address));
+        }
+    }
+    Ok(PREPARED.get_or_init(|| out))
+}
+
+const MV_STUB: &str = "__evolve_mv_stub_";
+
+/// Symbols a glob skips: the parts of prepared functions (stubs, implementations, variant
+/// bodies), which are probed as one function through the prepared name.
+fn is_prepared_part(name: &str) -> bool {
+    [
+        "__evolve_stub_",
+        "__evolve_impl_",
+        MV_STUB,
+        "__evolve_mv_body_",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+}
+
+type Resolved = Vec<(String, usize, usize)>;
+
+/// Functions matching `pattern`: `(name, address, size)`, deduplicated by address. A prepared
+/// function's address is its entry stub. Results are cached per pattern while the process's
+/// loaded images stay the same (a probe added and removed in a loop resolves once).
+fn resolve(pattern: &str) -> Result<Resolved> {
+    type Cache = HashMap<String, (Vec<(std::path::PathBuf, usize)>, Resolved)>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+    let images = inspect::images()?;
+    let key: Vec<(std::path::PathBuf, usize)> = images
+        .iter()
+        .map(|i| (i.path().to_path_buf(), i.load_bias()))
+        .collect();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(HashMap::new);
+    if let Some((k, resolved)) = cache.get(pattern) {
+        if *k == key {
+            return Ok(resolved.clone());
+        }
+    }
+    let resolved = resolve_in(pattern, &images)?;
+    if cache.len() > 256 {
+        cache.clear();
+    }
+    cache.insert(pattern.to_string(), (key, resolved.clone()));
+    Ok(resolved)
+}
+
+fn resolve_in(pattern: &str, images: &[inspect::Image]) -> Result<Resolved> {
+    let mut out: Resolved = Vec::new();
+    let prepared = prepared()?;
+    if glob::is_glob(pattern) {
+        // Every match contains the pattern's longest literal run: a fast substring test
+        // rejects almost every symbol before the glob runs.
+        let literal = pattern
+            .split(['*', '?'])
+            .max_by_key(|l| l.len())
+            .unwrap_or("");
+        let candidate = |name: &str| name.contains(literal) && glob::matches(pattern, name);
+        for (name, stub) in prepared {
+            if candidate(name) {
+                out.push((name.clone(), *stub, evolve_code::SITE_LEN));
+            }
+        }
+        for image in images {
             for f in image.functions().filter(|f| f.size > 0) {
-                if candidate(&f.demangled) || candidate(&f.name) {
+                if (candidate(&f.demangled) || candidate(&f.name))
+                    && !is_prepared_part(&f.demangled)
+                {
                     out.push((f.demangled.clone(), f.address, f.size));
                 }
             }
-        } else if let Some(f) = image.symbol_by_name(pattern).filter(|f| f.size > 0) {
-            out.push((f.demangled.clone(), f.address, f.size));
-            break;
+        }
+    } else if let Some((name, stub)) = prepared.iter().find(|(name, _)| name == pattern) {
+        out.push((name.clone(), *stub, evolve_code::SITE_LEN));
+    } else {
+        for image in images {
+            if let Some(f) = image.symbol_by_name(pattern).filter(|f| f.size > 0) {
+                out.push((f.demangled.clone(), f.address, f.size));
+                break;
+            }
         }
     }
     out.sort_by_key(|f| f.1);
@@ -401,19 +527,15 @@ fn attach(
     kind: ProbeKind,
 ) -> Result<ProbeId> {
     if let std::collections::hash_map::Entry::Vacant(slot) = r.points.entry(address) {
-        let counter = Arc::new(AtomicU64::new(0));
+        let counter = Arc::new(Counter::new());
         // A new point's first probe: the hook is on before any call can reach the detour.
         let slow = Arc::new(AtomicBool::new(kind.needs_hook()));
-        let probes: ProbeList = Arc::default();
+        let probes: ProbeList = Arc::new(Published::new(Hooked::new(Vec::new())));
         let list = probes.clone();
         let hooks = DetourHooks {
             counter: counter.clone(),
             slow: slow.clone(),
-            on_entry: Arc::new(move |e: &mut Entry<'_>| {
-                for p in list.read().unwrap_or_else(|p| p.into_inner()).iter() {
-                    p.on_entry(e);
-                }
-            }),
+            on_entry: Arc::new(move |e: &mut Entry<'_>| list.get().on_entry(e)),
         };
         let detour = Detour::install(address, size, hooks)?;
         slot.insert(Point {
@@ -424,7 +546,7 @@ fn attach(
         });
     }
     let point = &r.points[&address];
-    let mut probes = point.probes.write().unwrap_or_else(|p| p.into_inner());
+    let mut probes = point.probes.get().probes.clone();
     if kind == ProbeKind::Latency && probes.iter().any(|p| p.kind == ProbeKind::Latency) {
         return Err(Error::Refused {
             function: name.to_string(),
@@ -454,21 +576,33 @@ fn attach(
         backtraces: Mutex::new(Vec::new()),
         covered: AtomicBool::new(false),
         latency,
+        sink: latency.map(|l| &*Box::leak(Box::new(Sink(l)))),
     });
+    // `base` is read before the probe is published: every call the hook sees is counted in
+    // `calls`; calls that pass while the probe is being published are counted without reaching
+    // its hook (a reading never shows more hooked calls than `calls`, except for the few calls
+    // in flight: a thread's per-thread increment may become visible after `base` was read).
+    probe.base.store(point.counter.get(), Ordering::SeqCst);
     probes.push(probe.clone());
-    if kind.needs_hook() {
-        point.slow.store(true, Ordering::SeqCst);
+    point.slow.store(hook_needed(&probes), Ordering::SeqCst);
+    point.probes.set(Hooked::new(probes));
+    if kind == ProbeKind::Latency {
+        // Timed by the trampoline from now on (or by the hook, whose `slow` flag is then set).
+        point.detour.set_latency(probe.sink);
     }
-    // The trampoline's `lock inc` of the counter is a full barrier before it loads `slow`, and
-    // so are these two SeqCst accesses: a call whose increment `base` misses sees `slow` set,
-    // and runs the hook, which sees this probe once the list's write lock is released. So
-    // every call counted in `calls` reaches the probe's hook.
-    probe
-        .base
-        .store(point.counter.load(Ordering::SeqCst), Ordering::Relaxed);
-    drop(probes);
     r.probes.insert(id, (probe, true));
     Ok(id)
+}
+
+/// Whether calls must go through the point's hook for these probes: every kind but counting,
+/// and latency only where trampolines cannot time calls themselves.
+fn hook_needed(probes: &[Arc<Probe>]) -> bool {
+    let timed_by_trampoline = evolve_code::shadow::trampolines_time_calls();
+    probes.iter().any(|p| match p.kind {
+        ProbeKind::Count => false,
+        ProbeKind::Latency => !timed_by_trampoline,
+        _ => true,
+    })
 }
 
 /// Takes a probe off its point (removing the detour with the last probe); keeps its reading.
@@ -485,15 +619,17 @@ fn detach(r: &mut Registry, id: ProbeId) -> Result<()> {
         .get(&address)
         .expect("an attached probe has a point");
     let remaining = {
-        let mut probes = point.probes.write().unwrap_or_else(|p| p.into_inner());
+        let mut probes = point.probes.get().probes.clone();
         probes.retain(|p| p.id != id);
-        if !probes.iter().any(|p| p.kind.needs_hook()) {
-            point.slow.store(false, Ordering::Release);
+        if probe.kind == ProbeKind::Latency {
+            point.detour.set_latency(None);
         }
-        probes.len()
+        point.slow.store(hook_needed(&probes), Ordering::SeqCst);
+        let n = probes.len();
+        point.probes.set(Hooked::new(probes));
+        n
     };
-    *probe.end.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some(point.counter.load(Ordering::Relaxed));
+    *probe.end.lock().unwrap_or_else(|p| p.into_inner()) = Some(point.counter.get());
     if remaining == 0 {
         let point = r.points.remove(&address).expect("present");
         point.detour.remove()?;
