@@ -101,28 +101,9 @@ pub fn kind_of(
     })
 }
 
-/// Whether `name` matches the glob `pattern` (`*`: any run of characters, `?`: one).
-pub fn glob_matches(pattern: &str, name: &str) -> bool {
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
+/// Whether `name` matches the glob `pattern` (`*`: any run of characters, `?`: one): the
+/// probes library's own matching, so `rm PATTERN` selects what `add PATTERN` attached.
+pub use evolve_probes::glob_matches;
 
 impl Probes {
     fn meta(&self) -> MutexGuard<'_, HashMap<u64, Meta>> {

@@ -35,6 +35,7 @@ mod glob;
 mod kind;
 mod point;
 
+pub use glob::matches as glob_matches;
 pub use kind::{Cmp, ProbeKind};
 pub use point::{
     add, list, read, remove, remove_all, Error, LatencyReading, ProbeId, ProbeInfo, ProbeReading,
