@@ -2,8 +2,9 @@
 //! (`rps_plain`) and with it (`rps_evolve`), and with the bug-fix patch applied and reverted over
 //! and over while the benchmark runs (`p99_during_update_ms`).
 //!
-//! Runs alternate plain / evolve / evolve-under-updates, each against a fresh server; every figure
-//! is the median over `--runs` rounds. A run's rate and p99 are the mean over its tests (`SET`,
+//! Each round runs plain and evolve (which goes first alternates between rounds), then
+//! evolve-under-updates, each against a fresh server; every figure is the median over `--runs`
+//! rounds, and `throughput_ratio` the median of the rounds' evolve/plain ratios. A run's rate and p99 are the mean over its tests (`SET`,
 //! `GET` by default) of what `redis-benchmark --csv` reports.
 
 use crate::stats::{median, round3};
@@ -20,7 +21,7 @@ use std::time::Duration;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Rounds (each: one plain run, one evolve run, one run under updates).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     pub runs: usize,
     /// Parallel redis-benchmark clients.
     #[arg(long, default_value_t = 50)]
@@ -164,24 +165,33 @@ pub fn run(args: &Args) -> Result<Value, String> {
         workspace.build_patch(server.pid, "fix").map_err(fail)?
     };
 
-    let (mut rps_plain, mut rps_evolve) = (Vec::new(), Vec::new());
+    let (mut rps_plain, mut rps_evolve, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut p99_plain, mut p99_steady, mut p99_during) = (Vec::new(), Vec::new(), Vec::new());
     let (mut errors, mut updates) = (0, 0);
     for round in 0..args.runs {
         eprintln!("kv-live-update: round {}/{}", round + 1, args.runs);
-        let (run, _) = measure(&plain, args, None)?;
-        rps_plain.push(run.rps);
-        p99_plain.push(run.p99_ms);
-        errors += run.errors;
-        let (run, _) = measure(&evolve, args, None)?;
-        rps_evolve.push(run.rps);
-        p99_steady.push(run.p99_ms);
-        errors += run.errors;
+        // Which server goes first alternates, so a drift of the machine favours neither.
+        let mut pair = [None, None];
+        for which in [round % 2, 1 - round % 2] {
+            let binary = if which == 0 { &plain } else { &evolve };
+            let (run, _) = measure(binary, args, None)?;
+            errors += run.errors;
+            pair[which] = Some(run);
+        }
+        let [Some(plain_run), Some(evolve_run)] = pair else {
+            unreachable!("both servers ran")
+        };
+        rps_plain.push(plain_run.rps);
+        p99_plain.push(plain_run.p99_ms);
+        rps_evolve.push(evolve_run.rps);
+        p99_steady.push(evolve_run.p99_ms);
+        ratios.push(evolve_run.rps / plain_run.rps);
         let (run, done) = measure(&evolve, args, Some(&patch))?;
         p99_during.push(run.p99_ms);
         errors += run.errors;
         updates += done;
     }
+    let throughput_ratio = median(&mut ratios);
     let rps_plain = median(&mut rps_plain);
     let rps_evolve = median(&mut rps_evolve);
     let p99_plain = median(&mut p99_plain);
@@ -195,7 +205,8 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "tests": args.tests,
         "rps_plain": round3(rps_plain),
         "rps_evolve": round3(rps_evolve),
-        "throughput_ratio": round3(rps_evolve / rps_plain),
+        // The median of the rounds' ratios: each round's two runs saw the same machine.
+        "throughput_ratio": round3(throughput_ratio),
         "errors": errors,
         "p99_plain_ms": round3(p99_plain),
         "p99_steady_ms": round3(p99_steady),
