@@ -35,6 +35,15 @@ impl Value {
 }
 
 /// One connection.
+///
+/// ```no_run
+/// use evolve_demo::client::{Client, Value};
+///
+/// let mut client = Client::connect("127.0.0.1:6380".parse().unwrap())?;
+/// assert_eq!(client.command("SET visitor alice")?, Value::Simple("OK".into()));
+/// let version = client.info()?["kv_version"].clone();
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Client {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
@@ -138,6 +147,16 @@ pub struct LoadCounters {
 
 /// Client threads sending `SET`, `GET` (checking the value just set) and `INCR` (checking it
 /// counts by one) as fast as the server answers.
+///
+/// ```no_run
+/// use evolve_demo::client::Load;
+/// use std::sync::atomic::Ordering::Relaxed;
+///
+/// let load = Load::start("127.0.0.1:6380".parse().unwrap(), 8);
+/// std::thread::sleep(std::time::Duration::from_secs(1));
+/// let seen = load.stop();
+/// assert_eq!(seen.wrong.load(Relaxed), 0);
+/// ```
 pub struct Load {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,

@@ -7,6 +7,11 @@ pub fn is_glob(pattern: &str) -> bool {
 
 /// Whether `name` matches `pattern` entirely.
 ///
+/// ```
+/// assert!(evolve_probes::glob_matches("kv_commands::*", "kv_commands::strings::get"));
+/// assert!(!evolve_probes::glob_matches("kv_commands::?et", "kv_commands::set_ex"));
+/// ```
+///
 /// Allocation-free (it runs over every symbol of every loaded image on each `add`): bytes for
 /// ASCII, characters otherwise, so that `?` always matches one character.
 pub fn matches(pattern: &str, name: &str) -> bool {
