@@ -2,69 +2,30 @@
 //! socket directory each, and the `evolve` binary run against them.
 #![allow(dead_code)]
 
+use evolve_testkit::{Lines, Workspace};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::mpsc::{channel, Receiver};
 use std::sync::OnceLock;
 use std::time::Duration;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// The scratch root: under the cargo target directory.
-fn scratch() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    target.join("evolve-ctl-e2e")
-}
 
 /// The fixture workspace (copied once per test binary) and its target directory.
 pub struct Fixture {
     pub dir: PathBuf,
     pub target: PathBuf,
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            let text = std::fs::read_to_string(entry.path()).unwrap();
-            let crates = repo().join("crates");
-            std::fs::write(&dest, text.replace("@EVOLVE@", crates.to_str().unwrap())).unwrap();
-        }
-    }
+    workspace: Workspace,
 }
 
 /// Copies the fixture to `<scratch>/<name>` and builds its host.
 pub fn fixture(name: &str) -> Fixture {
-    let dir = scratch().join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    copy_dir(&repo().join("crates/evolve-cli/tests/fixture"), &dir);
-    std::fs::rename(dir.join("Cargo.toml.in"), dir.join("Cargo.toml")).unwrap();
-    std::fs::copy(repo().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
-    let fixture = Fixture {
-        dir,
-        target: scratch().join("target"),
-    };
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--manifest-path"])
-        .arg(fixture.dir.join("Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &fixture.target)
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the fixture host failed");
-    fixture
+    let source = evolve_testkit::repository().join("crates/evolve-cli/tests/fixture");
+    let workspace = Workspace::build(&source, &format!("ctl-{name}"));
+    Fixture {
+        dir: workspace.dir.clone(),
+        target: workspace.target.clone(),
+        workspace,
+    }
 }
 
 /// One fixture shared by the tests that do not edit it.
@@ -75,7 +36,7 @@ pub fn shared() -> &'static Fixture {
 
 /// A private socket directory for one test.
 pub fn socket_dir(name: &str) -> PathBuf {
-    let dir = scratch().join("sockets").join(name);
+    let dir = evolve_testkit::scratch().join("ctl-sockets").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -84,7 +45,7 @@ pub fn socket_dir(name: &str) -> PathBuf {
 pub struct Host {
     pub child: Child,
     stdin: ChildStdin,
-    lines: Receiver<String>,
+    lines: Lines,
     pub socket: PathBuf,
     pub dir: PathBuf,
 }
@@ -98,16 +59,7 @@ impl Fixture {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (sender, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = Lines::read(child.stdout.take().unwrap());
         let stdin = child.stdin.take().unwrap();
         let mut host = Host {
             child,
@@ -124,13 +76,7 @@ impl Fixture {
 
     /// Rewrites the hot crate's source (pairs of old, new text).
     pub fn edit(&self, edits: &[(&str, &str)]) {
-        let path = self.dir.join("ctlhot/src/lib.rs");
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        for (old, new) in edits {
-            assert!(text.contains(old), "fixture has no {old:?}");
-            text = text.replace(old, new);
-        }
-        std::fs::write(path, text).unwrap();
+        self.workspace.edit("ctlhot/src/lib.rs", edits);
     }
 }
 
@@ -142,7 +88,7 @@ impl Host {
     fn answer(&mut self) -> Value {
         let line = self
             .lines
-            .recv_timeout(Duration::from_secs(60))
+            .next(Duration::from_secs(60))
             .expect("the host answers within 60 s (did it crash?)");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
     }
@@ -170,28 +116,16 @@ impl Host {
 }
 
 fn wait(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        assert!(std::time::Instant::now() < deadline, "host did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    evolve_testkit::wait_exit(child, Duration::from_secs(20)).expect("host did not exit")
 }
 
 impl Drop for Host {
     fn drop(&mut self) {
         let _ = writeln!(self.stdin, "quit");
         let _ = self.stdin.flush();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if evolve_testkit::wait_exit(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
         }
-        let _ = self.child.kill();
     }
 }
 

@@ -3,74 +3,32 @@
 #![allow(dead_code)]
 
 use evolve_hot::builder::{build_patch, Base, BuildOptions, BuildReport};
+use evolve_testkit::{Lines, Workspace};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// The fixture workspace copied to `target/evolve-e2e/<name>`, built.
+/// The fixture workspace copied to `<target>/evolve-e2e/<name>`, built.
 pub struct Fixture {
-    pub dir: PathBuf,
-    target: PathBuf,
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            let text = std::fs::read_to_string(entry.path()).unwrap();
-            let crates = repo().join("crates");
-            std::fs::write(&dest, text.replace("@EVOLVE@", crates.to_str().unwrap())).unwrap();
-        }
-    }
+    pub dir: std::path::PathBuf,
+    workspace: Workspace,
 }
 
 impl Fixture {
     /// Copies and builds the fixture (the host binary).
     pub fn new(name: &str) -> Fixture {
-        let root = repo().join("target/evolve-e2e");
-        let dir = root.join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        copy_dir(&repo().join("crates/evolve-hot/tests/fixture"), &dir);
-        std::fs::rename(dir.join("Cargo.toml.in"), dir.join("Cargo.toml")).unwrap();
-        // The same dependency versions as the workspace: shared, already-built artifacts.
-        std::fs::copy(repo().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
-        let fixture = Fixture {
-            dir,
-            target: root.join("target"),
-        };
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(fixture.dir.join("Cargo.toml"))
-            .env("CARGO_TARGET_DIR", &fixture.target)
-            .status()
-            .unwrap();
-        assert!(status.success(), "building the fixture host failed");
-        fixture
+        let fixture = evolve_testkit::repository().join("crates/evolve-hot/tests/fixture");
+        let workspace = Workspace::build(&fixture, name);
+        Fixture {
+            dir: workspace.dir.clone(),
+            workspace,
+        }
     }
 
     /// Rewrites the hot crate's source with `edits` (pairs of old, new text).
     pub fn edit(&self, edits: &[(&str, &str)]) {
-        let path = self.dir.join("hotfix/src/lib.rs");
-        let mut text = std::fs::read_to_string(&path).unwrap();
-        for (old, new) in edits {
-            assert!(text.contains(old), "fixture has no {old:?}");
-            text = text.replace(old, new);
-        }
-        std::fs::write(path, text).unwrap();
+        self.workspace.edit("hotfix/src/lib.rs", edits);
     }
 
     /// Builds a patch of the hot crate against the running `host`.
@@ -83,7 +41,7 @@ impl Fixture {
             profile: "release".into(),
             env: vec![(
                 "CARGO_TARGET_DIR".into(),
-                self.target.to_str().unwrap().into(),
+                self.workspace.target.to_str().unwrap().into(),
             )],
             features: Vec::new(),
             no_default_features: false,
@@ -92,7 +50,7 @@ impl Fixture {
 
     /// Starts the host.
     pub fn start(&self) -> Host {
-        let mut child = Command::new(self.target.join("release/hothost"))
+        let mut child = Command::new(self.workspace.target.join("release/hothost"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -112,16 +70,7 @@ impl Fixture {
                 sink.lock().unwrap().push_str(&text);
             }
         });
-        let stdout = child.stdout.take().unwrap();
-        let (sender, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = Lines::read(child.stdout.take().unwrap());
         let stdin = child.stdin.take().unwrap();
         let mut host = Host {
             child,
@@ -140,7 +89,7 @@ impl Fixture {
 pub struct Host {
     child: Child,
     stdin: ChildStdin,
-    lines: Receiver<String>,
+    lines: Lines,
     /// Lines that were not answers: log lines and completions of slow calls.
     pub events: Vec<String>,
     /// Everything the host wrote to stderr so far.
@@ -156,7 +105,7 @@ impl Host {
         loop {
             let line = self
                 .lines
-                .recv_timeout(Duration::from_secs(60))
+                .next(Duration::from_secs(60))
                 .expect("the host answers within 60 s (did it crash?)");
             if line.starts_with("LOG ") || line.contains("slow_done") {
                 self.events.push(line);
@@ -181,7 +130,7 @@ impl Host {
                 return self.events.remove(i);
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self.lines.recv_timeout(left).expect("event arrives");
+            let line = self.lines.next(left).expect("event arrives");
             self.events.push(line);
         }
     }
@@ -190,18 +139,10 @@ impl Host {
     pub fn send_fatal(&mut self, command: &str) -> std::process::ExitStatus {
         writeln!(self.stdin, "{command}").unwrap();
         self.stdin.flush().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100)); // let stderr drain
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the host survived {command}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = evolve_testkit::wait_exit(&mut self.child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the host survived {command}"));
+        std::thread::sleep(Duration::from_millis(100)); // let stderr drain
+        status
     }
 
     /// Statistics, after letting the workers run for a moment.
@@ -215,14 +156,9 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = writeln!(self.stdin, "quit");
         let _ = self.stdin.flush();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if evolve_testkit::wait_exit(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
         }
-        let _ = self.child.kill();
     }
 }
 

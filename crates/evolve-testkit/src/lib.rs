@@ -1,0 +1,146 @@
+//! Test support shared by the end-to-end tests of the hot-update layer and of the CLI: a fixture
+//! workspace copied to a scratch directory and built there (so tests can edit its source and
+//! build patches against its running host without touching the repository), and a host
+//! process's output read line by line with timeouts.
+//!
+//! ```no_run
+//! use evolve_testkit::{Lines, Workspace};
+//! use std::process::{Command, Stdio};
+//!
+//! let fixture = evolve_testkit::repository().join("crates/evolve-hot/tests/fixture");
+//! let workspace = Workspace::build(&fixture, "example");
+//! let mut host = Command::new(workspace.target.join("release/hothost"))
+//!     .stdin(Stdio::piped())
+//!     .stdout(Stdio::piped())
+//!     .spawn()?;
+//! let lines = Lines::read(host.stdout.take().unwrap());
+//! let ready = lines.next(std::time::Duration::from_secs(60));
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+/// The repository's root.
+pub fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository exists")
+}
+
+/// Where scratch workspaces go: `<cargo target dir>/evolve-e2e`.
+pub fn scratch() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repository().join("target"))
+        .join("evolve-e2e")
+}
+
+/// A fixture workspace copied to `scratch()/<name>` and built (release profile).
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    /// The copy.
+    pub dir: PathBuf,
+    /// Its cargo target directory, shared by every copy (dependencies build once).
+    pub target: PathBuf,
+}
+
+impl Workspace {
+    /// Copies `fixture` — a directory holding a workspace manifest `Cargo.toml.in` and its
+    /// crates, with `@EVOLVE@` standing for the repository's `crates` directory — afresh to
+    /// `scratch()/<name>` with the repository's lockfile, and builds it.
+    pub fn build(fixture: &Path, name: &str) -> Workspace {
+        let dir = scratch().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_substituting(fixture, &dir);
+        std::fs::rename(dir.join("Cargo.toml.in"), dir.join("Cargo.toml"))
+            .expect("the fixture has a Cargo.toml.in");
+        // The same dependency versions as the repository: shared, already-built artifacts.
+        std::fs::copy(repository().join("Cargo.lock"), dir.join("Cargo.lock"))
+            .expect("the repository has a Cargo.lock");
+        let workspace = Workspace {
+            dir,
+            target: scratch().join("target"),
+        };
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(workspace.dir.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &workspace.target)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the fixture {name} failed");
+        workspace
+    }
+
+    /// Rewrites `file` (relative to the copy) with `edits`, pairs of old and new text; each old
+    /// text must be there.
+    pub fn edit(&self, file: &str, edits: &[(&str, &str)]) {
+        let path = self.dir.join(file);
+        let mut text = std::fs::read_to_string(&path).expect("the file exists");
+        for (old, new) in edits {
+            assert!(text.contains(old), "{file} has no {old:?}");
+            text = text.replace(old, new);
+        }
+        std::fs::write(path, text).expect("the copy is writable");
+    }
+}
+
+fn copy_substituting(from: &Path, to: &Path) {
+    let crates = repository().join("crates");
+    std::fs::create_dir_all(to).expect("scratch is writable");
+    for entry in std::fs::read_dir(from).expect("the fixture exists") {
+        let entry = entry.expect("a directory entry");
+        let dest = to.join(entry.file_name());
+        if entry.file_type().expect("a file type").is_dir() {
+            copy_substituting(&entry.path(), &dest);
+        } else {
+            let text = std::fs::read_to_string(entry.path()).expect("fixture files are text");
+            let text = text.replace("@EVOLVE@", crates.to_str().expect("a UTF-8 path"));
+            std::fs::write(&dest, text).expect("scratch is writable");
+        }
+    }
+}
+
+/// A child's output, read line by line on a thread of its own.
+pub struct Lines {
+    receiver: Receiver<String>,
+}
+
+impl Lines {
+    /// Starts reading `output` (a child's stdout or stderr).
+    pub fn read(output: impl Read + Send + 'static) -> Lines {
+        let (sender, receiver) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { receiver }
+    }
+
+    /// The next line, if one comes within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        self.receiver.recv_timeout(timeout).ok()
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
