@@ -411,6 +411,24 @@ impl Emitter {
     fn here(&self) -> usize {
         self.code.len()
     }
+    /// `push rax; push rcx; push rdx`: the scratch registers the latency fast path uses.
+    fn save_scratch(&mut self) -> &mut Emitter {
+        self.bytes(&[0x50])
+            .stack(8)
+            .bytes(&[0x51])
+            .stack(8)
+            .bytes(&[0x52])
+            .stack(8)
+    }
+    /// `pop rdx; pop rcx; pop rax`: undoes [`Emitter::save_scratch`].
+    fn restore_scratch(&mut self) -> &mut Emitter {
+        self.bytes(&[0x5a])
+            .stack(-8)
+            .bytes(&[0x59])
+            .stack(-8)
+            .bytes(&[0x58])
+            .stack(-8)
+    }
     /// A `jcc`/`jmp rel32` whose 4-byte displacement ends here, patched to `to` later.
     fn fix(&mut self, at_end: usize, to: usize) {
         let rel = (to as i64 - at_end as i64) as i32;
@@ -528,12 +546,7 @@ fn trampoline_prefix(
             .bytes(&[0x4d, 0x85, 0xdb]) // test r11, r11
             .bytes(&[0x0f, 0x84, 0, 0, 0, 0]); // jz check
         to_check.push(e.here());
-        e.bytes(&[0x50])
-            .stack(8) // push rax
-            .bytes(&[0x51])
-            .stack(8) // push rcx
-            .bytes(&[0x52])
-            .stack(8) // push rdx
+        e.save_scratch()
             .bytes(&[0x64, 0x48, 0x8b, 0x0c, 0x25]) // mov rcx, fs:[frames]
             .bytes(&frames.to_le_bytes())
             .bytes(&[0x48, 0x85, 0xc9]) // test rcx, rcx
@@ -573,12 +586,7 @@ fn trampoline_prefix(
             .bytes(&stubs.to_le_bytes())
             .bytes(&[0x48, 0xff, 0xc0]) // inc rax: exit stub `top` (after its padding byte)
             .bytes(&[0x48, 0x89, 0x44, 0x24, 0x18]) // mov [rsp + 24], rax: the return address
-            .bytes(&[0x5a])
-            .stack(-8) // pop rdx
-            .bytes(&[0x59])
-            .stack(-8) // pop rcx
-            .bytes(&[0x58])
-            .stack(-8) // pop rax
+            .restore_scratch()
             .bytes(&[0xe9, 0, 0, 0, 0]); // jmp check
         to_check.push(e.here());
         let fallback = e.here();
@@ -587,13 +595,7 @@ fn trampoline_prefix(
         }
         e.rules.push((fallback, 32));
         e.cfa = 32;
-        e.bytes(&[0x5a])
-            .stack(-8) // pop rdx
-            .bytes(&[0x59])
-            .stack(-8) // pop rcx
-            .bytes(&[0x58])
-            .stack(-8) // pop rax
-            .bytes(&[0xe9, 0, 0, 0, 0]); // jmp hook
+        e.restore_scratch().bytes(&[0xe9, 0, 0, 0, 0]); // jmp hook
         to_hook.push(e.here());
     }
     let check = e.here();
@@ -637,28 +639,16 @@ fn trampoline_prefix(
     e
 }
 
-fn uleb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
 /// `.eh_frame` bytes (CIE, one FDE, terminator) for a trampoline prefix at `at`, so that
 /// unwinding and backtraces from a hook pass through the trampoline to the probed call's caller.
 fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
     let mut cie = vec![0, 0, 0, 0]; // CIE id
     cie.push(1); // version
     cie.extend(b"zR\0");
-    uleb(&mut cie, 1); // code alignment
+    crate::shadow::uleb(&mut cie, 1); // code alignment
     cie.push(0x78); // data alignment -8
     cie.push(16); // return address column
-    uleb(&mut cie, 1); // augmentation data length
+    crate::shadow::uleb(&mut cie, 1); // augmentation data length
     cie.push(0x00); // FDE pointers: absptr
     cie.extend([0x0c, 7, 8]); // DW_CFA_def_cfa rsp, 8
     cie.extend([0x90, 1]); // DW_CFA_offset rip, cfa - 8
@@ -673,7 +663,7 @@ fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
     fde.extend(((fde_start + 4) as u32).to_le_bytes()); // CIE pointer
     fde.extend((at as u64).to_le_bytes());
     fde.extend((len as u64).to_le_bytes());
-    uleb(&mut fde, 0);
+    crate::shadow::uleb(&mut fde, 0);
     let mut last = 0;
     for &(offset, cfa) in rules {
         let delta = offset - last;
@@ -686,7 +676,7 @@ fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
             }
         }
         fde.push(0x0e); // DW_CFA_def_cfa_offset
-        uleb(&mut fde, cfa as u64);
+        crate::shadow::uleb(&mut fde, cfa as u64);
         last = offset;
     }
     while (fde.len() + 4) % 8 != 0 {

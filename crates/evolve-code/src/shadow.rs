@@ -260,7 +260,8 @@ extern "C" fn personality(
     URC_CONTINUE_UNWIND
 }
 
-fn uleb(out: &mut Vec<u8>, mut v: u64) {
+/// Appends `v` as unsigned LEB128 (DWARF call-frame data; the detours' unwind info uses it too).
+pub(crate) fn uleb(out: &mut Vec<u8>, mut v: u64) {
     loop {
         let b = (v & 0x7f) as u8;
         v >>= 7;

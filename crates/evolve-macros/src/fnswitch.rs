@@ -252,7 +252,7 @@ pub fn expand(domain: Option<Vec<Expr>>, item: ItemStatic, f: &TypeBareFn) -> Re
         #[allow(non_upper_case_globals)]
         static #keep: extern "C-unwind" fn() = #stub_definition;
 
-        // SAFETY: the symbol is the stub defined by the `global_asm!` above: a `jmp` to the
+        // SAFETY: the symbol is the stub defined by the naked function above: a `jmp` to the
         // dispatcher, a function of exactly this signature and ABI, which leaves registers and
         // stack as the caller set them, so calling the stub is calling the dispatcher.
         // `evolve::multiverse::commit` retargets it (as a branch to the dispatcher) only to

@@ -33,7 +33,7 @@
 //! the commit lock, like every multiverse commit, so other threads may call through the switch
 //! meanwhile and run either binding.
 
-use crate::registry::{Binding, Function, Plan};
+use crate::registry::{bind_calls, Binding, Function, Plan};
 use crate::switch::AnySwitch;
 use crate::{CommitReport, Error};
 use evolve_code::callsite::{is_bare_return, jump_stub, DirectCalls};
@@ -358,16 +358,7 @@ impl<F: FnPtr> FnSwitch<F> {
         let installed = self.installed()?;
         match want {
             None => installed.calls.restore_in(batch),
-            Some(f) => {
-                if is_bare_return(f) {
-                    installed
-                        .calls
-                        .nop_in(batch, f)
-                        .map_err(|e| Error::code(self.name, e))?;
-                } else {
-                    installed.calls.retarget_in(batch, f);
-                }
-            }
+            Some(f) => bind_calls(&installed.calls, batch, f, is_bare_return(f), self.name)?,
         }
         *lock(&self.planned) = want;
         Ok(Plan::Change(binding))

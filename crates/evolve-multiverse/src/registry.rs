@@ -186,17 +186,27 @@ impl<F: FnPtr> Multiversed<F> {
                     .find(|f| f.address() == target)
                     .expect("targets come from the table");
                 batch.retarget(site, site.current(), evolve_code::SiteInsn::Jmp(target));
-                if nop {
-                    installed
-                        .calls
-                        .nop_in(batch, f)
-                        .map_err(|e| Error::code(self.name, e))?;
-                } else {
-                    installed.calls.retarget_in(batch, f);
-                }
+                bind_calls(&installed.calls, batch, f, nop, self.name)?;
             }
         }
         Ok(Plan::Change(want))
+    }
+}
+
+/// Adds to `batch` the direct call sites of `calls` bound to `f`: a call of `f`, or a 5-byte NOP
+/// when `f` does nothing (`nop`). Shared by multiversed functions and function-pointer switches.
+pub(crate) fn bind_calls<F: FnPtr>(
+    calls: &DirectCalls<F>,
+    batch: &mut Batch,
+    f: F,
+    nop: bool,
+    name: &'static str,
+) -> Result<(), Error> {
+    if nop {
+        calls.nop_in(batch, f).map_err(|e| Error::code(name, e))
+    } else {
+        calls.retarget_in(batch, f);
+        Ok(())
     }
 }
 
