@@ -66,6 +66,16 @@ pub(crate) fn loaded_snapshot_for_scan() -> Vec<WritableSegments> {
         .collect()
 }
 
+/// The loader's name of every object it has loaded (a path, or a bare name for the vdso): what
+/// a `DT_NEEDED` entry such as `libc.so.6` (or a path) is matched against.
+pub(crate) fn loaded_names() -> Vec<String> {
+    loaded::snapshot()
+        .into_iter()
+        .filter(|object| !object.name.is_empty())
+        .map(|object| String::from_utf8_lossy(&object.name).into_owned())
+        .collect()
+}
+
 /// Every loaded image: the main executable first, then the shared libraries (and the vdso) in
 /// the loader's order.
 ///
