@@ -31,7 +31,7 @@
 //! ([`crate::thread_state::offset`]).
 #![allow(unsafe_code)]
 
-use crate::thread_state::{self, Unprobed};
+use crate::thread_state::{self, Locked, Unprobed};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -55,8 +55,8 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
     next_slot: 0,
 });
 
-fn pool() -> std::sync::MutexGuard<'static, Pool> {
-    POOL.lock().unwrap_or_else(|p| p.into_inner())
+fn pool() -> Locked<'static, Pool> {
+    Locked::new(&POOL)
 }
 
 thread_local! {
@@ -118,7 +118,7 @@ pub(crate) extern "C" fn adopt() {
 
 /// Every thread block, locked: take it *before* stopping the world to sum counters inside the
 /// stop ([`Counter::get_in`]), which then takes no lock.
-pub(crate) struct Blocks<'a>(std::sync::MutexGuard<'a, Pool>);
+pub(crate) struct Blocks<'a>(Locked<'a, Pool>);
 
 pub(crate) fn blocks() -> Blocks<'static> {
     Blocks(pool())

@@ -168,6 +168,7 @@ impl<T> Versions<T> {
     }
 
     /// Versions held: the current one and the retired ones not freed yet.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn held(&self) -> usize {
         1 + lock(&self.retired).len()
     }
@@ -201,13 +202,8 @@ impl<T> Drop for Versions<T> {
         // No read section of this cell is open (`&mut self`).
         // SAFETY: `current` and every retired version are distinct boxes owned by the cell.
         unsafe {
-            drop(Box::from_raw(*self.current.get_mut()));
-            for r in self
-                .retired
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
+            drop(Box::from_raw(self.current.load(Ordering::Relaxed)));
+            for r in lock(&self.retired).drain(..) {
                 drop(Box::from_raw(r.version));
             }
         }
@@ -281,6 +277,7 @@ mod process {
 
 /// A value replaced by whole versions, read without a lock (see the module docs).
 pub struct Published<T> {
+    #[cfg_attr(loom, allow(dead_code))]
     versions: Versions<T>,
 }
 

@@ -63,7 +63,7 @@
 
 use crate::detour::Entry;
 use crate::sys::memory::{self, Protection};
-use crate::thread_state::{self, ShadowState, Unprobed};
+use crate::thread_state::{self, Locked, ShadowState, Unprobed};
 use crate::unwind::{self, RA, RSP};
 use gimli::write::CallFrameInstruction;
 use std::ptr::NonNull;
@@ -141,9 +141,9 @@ impl Sink {
     }
 }
 
-fn retired() -> std::sync::MutexGuard<'static, Vec<usize>> {
+fn retired() -> Locked<'static, Vec<usize>> {
     static RETIRED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    RETIRED.lock().unwrap_or_else(|p| p.into_inner())
+    Locked::new(&RETIRED)
 }
 
 /// Sinks retired and not freed yet.
@@ -188,8 +188,8 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
     free: Vec::new(),
 });
 
-fn pool() -> std::sync::MutexGuard<'static, Pool> {
-    POOL.lock().unwrap_or_else(|p| p.into_inner())
+fn pool() -> Locked<'static, Pool> {
+    Locked::new(&POOL)
 }
 
 /// Owns the thread's block; returns it to the pool when the thread exits.
@@ -514,6 +514,19 @@ fn dead_frames(state: &mut ShadowState, frames: &mut [Frame; DEPTH], slot: usize
     pop(state, frames, top);
 }
 
+/// `ret` itself, or, if it is one of this thread's exit stubs, the return address its frame
+/// saved.
+pub(crate) fn real_return_address(ret: usize) -> usize {
+    // SAFETY: a read of this thread's own state.
+    let f = unsafe { &*thread_state::shadow() };
+    if f.stubs != 0 && (f.stubs..f.stubs + DEPTH * STUB).contains(&ret) {
+        let d = (ret - f.stubs) / STUB;
+        // SAFETY: this thread's frames.
+        return unsafe { (*(f.frames as *const [Frame; DEPTH]))[d].ret };
+    }
+    ret
+}
+
 /// Probed frames of the calling thread whose exit is being caught now.
 pub fn depth() -> usize {
     // SAFETY: a read of this thread's own state.
@@ -523,8 +536,8 @@ pub fn depth() -> usize {
 /// The locks [`reclaim_sinks`] needs, taken before the world is stopped (a stopped thread may
 /// hold them otherwise).
 pub(crate) struct SinkLocks {
-    pool: std::sync::MutexGuard<'static, Pool>,
-    retired: std::sync::MutexGuard<'static, Vec<usize>>,
+    pool: Locked<'static, Pool>,
+    retired: Locked<'static, Vec<usize>>,
 }
 
 impl SinkLocks {

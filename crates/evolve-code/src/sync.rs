@@ -13,12 +13,13 @@ pub(crate) use std::sync::{Arc, Mutex};
 
 pub(crate) use std::sync::atomic::Ordering;
 
-/// Locks `m`, ignoring poisoning (the protocols' invariants hold between statements).
+/// Locks `m`, ignoring poisoning (the protocols' invariants hold between statements), with
+/// probes off for the holding thread ([`crate::thread_state::Locked`]): hooks take these locks.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> impl std::ops::DerefMut<Target = T> + '_ {
     #[cfg(loom)]
     return m.lock().unwrap();
     #[cfg(not(loom))]
-    return m.lock().unwrap_or_else(|p| p.into_inner());
+    return crate::thread_state::Locked::new(m);
 }
 
 /// The reader's half of an asymmetric fence: orders the reader's preceding store before its

@@ -27,6 +27,11 @@
 //! into itself or deadlock on a lock its own thread holds. The generated code sets and clears the
 //! guard around the calls it makes (so even the called function's own entry runs guarded); Rust
 //! code uses [`Unprobed`].
+//!
+//! The guard also keeps hooks from deadlocking on the engine's own locks: every engine lock a
+//! hook may take (counter and shadow pools, published-list records) is held only through
+//! [`Locked`], with probes off for the holding thread, so a probed `malloc` called while the
+//! lock is held cannot reach a hook that waits for it.
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, UnsafeCell};
@@ -142,4 +147,35 @@ impl Drop for Unprobed {
 /// Whether probes are off for the calling thread.
 pub(crate) fn unprobed() -> bool {
     STATE.with(|s| s.guard.get() != 0)
+}
+
+/// A mutex guard held with probes off for the holding thread (see the module docs).
+pub(crate) struct Locked<'a, T> {
+    // Dropped first: the lock is released before probes come back on.
+    guard: std::sync::MutexGuard<'a, T>,
+    _unprobed: Unprobed,
+}
+
+impl<'a, T> Locked<'a, T> {
+    /// Locks `mutex` (ignoring poisoning) with probes off for this thread.
+    pub(crate) fn new(mutex: &'a std::sync::Mutex<T>) -> Locked<'a, T> {
+        let unprobed = Unprobed::enter();
+        Locked {
+            guard: mutex.lock().unwrap_or_else(|p| p.into_inner()),
+            _unprobed: unprobed,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Locked<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> std::ops::DerefMut for Locked<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
 }

@@ -149,6 +149,58 @@ impl Unwinder {
 unsafe extern "C" {
     fn __register_frame(begin: *const u8);
     fn __deregister_frame(begin: *const u8);
+    fn _Unwind_Backtrace(
+        trace: extern "C" fn(*mut core::ffi::c_void, *mut core::ffi::c_void) -> i32,
+        state: *mut core::ffi::c_void,
+    ) -> i32;
+    fn _Unwind_GetIP(context: *mut core::ffi::c_void) -> usize;
+}
+
+const URC_NO_REASON: i32 = 0;
+const URC_END_OF_STACK: i32 = 5;
+
+struct Trace {
+    addresses: Vec<usize>,
+    max: usize,
+}
+
+extern "C" fn collect_frame(context: *mut core::ffi::c_void, state: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: `state` is the `Trace` passed to `_Unwind_Backtrace` by `return_addresses`, alive
+    // and used by this thread only for the walk; `context` is the unwinder's for this frame.
+    let (trace, ip) = unsafe { (&mut *(state as *mut Trace), _Unwind_GetIP(context)) };
+    if ip == 0 || trace.addresses.len() >= trace.max {
+        return URC_END_OF_STACK;
+    }
+    trace.addresses.push(ip);
+    URC_NO_REASON
+}
+
+/// The calling thread's return addresses, innermost first, at most `max`: the unwinder's walk
+/// with no lock of the Rust runtime taken (std's backtrace lock may be held by the very code a
+/// hook interrupted).
+pub(crate) fn return_addresses(max: usize) -> Vec<usize> {
+    let mut trace = Trace {
+        addresses: Vec::with_capacity(max),
+        max,
+    };
+    // SAFETY: the callback only reads the frame's IP; `trace` outlives the walk.
+    unsafe { _Unwind_Backtrace(collect_frame, &mut trace as *mut Trace as *mut _) };
+    trace.addresses
+}
+
+/// Whether `address` is code of the unwinder's own library (libgcc_s or LLVM's libunwind):
+/// code there may hold the unwinder's locks (libgcc's `object_mutex` while it sorts registered
+/// FDEs, calling `malloc`), so a hook reached from it must not unwind.
+pub(crate) fn is_unwinder_code(address: usize) -> bool {
+    static RANGES: OnceLock<Vec<std::ops::Range<usize>>> = OnceLock::new();
+    RANGES
+        .get_or_init(|| {
+            crate::inspect::exec_ranges_of_object_containing(
+                _Unwind_Backtrace as *const () as usize,
+            )
+        })
+        .iter()
+        .any(|r| r.contains(&address))
 }
 
 /// Registered unwind information: the bytes (leaked) and what was passed to the unwinder.

@@ -148,6 +148,21 @@ pub struct ProbeInfo {
 
 const BUCKETS: usize = 65;
 const MAX_BACKTRACES: usize = 4;
+/// Frames kept per backtrace.
+const MAX_FRAMES: usize = 32;
+
+/// A backtrace as text, one frame a line (`   N: function (address)`, as std prints them),
+/// starting at the probed call's caller.
+fn symbolized(addresses: &[usize]) -> String {
+    let mut out = String::new();
+    for (i, &a) in addresses.iter().enumerate() {
+        // A return address points after the call: look up the call itself.
+        let name = inspect::symbolize(a.saturating_sub(1))
+            .map_or_else(|| "<unknown>".to_string(), |(_, s)| s.demangled);
+        out.push_str(&format!("{i:4}: {name} ({a:#x})\n"));
+    }
+    out
+}
 
 fn bucket(v: u64) -> usize {
     64 - v.leading_zeros() as usize
@@ -208,7 +223,10 @@ struct Probe {
     end: Mutex<Option<u64>>,
     buckets: Box<[AtomicU64]>,
     hits: AtomicU64,
-    backtraces: Mutex<Vec<String>>,
+    /// Return addresses of the first hits, from the caller (symbolized when read).
+    backtraces: Mutex<Vec<Vec<usize>>>,
+    /// How many `backtraces` holds (read by the hook without the lock).
+    captured: std::sync::atomic::AtomicUsize,
     covered: AtomicBool,
     latency: Option<Arc<LatencySink>>,
     /// The same sink as the shadow stack stores it.
@@ -229,12 +247,20 @@ impl Probe {
             }
             ProbeKind::Predicate { arg, cmp, value } => {
                 if cmp.holds(e.arg(arg), value) {
-                    let n = self.hits.fetch_add(1, Ordering::Relaxed);
-                    if n < MAX_BACKTRACES as u64 {
-                        let bt = std::backtrace::Backtrace::force_capture().to_string();
-                        let mut b = self.backtraces.lock().unwrap_or_else(|p| p.into_inner());
-                        if b.len() < MAX_BACKTRACES {
-                            b.push(bt);
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    // Until a few are kept (a hit from the unwinder itself keeps none).
+                    if self.captured.load(Ordering::Relaxed) < MAX_BACKTRACES {
+                        // Raw addresses, no lock of the runtime (the probed code may hold
+                        // std's backtrace lock); none if the call comes from the unwinder.
+                        // A reader holding the list gets no backtrace from this hit rather
+                        // than a hook waiting for it.
+                        if let (Some(bt), Ok(mut b)) =
+                            (e.backtrace(MAX_FRAMES), self.backtraces.try_lock())
+                        {
+                            if b.len() < MAX_BACKTRACES {
+                                b.push(bt);
+                                self.captured.store(b.len(), Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -291,7 +317,10 @@ impl Probe {
                 .backtraces
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .clone()
+                .iter()
+                .map(|bt| symbolized(bt))
+                .collect(),
             covered: self.covered.load(Ordering::Relaxed),
             attached,
         }
@@ -582,6 +611,7 @@ fn attach(
         buckets: new_buckets(),
         hits: AtomicU64::new(0),
         backtraces: Mutex::new(Vec::new()),
+        captured: std::sync::atomic::AtomicUsize::new(0),
         covered: AtomicBool::new(false),
         sink: latency.clone().map(|l| Sink::new(l as Arc<dyn ReturnSink>)),
         latency,

@@ -137,6 +137,28 @@ impl Entry<'_> {
     pub fn stack_pointer(&self) -> usize {
         &self.regs.ret as *const usize as usize
     }
+
+    /// The return addresses of this call, its caller's first, at most `max`: a backtrace taken
+    /// without any lock of the Rust runtime (the interrupted code may hold std's backtrace
+    /// lock). `None` when the call comes from the unwinder itself, which may hold its own lock
+    /// (unwinding from here would wait for it forever). Symbolize later, outside the hook
+    /// ([`crate::inspect::symbolize`]).
+    pub fn backtrace(&self, max: usize) -> Option<Vec<usize>> {
+        let caller = self.caller();
+        if crate::unwind::is_unwinder_code(caller) {
+            return None;
+        }
+        // The walk starts in the hook; the probed call's frame begins at its caller.
+        let all = crate::unwind::return_addresses(max + 16);
+        let from = all.iter().position(|&a| a == caller).unwrap_or(0);
+        Some(all[from..].iter().copied().take(max).collect())
+    }
+
+    /// The real return address of this call (the caller's code), also when the return address
+    /// was already replaced by a shadow-stack exit stub.
+    fn caller(&self) -> usize {
+        crate::shadow::real_return_address(self.regs.ret)
+    }
 }
 
 /// A hook called on entry to a detoured function, on the calling thread, before its prologue.
@@ -257,6 +279,8 @@ fn trampoline_block(function: usize) -> Result<(NearBlock, Option<Unwind>)> {
 }
 /// Removed trampolines of routed jump sites wait for this many before a stop reclaims them.
 const RECLAIM_BATCH: usize = 16;
+/// Retired latency sinks (about 600 bytes each with a probe's buckets) wait for this many.
+const SINK_BATCH: usize = 64;
 
 /// What a new trampoline continues with.
 enum Tail<'a> {
@@ -737,11 +761,11 @@ pub fn reclaim_trampolines() -> usize {
     q.len()
 }
 
-/// Reclaims (as [`reclaim_trampolines`]) if 16 or more trampolines or latency sinks wait for
-/// it; returns whether it did. Cheap otherwise.
+/// Reclaims (as [`reclaim_trampolines`]) if 16 or more trampolines, or 64 latency sinks, wait
+/// for it; returns whether it did. Cheap otherwise.
 pub fn reclaim_if_due() -> bool {
     let mut q = QUARANTINE.lock().unwrap_or_else(|p| p.into_inner());
-    if q.len() < RECLAIM_BATCH && crate::shadow::retired_sinks() < RECLAIM_BATCH {
+    if q.len() < RECLAIM_BATCH && crate::shadow::retired_sinks() < SINK_BATCH {
         return false;
     }
     reclaim(&mut q);

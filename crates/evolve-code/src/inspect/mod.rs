@@ -66,6 +66,25 @@ pub(crate) fn loaded_snapshot_for_scan() -> Vec<WritableSegments> {
         .collect()
 }
 
+/// The executable segments of the loaded object whose code contains `addr` (empty if none).
+pub(crate) fn exec_ranges_of_object_containing(addr: usize) -> Vec<std::ops::Range<usize>> {
+    loaded::snapshot()
+        .into_iter()
+        .find(|o| {
+            o.segments
+                .iter()
+                .any(|s| s.is_exec() && s.range.contains(&addr))
+        })
+        .map(|o| {
+            o.segments
+                .iter()
+                .filter(|s| s.is_exec())
+                .map(|s| s.range.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The loader's name of every object it has loaded (a path, or a bare name for the vdso): what
 /// a `DT_NEEDED` entry such as `libc.so.6` (or a path) is matched against.
 pub(crate) fn loaded_names() -> Vec<String> {
