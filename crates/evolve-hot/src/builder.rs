@@ -128,7 +128,7 @@ fn read_base(path: &Path) -> Result<BaseInfo> {
         .ok_or_else(|| build_error("reading the base binary", "it has no GNU build id"))?;
     let exported = file
         .dynamic_symbols()
-        .filter(|s| s.is_definition())
+        .filter(defines)
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect();
     let object_sizes = file
@@ -177,6 +177,19 @@ fn needed_libraries(elf: &object::read::elf::ElfFile64<object::Endianness>) -> V
     names
 }
 
+/// Whether `symbol` is a definition the dynamic linker can bind a patch's reference to: functions
+/// and data, and also what `object`'s `is_definition` leaves out — IFUNCs (`STT_GNU_IFUNC`:
+/// glibc's `memmove`, `memset`, `bcmp`, whose resolver picks the implementation) and
+/// thread-locals (`STT_TLS`: every `thread_local!`), which a patch references as any other
+/// symbol.
+fn defines<'data>(symbol: &impl ObjectSymbol<'data>) -> bool {
+    !symbol.is_undefined()
+        && matches!(
+            symbol.kind(),
+            SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls | SymbolKind::Unknown
+        )
+}
+
 /// Symbols defined by the libraries the base needs (found in the usual library directories).
 fn library_symbols(needed: &[String]) -> HashSet<String> {
     let dirs = [
@@ -197,15 +210,11 @@ fn library_symbols(needed: &[String]) -> HashSet<String> {
             continue;
         };
         if let Ok(file) = object::File::parse(&*data) {
-            symbols.extend(
-                file.dynamic_symbols()
-                    .filter(|s| s.is_definition())
-                    .filter_map(|s| {
-                        s.name()
-                            .ok()
-                            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-                    }),
-            );
+            symbols.extend(file.dynamic_symbols().filter(defines).filter_map(|s| {
+                s.name()
+                    .ok()
+                    .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            }));
         }
     }
     symbols
