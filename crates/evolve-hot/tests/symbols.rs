@@ -59,3 +59,29 @@ fn ifunc_and_tls_symbols_are_not_counted_as_missing() {
     assert_eq!(host.send("tally a b a")["result"], 200_004);
     assert_eq!(host.stats_after(100)["errors"], 0);
 }
+
+/// Two expansions of one macro in one function (two `tracing` calls, each with its `CALLSITE`)
+/// are two statics with one demangled path. Matched by path, one was taken for the other and
+/// reported as "static … changed its type or layout (24 -> 24 bytes)": a warning at build time
+/// and a refusal at apply. Matched by exact symbol, each binds to its own.
+#[test]
+fn statics_with_one_path_are_matched_by_symbol() {
+    let fixture = Fixture::new("symbols-statics");
+    let mut host = fixture.start();
+    assert_eq!(host.send("sites")["result"], 1001);
+    assert_eq!(host.send("sites")["result"], 2002);
+
+    // Unchanged source: nothing changed its layout.
+    let report = fixture.build_patch(&host, "same").unwrap();
+    assert!(
+        report.manifest.changed_statics.is_empty(),
+        "{:?}",
+        report.manifest.changed_statics
+    );
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let applied = host.send(&format!("apply {}", report.output.display()));
+    assert_eq!(applied["ok"], true, "{applied}");
+    // Both counters are the program's: they go on from 2.
+    assert_eq!(host.send("sites")["result"], 3003);
+    assert_eq!(host.stats_after(100)["errors"], 0);
+}
