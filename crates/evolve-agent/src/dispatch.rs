@@ -109,12 +109,16 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
                     .map_err(|e| e.1.clone()),
             );
             result.map(|r| {
-                serde_json::json!({
-                    "unloaded": r.unloaded,
-                    "kept": r.kept.iter().map(|(name, why)| serde_json::json!({"patch": name, "references": why})).collect::<Vec<_>>(),
-                    "resident": r.resident,
-                    "max_pause_us": r.max_pause_us,
-                    "bytes_scanned": r.bytes_scanned,
+                serde_json::json!(Collected {
+                    unloaded: r.unloaded,
+                    kept: r
+                        .kept
+                        .into_iter()
+                        .map(|(patch, references)| KeptPatch { patch, references })
+                        .collect(),
+                    resident: r.resident,
+                    max_pause_us: r.max_pause_us,
+                    bytes_scanned: r.bytes_scanned,
                 })
             })
         }

@@ -439,6 +439,30 @@ pub struct Committed {
     pub sites: usize,
 }
 
+/// The result of `gc`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    /// Patches unloaded now.
+    pub unloaded: Vec<String>,
+    /// Patches kept because something still refers to them.
+    pub kept: Vec<KeptPatch>,
+    /// Patches still loaded afterwards.
+    pub resident: usize,
+    /// The longest time the process's threads were stopped, in microseconds.
+    pub max_pause_us: u64,
+    /// Bytes of memory scanned.
+    pub bytes_scanned: usize,
+}
+
+/// A patch `gc` kept, and what still refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptPatch {
+    /// The patch's name.
+    pub patch: String,
+    /// Where references to it were found (a thread's registers or stack, a memory word).
+    pub references: Vec<String>,
+}
+
 /// One journal entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalEntry {
