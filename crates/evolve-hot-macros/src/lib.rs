@@ -16,7 +16,8 @@
 //! parameter and return types, so a patch that changes a signature is recognised.
 //!
 //! Generic, `async` and `const` functions, trait impls and C-variadic functions are refused with
-//! an error that says what to do instead.
+//! an error that says what to do instead; in an `impl` block, such methods stay ordinary methods
+//! and the others are prepared. Lifetime parameters (of the function or of the impl) are fine.
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
@@ -96,7 +97,7 @@ fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
     // The adaptor's identity is the hot function's; its fingerprint is its own (old) signature.
     let mut as_target = f.sig.clone();
     as_target.ident = name;
-    let p = prepare(&as_target, self_ty.as_ref())?;
+    let p = prepare(&as_target, self_ty.as_ref(), &[])?;
     let export = format!("__evolve_adaptor_{}_{:016x}", p.id, p.fingerprint);
     // Old callers reach the adaptor through the stub: it needs the stubs' ABI.
     let mut f = f;
@@ -262,6 +263,17 @@ impl VisitMut for ReplaceSelf<'_> {
     }
 }
 
+/// Replaces every named lifetime with `'_`.
+struct ElideLifetimes;
+
+impl VisitMut for ElideLifetimes {
+    fn visit_lifetime_mut(&mut self, lifetime: &mut syn::Lifetime) {
+        if lifetime.ident != "static" {
+            *lifetime = syn::Lifetime::new("'_", lifetime.span());
+        }
+    }
+}
+
 /// What the generated pieces need to know about one function.
 struct Prepared {
     /// The parameter types, `Self` replaced, receiver included.
@@ -271,10 +283,19 @@ struct Prepared {
     fingerprint: u64,
     /// The function's display path below `module_path!()`.
     display: String,
+    /// The lifetime parameters the signature uses (the impl's and the function's): the stub,
+    /// a module-level item, declares them itself.
+    lifetimes: Vec<syn::LifetimeParam>,
 }
 
-fn prepare(sig: &Signature, self_ty: Option<&Type>) -> syn::Result<Prepared> {
+fn prepare(
+    sig: &Signature,
+    self_ty: Option<&Type>,
+    impl_lifetimes: &[syn::LifetimeParam],
+) -> syn::Result<Prepared> {
     check_signature(sig)?;
+    let mut lifetimes = impl_lifetimes.to_vec();
+    lifetimes.extend(sig.generics.lifetimes().cloned());
     let replace = |ty: &Type| {
         let mut ty = ty.clone();
         if let Some(s) = self_ty {
@@ -329,6 +350,7 @@ fn prepare(sig: &Signature, self_ty: Option<&Type>) -> syn::Result<Prepared> {
         id,
         fingerprint: fnv1a(&signature_text),
         display,
+        lifetimes,
     })
 }
 
@@ -368,6 +390,7 @@ fn forwarding(sig: &Signature) -> (Vec<TokenStream2>, Vec<TokenStream2>) {
 /// `C-unwind` ABI (naked functions cannot use the Rust ABI on stable); both are compiled by rustc
 /// from the same signature, so they agree, and panics unwind through them.
 fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
+    let lifetimes = &p.lifetimes;
     let stub = format_ident!("__evolve_stub_{}", p.id);
     let stub_name = stub.to_string();
     let entry = format_ident!("__EVOLVE_HOT_ENTRY_{}", p.id.to_uppercase());
@@ -378,7 +401,7 @@ fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
         #[unsafe(naked)]
         #[allow(improper_ctypes_definitions, unsafe_code)]
         #[unsafe(link_section = ".text.evolve_stubs")]
-        extern "C-unwind" fn #stub(#(_: #param_types),*) #output {
+        extern "C-unwind" fn #stub <#(#lifetimes),*> (#(_: #param_types),*) #output {
             ::core::arch::naked_asm!(
                 ".balign 8, 0xcc",
                 concat!(".globl ", #stub_name),
@@ -423,7 +446,15 @@ fn impl_attrs(p: &Prepared) -> TokenStream2 {
 }
 
 fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
-    let p = prepare(&f.sig, None)?;
+    if let Some(receiver) = f.sig.receiver() {
+        return Err(syn::Error::new_spanned(
+            receiver,
+            "#[evolve::hot] on a single method: put #[evolve::hot] on its impl block instead \
+             (the attribute on a method cannot see the type it belongs to); every method the \
+             block's attribute can prepare becomes hot",
+        ));
+    }
+    let p = prepare(&f.sig, None, &[])?;
     let (params, args) = forwarding(&f.sig);
     let stub = format_ident!("__evolve_stub_{}", p.id);
     let implementation = format_ident!("__evolve_impl_{}", f.sig.ident);
@@ -461,14 +492,24 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
              methods the trait impl calls",
         ));
     }
-    if !block.generics.params.is_empty() {
+    if let Some(param) = block
+        .generics
+        .params
+        .iter()
+        .find(|p| !matches!(p, syn::GenericParam::Lifetime(_)))
+    {
         return Err(syn::Error::new_spanned(
-            &block.generics,
+            param,
             "#[evolve::hot] cannot prepare methods of a generic type: make hot methods on a \
              concrete type",
         ));
     }
+    let impl_lifetimes: Vec<syn::LifetimeParam> = block.generics.lifetimes().cloned().collect();
     let self_ty = (*block.self_ty).clone();
+    // The module-level table entry names the implementation with the impl's lifetimes left to
+    // inference: they are not declared there.
+    let mut self_ty_elided = self_ty.clone();
+    ElideLifetimes.visit_type_mut(&mut self_ty_elided);
     let mut module = TokenStream2::new();
     let mut items = Vec::new();
     for item in block.items.drain(..) {
@@ -476,7 +517,12 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
             items.push(item);
             continue;
         };
-        let p = prepare(&method.sig, Some(&self_ty))?;
+        // A method that cannot be prepared (generic, async, const, ...) stays an ordinary
+        // method: the others of the block are still prepared, and nothing else breaks.
+        let Ok(p) = prepare(&method.sig, Some(&self_ty), &impl_lifetimes) else {
+            items.push(ImplItem::Fn(method));
+            continue;
+        };
         let (params, args) = forwarding(&method.sig);
         let stub = format_ident!("__evolve_stub_{}", p.id);
         let implementation = format_ident!("__evolve_impl_{}", method.sig.ident);
@@ -503,7 +549,7 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
             #impl_attrs
             #vis #impl_sig #body
         });
-        module.extend(module_items(&p, quote!(<#self_ty>::#implementation)));
+        module.extend(module_items(&p, quote!(<#self_ty_elided>::#implementation)));
     }
     block.items = items;
     Ok(quote! {
