@@ -5,6 +5,7 @@
 //! engine at work.
 
 mod apply_latency;
+mod async_call;
 mod call_overhead;
 mod demo;
 mod kv_live_update;
@@ -53,6 +54,9 @@ enum Scenario {
     /// Hot update: a call through a hot function's stub, against a direct call and a PSU-style
     /// trampoline (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu` for callgrind).
     CallOverhead(call_overhead::Args),
+    /// Hot update: a `#[evolve::hot] async fn` awaited to its end, against the same plain
+    /// `async fn` (`--iters`, `--runs`).
+    AsyncCallOverhead(async_call::Args),
     /// Hot update: thread create+join with Evolve active, against a process without it.
     ThreadCreate(thread_create::Args),
     /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
@@ -91,6 +95,7 @@ fn main() {
         Scenario::MultiverseCommit(raw) => Ok(multiverse_commit::run(&raw.args)),
         Scenario::MultiverseFnptr(raw) => multiverse_fnptr::run(&raw.args),
         Scenario::CallOverhead(args) => call_overhead::run(args),
+        Scenario::AsyncCallOverhead(args) => async_call::run(args),
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),

@@ -15,9 +15,14 @@
 //! so the host and a patch built from edited source agree on it; the fingerprint hashes the
 //! parameter and return types, so a patch that changes a signature is recognised.
 //!
-//! Generic, `async` and `const` functions, trait impls and C-variadic functions are refused with
-//! an error that says what to do instead; in an `impl` block, such methods stay ordinary methods
-//! and the others are prepared. Lifetime parameters (of the function or of the impl) are fine.
+//! An `async fn` (free or method) becomes a hot function returning its future boxed, so that
+//! futures in flight finish on the version they started with (see `async_fn`).
+//!
+//! Generic and `const` functions, trait impls and C-variadic functions are refused with an error
+//! that says what to do instead; in an `impl` block, such methods stay ordinary methods and the
+//! others are prepared. Lifetime parameters (of the function or of the impl) are fine.
+
+mod async_fn;
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
@@ -38,15 +43,24 @@ use syn::{
 /// ```
 #[proc_macro_attribute]
 pub fn hot(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if !attr.is_empty() {
-        return syn::Error::new(Span::call_site(), "#[evolve::hot] takes no arguments")
+    // `local`: the futures of async functions need not be `Send`.
+    let send = match attr.to_string().as_str() {
+        "" => true,
+        "local" => false,
+        _ => {
+            return syn::Error::new(
+                Span::call_site(),
+                "#[evolve::hot] takes no arguments, or `local` (async functions whose futures \
+                 are not Send)",
+            )
             .to_compile_error()
-            .into();
-    }
+            .into()
+        }
+    };
     let item = parse_macro_input!(item as Item);
     let result = match item {
-        Item::Fn(f) => hot_fn(f),
-        Item::Impl(i) => hot_impl(i),
+        Item::Fn(f) => hot_fn(f, send),
+        Item::Impl(i) => hot_impl(i, send),
         other => Err(syn::Error::new_spanned(
             other,
             "#[evolve::hot] applies to a function or an inherent impl block",
@@ -207,8 +221,8 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
     if sig.asyncness.is_some() {
         return refuse(
             &sig.asyncness,
-            "an async fn: make a hot non-async function that does the work and call it from \
-             the async one",
+            "an async adaptor: give it the signature the hot async fn has once prepared, \
+             `fn(…) -> Pin<Box<dyn Future<Output = T> + Send + '_>>`",
         );
     }
     if sig.constness.is_some() {
@@ -445,7 +459,10 @@ fn impl_attrs(p: &Prepared) -> TokenStream2 {
     }
 }
 
-fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
+fn hot_fn(mut f: ItemFn, send: bool) -> syn::Result<TokenStream2> {
+    if f.sig.asyncness.is_some() && f.sig.receiver().is_none() {
+        async_fn::desugar(&mut f.sig, &mut f.block, send);
+    }
     if let Some(receiver) = f.sig.receiver() {
         return Err(syn::Error::new_spanned(
             receiver,
@@ -484,7 +501,7 @@ fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
     })
 }
 
-fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
+fn hot_impl(mut block: ItemImpl, send: bool) -> syn::Result<TokenStream2> {
     if let Some((_, path, _)) = &block.trait_ {
         return Err(syn::Error::new_spanned(
             path,
@@ -513,10 +530,13 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
     let mut module = TokenStream2::new();
     let mut items = Vec::new();
     for item in block.items.drain(..) {
-        let ImplItem::Fn(method) = item else {
+        let ImplItem::Fn(mut method) = item else {
             items.push(item);
             continue;
         };
+        if method.sig.asyncness.is_some() {
+            async_fn::desugar(&mut method.sig, &mut method.block, send);
+        }
         // A method that cannot be prepared (generic, async, const, ...) stays an ordinary
         // method: the others of the block are still prepared, and nothing else breaks.
         let Ok(p) = prepare(&method.sig, Some(&self_ty), &impl_lifetimes) else {

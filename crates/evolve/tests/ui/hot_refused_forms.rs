@@ -1,9 +1,4 @@
 #[evolve::hot]
-pub async fn fetch() -> u64 {
-    1
-}
-
-#[evolve::hot]
 pub const fn limit() -> u64 {
     1
 }
