@@ -63,6 +63,7 @@ mod fncell;
 mod fnsite;
 mod hidden;
 pub mod inspect;
+pub mod loader;
 mod near;
 mod published;
 pub mod scan;
