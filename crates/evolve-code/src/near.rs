@@ -180,9 +180,7 @@ pub(crate) fn reserve(near: usize, len: usize, protection: Protection) -> Result
         .iter()
         .map(|&(s, e)| {
             let latest = (e - len) & !((1 << 16) - 1);
-            align(near.clamp(s, e - len))
-                .min(latest)
-                .max(align(s))
+            align(near.clamp(s, e - len)).min(latest).max(align(s))
         })
         .collect();
     candidates.sort_by_key(|c| c.abs_diff(near));

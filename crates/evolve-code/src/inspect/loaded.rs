@@ -272,7 +272,7 @@ fn for_each<F: FnMut(&Info<'_>) -> bool>(mut f: F) {
             bias: info.dlpi_addr as usize,
             phdr_address: info.dlpi_phdr as usize,
             phdrs,
-            tls_module: info.dlpi_tls_modid as usize,
+            tls_module: info.dlpi_tls_modid,
             tls_data: info.dlpi_tls_data as usize,
         };
         // A non-zero return stops the iteration.

@@ -42,7 +42,11 @@ pub(super) fn read_regular(path: &Path) -> Result<Vec<u8>> {
     if !before.is_file() {
         return Err(refused(
             path,
-            format!("{} is {}, not a regular file", path.display(), kind(before.file_type())),
+            format!(
+                "{} is {}, not a regular file",
+                path.display(),
+                kind(before.file_type())
+            ),
         ));
     }
     // O_NONBLOCK: should the path have been replaced by a FIFO since, opening it does not wait
@@ -56,13 +60,20 @@ pub(super) fn read_regular(path: &Path) -> Result<Vec<u8>> {
     if !metadata.is_file() {
         return Err(refused(
             path,
-            format!("{} is {}, not a regular file", path.display(), kind(metadata.file_type())),
+            format!(
+                "{} is {}, not a regular file",
+                path.display(),
+                kind(metadata.file_type())
+            ),
         ));
     }
     if metadata.len() > MAX_FILE {
         return Err(refused(
             path,
-            format!("{} bytes is larger than any patch ({MAX_FILE})", metadata.len()),
+            format!(
+                "{} bytes is larger than any patch ({MAX_FILE})",
+                metadata.len()
+            ),
         ));
     }
     let mut data = Vec::with_capacity(metadata.len() as usize);

@@ -163,10 +163,7 @@ impl Reservation {
         if range.is_empty() {
             return Ok(());
         }
-        memory::mprotect(
-            self.start + range.start..self.start + range.end,
-            protection,
-        )
+        memory::mprotect(self.start + range.start..self.start + range.end, protection)
     }
 
     /// The memory now belongs to a loaded patch: not unmapped on drop.
@@ -206,7 +203,9 @@ pub(super) unsafe fn retire(start: usize, len: usize) -> Result<()> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(crate::error::Error::last_os("mmap PROT_NONE over an unloaded patch"));
+        return Err(crate::error::Error::last_os(
+            "mmap PROT_NONE over an unloaded patch",
+        ));
     }
     Ok(())
 }

@@ -189,6 +189,23 @@ impl LoadedPatch {
         Some(self.base.get() + chosen.offset)
     }
 
+    /// The address range of the patch's symbol `name` (as [`LoadedPatch::symbol`] chooses it,
+    /// with the size its symbol table gives).
+    pub fn symbol_range(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        let start = self.symbol(name)?;
+        let offset = start - self.base.get();
+        let symbol = self
+            .symbols
+            .iter()
+            .find(|s| s.name == name && s.offset == offset)?;
+        Some(start..start + symbol.size)
+    }
+
+    /// The names of the symbols the patch defines.
+    pub fn symbol_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.symbols.iter().map(|s| s.name.clone())
+    }
+
     /// The patch's function containing `address` and the offset into it: symbolizes return
     /// addresses in patch code, which the program's own symbolizer does not know.
     pub fn symbolize(&self, address: usize) -> Option<(&str, usize)> {
@@ -303,93 +320,6 @@ impl<'d> Loading<'d> {
         let symbols = table
             .symbols(endian, data, elf::SHT_SYMTAB)
             .map_err(|e| refused(path, format!("bad symbol table: {e}")))?;
-        let mut sections = Vec::new();
-        let mut relocations = Vec::new();
-        for section in table.iter() {
-            let name = String::from_utf8_lossy(table.section_name(endian, section).unwrap_or(b""))
-                .into_owned();
-            let (kind, flags) = (section.sh_type(endian), section.sh_flags(endian) as u32);
-            let size = section.sh_size(endian) as usize;
-            let initializer = matches!(
-                kind,
-                elf::SHT_INIT_ARRAY | elf::SHT_PREINIT_ARRAY | elf::SHT_FINI_ARRAY
-            ) || [".init_array", ".preinit_array", ".fini_array", ".ctors", ".dtors"]
-                .iter()
-                .any(|p| name == *p || name.starts_with(&format!("{p}.")))
-                || name == ".init"
-                || name == ".fini";
-            if initializer {
-                return Err(refused(
-                    path,
-                    format!(
-                        "section {name} holds initializers or finalizers: a patch runs no code \
-                         before apply switches to it (move the work into the patched functions)"
-                    ),
-                ));
-            }
-            if kind == elf::SHT_REL {
-                return Err(refused(path, format!("section {name}: SHT_REL relocations (x86-64 uses SHT_RELA)")));
-            }
-            if kind == elf::SHT_RELA {
-                let (entries, _) = section
-                    .rela(endian, data)
-                    .map_err(|e| refused(path, format!("bad relocations in {name}: {e}")))?
-                    .unwrap_or((&[], object::SectionIndex(0)));
-                relocations.push((section.sh_info(endian) as usize, entries));
-            }
-            let region = if flags & elf::SHF_ALLOC == 0 || kind == elf::SHT_NOTE || kind == elf::SHT_GROUP
-            {
-                None
-            } else if flags & elf::SHF_TLS != 0 {
-                if size > 0 {
-                    return Err(refused(
-                        path,
-                        format!(
-                            "section {name} defines thread-locals: a patch uses the program's \
-                             thread-locals and cannot add new ones"
-                        ),
-                    ));
-                }
-                None
-            } else if kind == elf::SHT_X86_64_UNWIND || name == ".eh_frame" {
-                Some(Region::Unwind)
-            } else if flags & elf::SHF_EXECINSTR != 0 {
-                if flags & elf::SHF_WRITE != 0 {
-                    return Err(refused(path, format!("section {name} is writable and executable")));
-                }
-                Some(Region::Text)
-            } else if flags & elf::SHF_WRITE != 0 && !name.starts_with(".data.rel.ro") {
-                Some(Region::Data)
-            } else {
-                Some(Region::ReadOnly)
-            };
-            let nobits = kind == elf::SHT_NOBITS;
-            let contents = if nobits || region.is_none() {
-                &[][..]
-            } else {
-                section
-                    .data(endian, data)
-                    .map_err(|e| refused(path, format!("section {name} lies outside the file: {e}")))?
-            };
-            // The object's .eh_frame may end in a zero terminator: the guard table goes before it.
-            let size = if region == Some(Region::Unwind) {
-                eh_frame_len(contents)
-            } else {
-                size
-            };
-            let align = section.sh_addralign(endian) as usize;
-            if region.is_some() && align > crate::sys::memory::page_size() {
-                return Err(refused(path, format!("section {name} wants {align}-byte alignment")));
-            }
-            sections.push(Section {
-                name,
-                region,
-                nobits,
-                data: contents,
-                size,
-                align: align.max(1),
-            });
-        }
         let mut files = Vec::new();
         for symbol in symbols.iter() {
             let name = String::from_utf8_lossy(symbols.symbol_name(endian, symbol).unwrap_or(b""));
@@ -410,6 +340,108 @@ impl<'d> Loading<'d> {
                     format!("common symbol `{name}` (compile with -fno-common)"),
                 ));
             }
+        }
+        let mut sections = Vec::new();
+        let mut relocations = Vec::new();
+        for section in table.iter() {
+            let name = String::from_utf8_lossy(table.section_name(endian, section).unwrap_or(b""))
+                .into_owned();
+            let (kind, flags) = (section.sh_type(endian), section.sh_flags(endian) as u32);
+            let size = section.sh_size(endian) as usize;
+            let initializer = matches!(
+                kind,
+                elf::SHT_INIT_ARRAY | elf::SHT_PREINIT_ARRAY | elf::SHT_FINI_ARRAY
+            ) || [
+                ".init_array",
+                ".preinit_array",
+                ".fini_array",
+                ".ctors",
+                ".dtors",
+            ]
+            .iter()
+            .any(|p| name == *p || name.starts_with(&format!("{p}.")))
+                || name == ".init"
+                || name == ".fini";
+            if initializer {
+                return Err(refused(
+                    path,
+                    format!(
+                        "section {name} holds initializers or finalizers: a patch runs no code \
+                         before apply switches to it (move the work into the patched functions)"
+                    ),
+                ));
+            }
+            if kind == elf::SHT_REL {
+                return Err(refused(
+                    path,
+                    format!("section {name}: SHT_REL relocations (x86-64 uses SHT_RELA)"),
+                ));
+            }
+            if kind == elf::SHT_RELA {
+                let (entries, _) = section
+                    .rela(endian, data)
+                    .map_err(|e| refused(path, format!("bad relocations in {name}: {e}")))?
+                    .unwrap_or((&[], object::SectionIndex(0)));
+                relocations.push((section.sh_info(endian) as usize, entries));
+            }
+            let region =
+                if flags & elf::SHF_ALLOC == 0 || kind == elf::SHT_NOTE || kind == elf::SHT_GROUP {
+                    None
+                } else if flags & elf::SHF_TLS != 0 {
+                    if size > 0 {
+                        return Err(refused(
+                            path,
+                            format!(
+                                "section {name} defines thread-locals: a patch uses the program's \
+                             thread-locals and cannot add new ones"
+                            ),
+                        ));
+                    }
+                    None
+                } else if kind == elf::SHT_X86_64_UNWIND || name == ".eh_frame" {
+                    Some(Region::Unwind)
+                } else if flags & elf::SHF_EXECINSTR != 0 {
+                    if flags & elf::SHF_WRITE != 0 {
+                        return Err(refused(
+                            path,
+                            format!("section {name} is writable and executable"),
+                        ));
+                    }
+                    Some(Region::Text)
+                } else if flags & elf::SHF_WRITE != 0 && !name.starts_with(".data.rel.ro") {
+                    Some(Region::Data)
+                } else {
+                    Some(Region::ReadOnly)
+                };
+            let nobits = kind == elf::SHT_NOBITS;
+            let contents = if nobits || region.is_none() {
+                &[][..]
+            } else {
+                section.data(endian, data).map_err(|e| {
+                    refused(path, format!("section {name} lies outside the file: {e}"))
+                })?
+            };
+            // The object's .eh_frame may end in a zero terminator: the guard table goes before it.
+            let size = if region == Some(Region::Unwind) {
+                eh_frame_len(contents)
+            } else {
+                size
+            };
+            let align = section.sh_addralign(endian) as usize;
+            if region.is_some() && align > crate::sys::memory::page_size() {
+                return Err(refused(
+                    path,
+                    format!("section {name} wants {align}-byte alignment"),
+                ));
+            }
+            sections.push(Section {
+                name,
+                region,
+                nobits,
+                data: contents,
+                size,
+                align: align.max(1),
+            });
         }
         Ok(Loading {
             path,
@@ -435,7 +467,10 @@ impl<'d> Loading<'d> {
             .or_else(|| {
                 // A section symbol: name the section.
                 let s = self.symbols.symbol(object::SymbolIndex(index)).ok()?;
-                let section = self.symbols.symbol_section(self.endian, s, object::SymbolIndex(index)).ok()??;
+                let section = self
+                    .symbols
+                    .symbol_section(self.endian, s, object::SymbolIndex(index))
+                    .ok()??;
                 Some(self.sections.get(section.0)?.name.clone())
             })
             .unwrap_or_else(|| format!("symbol #{index}"))
@@ -476,7 +511,10 @@ impl<'d> Loading<'d> {
                 if !relocate::SUPPORTED.contains(&rela.kind) {
                     return Err(refused(
                         self.path,
-                        format!("{}: the loader does not support this relocation type", self.describe(target, &rela)),
+                        format!(
+                            "{}: the loader does not support this relocation type",
+                            self.describe(target, &rela)
+                        ),
                     ));
                 }
                 if distinct.insert((rela.symbol, rela.kind)) {
@@ -488,7 +526,10 @@ impl<'d> Loading<'d> {
                     .symbols
                     .symbol(object::SymbolIndex(rela.symbol))
                     .map_err(|e| refused(self.path, e.to_string()))?;
-                if rela.symbol == 0 || symbol.st_shndx(self.endian) != elf::SHN_UNDEF || bound.contains_key(&rela.symbol) {
+                if rela.symbol == 0
+                    || symbol.st_shndx(self.endian) != elf::SHN_UNDEF
+                    || bound.contains_key(&rela.symbol)
+                {
                     continue;
                 }
                 let name = self.symbol_name(rela.symbol);
@@ -505,7 +546,10 @@ impl<'d> Loading<'d> {
                     Err(reason) => {
                         return Err(refused(
                             self.path,
-                            format!("cannot bind `{name}` ({}): {reason}", self.describe(target, &rela)),
+                            format!(
+                                "cannot bind `{name}` ({}): {reason}",
+                                self.describe(target, &rela)
+                            ),
                         ))
                     }
                 };
@@ -531,8 +575,15 @@ impl<'d> Loading<'d> {
                 })
             })
             .collect();
-        let has_eh_frame = self.sections.iter().any(|s| s.region == Some(Region::Unwind) && s.size > 0);
-        let guard_table_len = if has_eh_frame { unwind::guard_table(0, layout::GUARD).len() } else { 0 };
+        let has_eh_frame = self
+            .sections
+            .iter()
+            .any(|s| s.region == Some(Region::Unwind) && s.size > 0);
+        let guard_table_len = if has_eh_frame {
+            unwind::guard_table(0, layout::GUARD).len()
+        } else {
+            0
+        };
         let plan = layout::plan(&wanted, plt_stubs, got_slots, guard_table_len);
         let mut memory = layout::Reservation::near(anchor()?, plan.len)?;
         let base = memory.start;
@@ -565,7 +616,9 @@ impl<'d> Loading<'d> {
                 .symbol_section(self.endian, symbol, object::SymbolIndex(index))
                 .ok()??;
             let offset = offset_of.get(&section.0)?;
-            Some(Value::Address(base + offset + symbol.st_value(self.endian) as usize))
+            Some(Value::Address(
+                base + offset + symbol.st_value(self.endian) as usize,
+            ))
         };
         let tls = tls::executable_tls();
         let total = memory.len;
@@ -591,18 +644,29 @@ impl<'d> Loading<'d> {
             for entry in entries {
                 let rela = self.decode(entry);
                 if rela.offset >= section.size.max(1) && rela.kind != elf::R_X86_64_NONE {
-                    return Err(refused(self.path, format!("{}: outside its section", self.describe(target, &rela))));
+                    return Err(refused(
+                        self.path,
+                        format!("{}: outside its section", self.describe(target, &rela)),
+                    ));
                 }
                 let value = value_of(rela.symbol);
                 if value.is_none() && rela.symbol != 0 {
                     return Err(refused(
                         self.path,
-                        format!("{}: the symbol is in a section that is not loaded", self.describe(target, &rela)),
+                        format!(
+                            "{}: the symbol is in a section that is not loaded",
+                            self.describe(target, &rela)
+                        ),
                     ));
                 }
                 relocator
                     .apply(&mut place, &rela, value)
-                    .map_err(|reason| refused(self.path, format!("{}: {reason}", self.describe(target, &rela))))?;
+                    .map_err(|reason| {
+                        refused(
+                            self.path,
+                            format!("{}: {reason}", self.describe(target, &rela)),
+                        )
+                    })?;
             }
         }
         let stats = LoadStats {
@@ -618,24 +682,33 @@ impl<'d> Loading<'d> {
                 .copy_from_slice(&table);
         }
         let read_exec = Protection::READ_EXEC;
-        let read = Protection { read: true, write: false, exec: false };
-        let read_write = Protection { read: true, write: true, exec: false };
+        let read = Protection {
+            read: true,
+            write: false,
+            exec: false,
+        };
+        let read_write = Protection {
+            read: true,
+            write: true,
+            exec: false,
+        };
         memory.protect(plan.text.start..plan.rodata.start, read_exec)?;
         memory.protect(plan.rodata.start..plan.data.start, read)?;
         memory.protect(plan.data.start..plan.unwind.start, read_write)?;
         memory.protect(plan.unwind.start..plan.len, read)?;
-        let hidden = |r: std::ops::Range<usize>| (Hidden::new(base + r.start), Hidden::new(base + r.end));
+        let hidden =
+            |r: std::ops::Range<usize>| (Hidden::new(base + r.start), Hidden::new(base + r.end));
         let exec = vec![hidden(plan.text.clone())];
-        let targets: Vec<(Hidden, Hidden)> = [plan.text.clone(), plan.rodata.clone(), plan.data.clone()]
-            .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(hidden)
-            .collect();
+        let targets: Vec<(Hidden, Hidden)> =
+            [plan.text.clone(), plan.rodata.clone(), plan.data.clone()]
+                .into_iter()
+                .filter(|r| !r.is_empty())
+                .map(hidden)
+                .collect();
         let symbols = self.defined_symbols(&offset_of);
         // No code of the patch has run: every word pointing into it now is bookkeeping (of this
         // loader, freed or not).
-        let loader_words =
-            crate::scan::words_pointing_into(&targets, &[hidden(0..plan.len)])?;
+        let loader_words = crate::scan::words_pointing_into(&targets, &[hidden(0..plan.len)])?;
         let (base, len) = memory.keep();
         let unwind = has_eh_frame.then(|| {
             // SAFETY: the unwind region holds the object's relocated .eh_frame followed by the
@@ -663,14 +736,18 @@ impl<'d> Loading<'d> {
     fn defined_symbols(&self, offset_of: &HashMap<usize, usize>) -> Vec<PatchSymbol> {
         let mut out = Vec::new();
         for (index, symbol) in self.symbols.iter().enumerate() {
-            if !matches!(symbol.st_type(), elf::STT_FUNC | elf::STT_OBJECT | elf::STT_NOTYPE) {
+            if !matches!(
+                symbol.st_type(),
+                elf::STT_FUNC | elf::STT_OBJECT | elf::STT_NOTYPE
+            ) {
                 continue;
             }
             let Ok(name) = self.symbols.symbol_name(self.endian, symbol) else {
                 continue;
             };
             let Ok(Some(section)) =
-                self.symbols.symbol_section(self.endian, symbol, object::SymbolIndex(index))
+                self.symbols
+                    .symbol_section(self.endian, symbol, object::SymbolIndex(index))
             else {
                 continue;
             };

@@ -269,7 +269,8 @@ impl<'a> Relocator<'a> {
     }
 
     fn tls(&self) -> Result<ExecutableTls, String> {
-        self.tls.ok_or_else(|| "the executable has no TLS segment".to_owned())
+        self.tls
+            .ok_or_else(|| "the executable has no TLS segment".to_owned())
     }
 
     /// Applies `rela` to `target`, with `value` the bound symbol (`None` for symbol 0).
@@ -305,7 +306,9 @@ impl<'a> Relocator<'a> {
                 self.write(at, &v.to_le_bytes())
             }
             elf::R_X86_64_PC64 => {
-                let v = (address()? as i64).wrapping_add(a).wrapping_sub(place as i64);
+                let v = (address()? as i64)
+                    .wrapping_add(a)
+                    .wrapping_sub(place as i64);
                 self.write(at, &v.to_le_bytes())
             }
             elf::R_X86_64_PC32 => {

@@ -17,7 +17,12 @@
 //!    which the builder keeps from the object it rebuilt, e.g. `counter.c` or
 //!    `kv_commands.abc123-cgu.0`), if exactly one;
 //! 3. otherwise the one global definition, if exactly one (as a static link would bind);
-//! 4. otherwise the reference is refused, listing the candidates and their files.
+//! 4. otherwise, for a Rust-mangled function name, the lowest address: rustc copies
+//!    `#[inline]` functions into every codegen unit that calls them as local symbols, and one
+//!    mangled name (which hashes the instance) always denotes one function, so every copy
+//!    behaves the same (a test binary holds seven local copies of `<String as Display>::fmt`);
+//! 5. otherwise the reference is refused, listing the candidates and their files (two C
+//!    `static`s of one name are different objects: guessing would bind the wrong one).
 //!
 //! The executable's `STT_FILE` symbol that precedes a run of local symbols names the file they
 //! came from; globals belong to no file.
@@ -71,6 +76,7 @@ struct Definition {
     /// Run-time address, or the TLS offset for a thread-local.
     value: usize,
     thread_local: bool,
+    function: bool,
     global: bool,
     /// Index into `files`, for locals.
     file: Option<u32>,
@@ -142,7 +148,8 @@ impl ProgramResolver {
                 continue;
             }
             let shndx = symbol.st_shndx(endian);
-            let defined = shndx != elf::SHN_UNDEF && shndx != elf::SHN_ABS && shndx != elf::SHN_COMMON;
+            let defined =
+                shndx != elf::SHN_UNDEF && shndx != elf::SHN_ABS && shndx != elf::SHN_COMMON;
             // IFUNCs bind through dlsym, which runs their resolver as the dynamic linker does.
             let wanted_kind = matches!(
                 kind,
@@ -158,8 +165,13 @@ impl ProgramResolver {
                 .entry(String::from_utf8_lossy(name).into_owned())
                 .or_default()
                 .push(Definition {
-                    value: if thread_local { value } else { value.wrapping_add(bias) },
+                    value: if thread_local {
+                        value
+                    } else {
+                        value.wrapping_add(bias)
+                    },
                     thread_local,
+                    function: kind == elf::STT_FUNC,
                     global,
                     file: if global { None } else { file },
                 });
@@ -185,10 +197,15 @@ impl ProgramResolver {
                 .filter(|d| !d.global && wanted.file.is_some() && file_of(d) == wanted.file)
                 .collect();
             let globals: Vec<&Definition> = all.iter().filter(|d| d.global).collect();
+            let copies_of_one_rust_function =
+                is_rust_mangled(wanted.name) && all.iter().all(|d| d.function);
             if in_file.len() == 1 {
                 in_file
             } else if globals.len() == 1 {
                 globals
+            } else if copies_of_one_rust_function {
+                let lowest = all.iter().min_by_key(|d| d.value).expect("several");
+                vec![lowest]
             } else {
                 let candidates: Vec<String> = all
                     .iter()
@@ -211,7 +228,9 @@ impl ProgramResolver {
         match (definition.thread_local, wanted.thread_local) {
             (true, true) => Ok(Some(Resolution::ExecutableTls(definition.value))),
             (false, false) => Ok(Some(Resolution::Address(definition.value))),
-            (true, false) => Err("the program's symbol is thread-local, the patch's use is not".into()),
+            (true, false) => {
+                Err("the program's symbol is thread-local, the patch's use is not".into())
+            }
             (false, true) => Err("the patch uses it as thread-local, the program's is not".into()),
         }
     }
@@ -225,6 +244,12 @@ impl ProgramResolver {
         let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
         (!address.is_null()).then_some(address as usize)
     }
+}
+
+/// Whether `name` is a Rust symbol name (legacy `_ZN…17h<hash>E` or v0 `_R…`).
+fn is_rust_mangled(name: &str) -> bool {
+    name.starts_with("_R")
+        || (name.starts_with("_ZN") && name.contains("17h") && name.ends_with('E'))
 }
 
 impl Resolve for ProgramResolver {
@@ -242,5 +267,96 @@ impl Resolve for ProgramResolver {
         ProgramResolver::in_libraries(wanted.name)
             .map(Resolution::Address)
             .ok_or_else(|| "not defined by the program nor by any loaded library".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn definition(value: usize, global: bool, file: Option<u32>, function: bool) -> Definition {
+        Definition {
+            value,
+            thread_local: false,
+            function,
+            global,
+            file,
+        }
+    }
+
+    fn resolver(entries: &[(&str, Definition)]) -> ProgramResolver {
+        let mut by_name: HashMap<String, Vec<Definition>> = HashMap::new();
+        for (name, d) in entries {
+            by_name
+                .entry((*name).to_owned())
+                .or_default()
+                .push(d.clone());
+        }
+        ProgramResolver {
+            by_name,
+            files: vec!["a.c".into(), "b.c".into()],
+        }
+    }
+
+    fn find(
+        r: &ProgramResolver,
+        name: &str,
+        file: Option<&str>,
+    ) -> std::result::Result<Option<Resolution>, String> {
+        r.in_executable(&Wanted {
+            name,
+            thread_local: false,
+            file,
+        })
+    }
+
+    #[test]
+    fn duplicate_local_names_are_told_apart_by_the_patchs_file_or_refused() {
+        let r = resolver(&[
+            ("count", definition(0x10, false, Some(0), false)),
+            ("count", definition(0x20, false, Some(1), false)),
+            ("shadowed", definition(0x30, false, Some(0), false)),
+            ("shadowed", definition(0x40, true, None, false)),
+            (
+                "_ZN4core3fmt5write17h0123456789abcdefE",
+                definition(0x60, false, Some(0), true),
+            ),
+            (
+                "_ZN4core3fmt5write17h0123456789abcdefE",
+                definition(0x50, false, Some(1), true),
+            ),
+            ("c_helper", definition(0x70, false, Some(0), true)),
+            ("c_helper", definition(0x80, false, Some(1), true)),
+        ]);
+        assert_eq!(
+            find(&r, "count", Some("b.c")),
+            Ok(Some(Resolution::Address(0x20)))
+        );
+        let ambiguous = find(&r, "count", Some("other.c")).unwrap_err();
+        assert!(
+            ambiguous.contains("local in a.c") && ambiguous.contains("local in b.c"),
+            "{ambiguous}"
+        );
+        // A file's own static shadows the global; elsewhere the global wins.
+        assert_eq!(
+            find(&r, "shadowed", Some("a.c")),
+            Ok(Some(Resolution::Address(0x30)))
+        );
+        assert_eq!(
+            find(&r, "shadowed", None),
+            Ok(Some(Resolution::Address(0x40)))
+        );
+        // Copies of one Rust function: any is that function; the patch's own file's first.
+        let rust = "_ZN4core3fmt5write17h0123456789abcdefE";
+        assert_eq!(
+            find(&r, rust, Some("a.c")),
+            Ok(Some(Resolution::Address(0x60)))
+        );
+        assert_eq!(find(&r, rust, None), Ok(Some(Resolution::Address(0x50))));
+        // Two C functions of one name are two functions.
+        assert!(find(&r, "c_helper", None)
+            .unwrap_err()
+            .contains("ambiguous"));
+        assert_eq!(find(&r, "missing", None), Ok(None));
     }
 }

@@ -37,6 +37,8 @@ fn thread_pointer() -> usize {
     let tp: usize;
     // SAFETY: on x86-64 Linux %fs:0 holds the thread control block's self pointer (the ABI);
     // the load has no other effect.
-    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags)) };
+    unsafe {
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags))
+    };
     tp
 }
