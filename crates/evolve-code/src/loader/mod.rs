@@ -179,8 +179,7 @@ impl LoadedPatch {
         if self.unloaded {
             return None;
         }
-        let mut matching = self.symbols.iter().filter(|s| s.name == name);
-        let all: Vec<&PatchSymbol> = matching.by_ref().collect();
+        let all: Vec<&PatchSymbol> = self.symbols.iter().filter(|s| s.name == name).collect();
         let chosen = match all.iter().find(|s| s.global) {
             Some(global) => *global,
             None if all.len() == 1 => all[0],
