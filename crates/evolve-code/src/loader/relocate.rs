@@ -131,6 +131,19 @@ pub(super) fn is_tls(kind: u32) -> bool {
     )
 }
 
+/// The bytes relocation `kind` writes.
+pub(super) fn field_size(kind: u32) -> usize {
+    match kind {
+        elf::R_X86_64_NONE => 0,
+        elf::R_X86_64_64
+        | elf::R_X86_64_PC64
+        | elf::R_X86_64_DTPOFF64
+        | elf::R_X86_64_TPOFF64
+        | elf::R_X86_64_DTPMOD64 => 8,
+        _ => 4,
+    }
+}
+
 /// How many GOT slots (`got`) and PLT stubs (`plt`) relocation `kind` may need, at most.
 pub(super) fn table_needs(kind: u32) -> (usize, usize) {
     match kind {
