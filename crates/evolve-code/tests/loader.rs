@@ -74,9 +74,22 @@ fn tls_counter() -> u64 {
 
 /// Loads and mapping checks must not overlap between tests of this file.
 static SERIAL: Mutex<()> = Mutex::new(());
+/// Scratch directories of the running test, removed when it ends.
+static SCRATCH: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// Holds the file's lock for one test and removes its scratch directories when it ends.
+struct Serial(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        for dir in SCRATCH.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn serial() -> Serial {
+    Serial(SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 fn threads() -> usize {
@@ -123,14 +136,22 @@ fn tls_symbol() -> String {
 fn scratch() -> PathBuf {
     use std::sync::atomic::AtomicUsize;
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
+    let base = std::env::var_os(SCRATCH_BASE).map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = base.join(format!(
         "evolve-loader-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).unwrap();
+    SCRATCH
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(dir.clone());
     dir
 }
+
+/// Where a child process of these tests makes its scratch directories.
+const SCRATCH_BASE: &str = "EVOLVE_LOADER_SCRATCH_BASE";
 
 fn run(command: &mut Command) {
     let output = command.output().unwrap();
@@ -649,6 +670,8 @@ fn stale_call_child() {
 #[test]
 fn a_call_into_an_unloaded_patch_faults_naming_the_patch() {
     use std::os::unix::process::ExitStatusExt;
+    let _serial = serial();
+    let base = scratch();
     let output = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -657,6 +680,7 @@ fn a_call_into_an_unloaded_patch_faults_naming_the_patch() {
             "--test-threads=1",
         ])
         .env(STALE_CHILD, "1")
+        .env(SCRATCH_BASE, &base)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -764,6 +788,7 @@ fn every_refusal_names_its_cause_and_leaves_no_mapping() {
 
 #[test]
 fn the_manifest_digest_ignores_the_manifest_contents_only() {
+    let _serial = serial();
     let patch = with_manifest(&c_object("int f(int x) { return x; }", &["-fPIC"]));
     let data = std::fs::read(&patch).unwrap();
     let digest = patch_digest(&data).unwrap();
