@@ -641,7 +641,7 @@ fn trampoline_prefix(
 
 /// `.eh_frame` bytes (CIE, one FDE, terminator) for a trampoline prefix at `at`, so that
 /// unwinding and backtraces from a hook pass through the trampoline to the probed call's caller.
-fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
+pub(crate) fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
     let mut cie = vec![0, 0, 0, 0]; // CIE id
     cie.push(1); // version
     cie.extend(b"zR\0");
@@ -689,8 +689,8 @@ fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
 }
 
 unsafe extern "C" {
-    fn __register_frame(begin: *const u8);
-    fn __deregister_frame(begin: *const u8);
+    pub(crate) fn __register_frame(begin: *const u8);
+    pub(crate) fn __deregister_frame(begin: *const u8);
 }
 
 fn register_unwind(at: usize, prefix: &Emitter) -> Unwind {
