@@ -331,6 +331,9 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
     let load = loading.elapsed();
     let socket = paths::socket_path(&socket_dir, pid);
     let hello = hello(&socket).ok_or_else(|| {
+        if !alive(pid) {
+            return Error::new(ErrorKind::Exited(pid));
+        }
         Error::new(ErrorKind::Timeout(format!(
             "the agent reported ready but {} does not answer",
             socket.display()
@@ -345,6 +348,11 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
         total: started.elapsed(),
         load,
     })
+}
+
+/// Whether `pid` still runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    process::status(&pid.to_string()).is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
 }
 
 /// Unmaps a failed loader's region once its thread is gone (a second, equally short borrow).

@@ -290,7 +290,10 @@ pub fn wait(
     loop {
         let status = match memory.read_i32(block + layout::STATUS as u64) {
             Ok(s) => s,
-            Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+            Err(_)
+                if !crate::process::status(&pid.to_string())
+                    .is_ok_and(|s| !matches!(s.state, 'Z' | 'X')) =>
+            {
                 return Err(Error::new(ErrorKind::Exited(pid)))
             }
             Err(_) => return Ok(Outcome::RegionGone),

@@ -241,7 +241,7 @@ pub fn check_basic(pid: u32) -> Result<Status> {
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let flags: u64 = after
         .split_whitespace()
-        .nth(7)
+        .nth(6)
         .and_then(|f| f.parse().ok())
         .unwrap_or(0);
     if flags & PF_KTHREAD != 0 {
