@@ -300,10 +300,8 @@ pub fn check_runtime(pid: u32) -> Result<Runtime> {
             .unwrap_or_default()
     };
     let names: Vec<String> = maps.iter().map(file_name).collect();
-    if names
-        .iter()
-        .any(|n| n.starts_with("ld-musl") || n.contains("libc.musl"))
-    {
+    // musl's loader is its libc (`/usr/lib/x86_64-linux-musl/libc.so`, `/lib/ld-musl-*.so.1`).
+    if maps.iter().any(|m| m.path.contains("musl")) {
         return Err(Error::refused(Refusal::NotGlibc(
             "the process runs on musl libc; evolve's agent is built against glibc".into(),
         )));
