@@ -220,6 +220,9 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
             result.map(|r| to_value(&r))
         }
         Request::ProbeRead { probe } => context.probes.read(probe).map(|r| to_value(&r)),
+        Request::Detach { revert } => {
+            crate::attached::detach(context, client, revert).map(|d| to_value(&d))
+        }
     }
 }
 
@@ -278,6 +281,7 @@ fn hello(context: &Context) -> Hello {
         agent: env!("CARGO_PKG_VERSION").to_string(),
         uid: rustix::process::geteuid().as_raw(),
         uptime_s: context.started.elapsed().as_secs(),
+        attached: crate::attached::is_attached(),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod apply_latency;
 mod async_call;
+mod attach;
 mod call_overhead;
 mod demo;
 mod kv_live_update;
@@ -66,6 +67,9 @@ enum Scenario {
     /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
     /// patch applied and reverted continuously while the benchmark runs.
     KvLiveUpdate(kv_live_update::Args),
+    /// Attach: stop time and end-to-end time of `evolve attach` to a C process with N threads,
+    /// against stopping every thread (`--threads`, `--runs`).
+    Attach(attach::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -100,6 +104,7 @@ fn main() {
         Scenario::ApplyLatency(args) => apply_latency::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
+        Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
     };
     if let Ok(record) = &result {

@@ -150,6 +150,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::probe::show(target.pid, &action, &result)
             }
         }
+        Command::Attach { target, agent } => crate::attach::attach(json, target.pid, agent),
+        Command::Detach { target, revert } => crate::attach::detach(json, target.pid, revert),
         Command::Top {
             target,
             once,
@@ -260,19 +262,25 @@ fn ps(json: bool, prune: bool) -> Result<()> {
     let out = json!({"processes": live, "unreachable": stale});
     print(json, &out, || {
         outln!(
-            "{:>8}  {:<24} {:>6} {:>8}  SOCKET",
+            "{:>8}  {:<24} {:>6} {:>8}  {:<8}  SOCKET",
             "PID",
             "PROGRAM",
             "UID",
-            "UPTIME"
+            "UPTIME",
+            "AGENT"
         );
         for p in &live {
             outln!(
-                "{:>8}  {:<24} {:>6} {:>7}s  {}",
+                "{:>8}  {:<24} {:>6} {:>7}s  {:<8}  {}",
                 p["pid"],
                 p["program"].as_str().unwrap_or(""),
                 p["uid"],
                 p["uptime_s"],
+                if p["attached"] == true {
+                    "attached"
+                } else {
+                    "linked"
+                },
                 p["socket"].as_str().unwrap_or("")
             );
         }

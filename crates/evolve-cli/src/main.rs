@@ -5,6 +5,7 @@
 //! the agent. Exit status: 0 on success, 1 when the operation failed or was refused (the cause on
 //! stderr), 2 for a usage error.
 
+mod attach;
 mod commands;
 mod flags;
 mod probe;

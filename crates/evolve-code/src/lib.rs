@@ -55,6 +55,7 @@
 #![deny(unsafe_code)]
 
 mod arch;
+pub mod attached;
 pub mod callsite;
 mod counter;
 mod detour;
@@ -91,5 +92,6 @@ pub use near::NearBlock;
 pub use published::Published;
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
+pub use sys::ptrace;
 pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};
