@@ -21,6 +21,7 @@
 //! Then, from a shell: `evolve ps`, `evolve status <pid>`, `evolve apply <pid> fix.so`,
 //! `evolve probe <pid> add 'my_crate::handle_*' --latency`.
 
+pub mod attached;
 pub mod client;
 mod dispatch;
 pub mod journal;

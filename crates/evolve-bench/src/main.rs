@@ -5,6 +5,8 @@
 //! engine at work.
 
 mod apply_latency;
+mod async_call;
+mod attach;
 mod call_overhead;
 mod demo;
 mod kv_live_update;
@@ -53,6 +55,9 @@ enum Scenario {
     /// Hot update: a call through a hot function's stub, against a direct call and a PSU-style
     /// trampoline (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu` for callgrind).
     CallOverhead(call_overhead::Args),
+    /// Hot update: a `#[evolve::hot] async fn` awaited to its end, against the same plain
+    /// `async fn` (`--iters`, `--runs`).
+    AsyncCallOverhead(async_call::Args),
     /// Hot update: thread create+join with Evolve active, against a process without it.
     ThreadCreate(thread_create::Args),
     /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
@@ -62,6 +67,9 @@ enum Scenario {
     /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
     /// patch applied and reverted continuously while the benchmark runs.
     KvLiveUpdate(kv_live_update::Args),
+    /// Attach: stop time and end-to-end time of `evolve attach` to a C process with N threads,
+    /// against stopping every thread (`--threads`, `--runs`).
+    Attach(attach::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -91,10 +99,12 @@ fn main() {
         Scenario::MultiverseCommit(raw) => Ok(multiverse_commit::run(&raw.args)),
         Scenario::MultiverseFnptr(raw) => multiverse_fnptr::run(&raw.args),
         Scenario::CallOverhead(args) => call_overhead::run(args),
+        Scenario::AsyncCallOverhead(args) => async_call::run(args),
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
+        Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
     };
     if let Ok(record) = &result {

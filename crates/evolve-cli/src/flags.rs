@@ -100,6 +100,23 @@ pub enum Command {
         #[command(subcommand)]
         action: ProbeAction,
     },
+    /// Load the agent into a running process that never linked Evolve (Rust, C, C++; through
+    /// ptrace: one thread is borrowed for well under a millisecond), or reuse the one it runs.
+    Attach {
+        #[command(flatten)]
+        target: Target,
+        /// The agent shared object (default: libevolve_attach_agent.so next to this binary).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+    },
+    /// Remove every probe from an attached process and stop its agent.
+    Detach {
+        #[command(flatten)]
+        target: Target,
+        /// Revert applied patches instead of refusing to detach.
+        #[arg(long)]
+        revert: bool,
+    },
     /// A live view of a process's functions, versions, call counts and probes (q to quit).
     Top {
         #[command(flatten)]

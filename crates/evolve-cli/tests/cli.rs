@@ -177,6 +177,15 @@ fn every_command_against_a_running_process() {
     assert!(gc["resident"].as_u64().is_some(), "{gc}");
     let done = gc["unloaded"].as_array().unwrap().len() + gc["kept"].as_array().unwrap().len();
     assert_eq!(done, 1, "one candidate, unloaded or kept: {gc}");
+    // Without --json, gc speaks to people (it printed its JSON reply).
+    let human = evolve(&dir, &["gc", pid]);
+    assert!(human.ok(), "{}", human.stderr());
+    assert!(
+        human.stdout().starts_with("unloaded: ")
+            && serde_json::from_str::<Value>(&human.stdout()).is_err(),
+        "{}",
+        human.stdout()
+    );
 
     // history: the journal, with uid and outcome
     let history = evolve(&dir, &["history", pid, "--json"]).expect_json();
@@ -201,6 +210,7 @@ fn every_command_against_a_running_process() {
             ("revert", "ok"),
             ("apply", "failed"),
             ("gc", "ok"),
+            ("gc", "ok"),
         ]
     );
     let me = rustix::process::geteuid().as_raw();
@@ -214,6 +224,19 @@ fn every_command_against_a_running_process() {
         "the journal file has every entry"
     );
     assert!(evolve(&dir, &["history", pid]).stdout().contains("apply"));
+    // Output into a pipe whose reader is gone (`evolve history PID | head -0`): the command ends
+    // quietly with success, as `cat` does (it panicked on the closed pipe).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let closed = evolve_with(&dir, &["history", pid], |command| {
+        command.stdout(writer);
+    });
+    assert!(
+        closed.ok() && !closed.stderr().contains("panicked"),
+        "{:?}: {}",
+        closed.output.status,
+        closed.stderr()
+    );
 
     // status after all that
     let status = evolve(&dir, &["status", pid, "--json"]).expect_json();

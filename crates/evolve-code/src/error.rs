@@ -126,6 +126,13 @@ pub enum ErrorKind {
         /// Why, naming the instruction involved.
         reason: String,
     },
+    /// A patch object was refused by the loader (see `crate::loader`): nothing of it was mapped.
+    PatchRefused {
+        /// The patch file.
+        path: String,
+        /// Why, naming the section, symbol and relocation type involved.
+        reason: String,
+    },
     /// An argument was invalid.
     InvalidArgument {
         /// What was wrong with it.
@@ -235,6 +242,9 @@ impl fmt::Display for Error {
                 write!(f, "refusing to load {path}: {reason}; nothing was loaded")
             }
             ErrorKind::InvalidArgument { reason } => write!(f, "invalid argument: {reason}"),
+            ErrorKind::PatchRefused { path, reason } => {
+                write!(f, "patch {path} refused: {reason}; nothing was loaded")
+            }
             ErrorKind::Unrelocatable { function, reason } => write!(
                 f,
                 "cannot detour the function at {function:#x}: {reason}; nothing was changed"

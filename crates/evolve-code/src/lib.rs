@@ -15,6 +15,8 @@
 //! - [`FnSite`] is a generated, typed site: safe to retarget between functions of one type;
 //!   [`FnCell`] an atomically shared function pointer, and [`fn_ptr_type!`] makes any `fn` type
 //!   (higher-ranked ones too) usable by the typed APIs;
+//! - [`loader`] loads patch objects (ELF relocatable objects) within ±2 GiB of the executable
+//!   and binds them to the program's own symbols, locals included;
 //! - [`inspect`] reads the process's own ELF images: symbols, function ranges, build id, and
 //!   every `call rel32` that targets a function.
 //!
@@ -53,6 +55,7 @@
 #![deny(unsafe_code)]
 
 mod arch;
+pub mod attached;
 pub mod callsite;
 mod counter;
 mod detour;
@@ -63,6 +66,7 @@ mod fncell;
 mod fnsite;
 mod hidden;
 pub mod inspect;
+pub mod loader;
 mod near;
 mod published;
 pub mod scan;
@@ -91,6 +95,7 @@ pub use near::NearBlock;
 pub use published::Published;
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
+pub use sys::ptrace;
 pub use unwind::Unwinder;
 pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};

@@ -225,6 +225,52 @@ impl Registration {
     }
 }
 
+/// The length of the `.eh_frame` section at `begin`, zero terminator included.
+///
+/// # Safety
+/// `begin` must hold a complete `.eh_frame` section ending in a zero terminator.
+unsafe fn section_len(begin: usize) -> usize {
+    let mut at = 0;
+    loop {
+        // SAFETY: within the section (the caller's contract): each entry's length word.
+        let len = unsafe { std::ptr::read_unaligned((begin + at) as *const u32) } as usize;
+        at += 4;
+        if len == 0 {
+            return at;
+        }
+        at += len;
+    }
+}
+
+/// Registers the `.eh_frame` section at `begin` (zero-terminated, for example one the patch
+/// loader placed in memory) with the process's unwinder, as [`register`] does.
+///
+/// # Safety
+/// `begin` must hold a complete `.eh_frame` section ending in a zero terminator whose FDEs
+/// describe mapped code, and must stay mapped and unchanged until [`deregister_at`].
+pub(crate) unsafe fn register_at(begin: usize) {
+    // SAFETY: the caller's contract.
+    let section = unsafe { std::slice::from_raw_parts(begin as *const u8, section_len(begin)) };
+    for at in Unwinder::of_process().entry_points(section) {
+        // SAFETY: the caller vouches for the section; the unwinder keeps the pointer.
+        unsafe { __register_frame(section[at..].as_ptr()) };
+    }
+}
+
+/// Removes a registration made by [`register_at`].
+///
+/// # Safety
+/// `begin` was registered by [`register_at`] and not deregistered since; no thread may be
+/// unwinding through, or about to run, the code it describes.
+pub(crate) unsafe fn deregister_at(begin: usize) {
+    // SAFETY: the caller's contract (the section is still mapped and unchanged).
+    let section = unsafe { std::slice::from_raw_parts(begin as *const u8, section_len(begin)) };
+    for at in Unwinder::of_process().entry_points(section) {
+        // SAFETY: registered by `register_at` with this exact pointer.
+        unsafe { __deregister_frame(section[at..].as_ptr()) };
+    }
+}
+
 /// Registers `section` (an `.eh_frame` with zero terminator) with the process's unwinder; the
 /// bytes live forever.
 pub(crate) fn register(section: Vec<u8>) -> Registration {

@@ -134,7 +134,7 @@ fn read_base(path: &Path) -> Result<BaseInfo> {
         .ok_or_else(|| build_error("reading the base binary", "it has no GNU build id"))?;
     let exported = file
         .dynamic_symbols()
-        .filter(|s| s.is_definition())
+        .filter(defines)
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect();
     let object_sizes = file
@@ -183,6 +183,19 @@ fn needed_libraries(elf: &object::read::elf::ElfFile64<object::Endianness>) -> V
     names
 }
 
+/// Whether `symbol` is a definition the dynamic linker can bind a patch's reference to: functions
+/// and data, and also what `object`'s `is_definition` leaves out — IFUNCs (`STT_GNU_IFUNC`:
+/// glibc's `memmove`, `memset`, `bcmp`, whose resolver picks the implementation) and
+/// thread-locals (`STT_TLS`: every `thread_local!`), which a patch references as any other
+/// symbol.
+fn defines<'data>(symbol: &impl ObjectSymbol<'data>) -> bool {
+    !symbol.is_undefined()
+        && matches!(
+            symbol.kind(),
+            SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls | SymbolKind::Unknown
+        )
+}
+
 /// Symbols defined by the libraries the base needs (found in the usual library directories).
 fn library_symbols(needed: &[String]) -> HashSet<String> {
     let dirs = [
@@ -203,15 +216,11 @@ fn library_symbols(needed: &[String]) -> HashSet<String> {
             continue;
         };
         if let Ok(file) = object::File::parse(&*data) {
-            symbols.extend(
-                file.dynamic_symbols()
-                    .filter(|s| s.is_definition())
-                    .filter_map(|s| {
-                        s.name()
-                            .ok()
-                            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-                    }),
-            );
+            symbols.extend(file.dynamic_symbols().filter(defines).filter_map(|s| {
+                s.name()
+                    .ok()
+                    .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            }));
         }
     }
     symbols
@@ -276,6 +285,48 @@ fn read_object(path: &Path) -> Result<ObjectInfo> {
 /// A symbol's demangled path without the hash (`hotfix::CALLS`), or the symbol itself.
 fn path_without_hash(symbol: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(symbol))
+}
+
+/// The patch's statics whose layout differs from the program's.
+///
+/// Statics are matched by exact symbol: one path may name several statics (every expansion of
+/// a macro that declares one, such as `tracing`'s `CALLSITE`s, in one function), and each binds
+/// to the program's definition of its own symbol. A static whose symbol the program has changed
+/// if its size did (v0 mangling keeps the symbol when the type changes). A static whose symbol
+/// the program lacks is new, unless the type changed: the legacy mangling hashes an item's
+/// type, so such a static gets a new name and would silently start from a fresh copy instead
+/// of the program's value. It is recognised by its path when that names exactly one of the
+/// program's statics that no static of the patch matches by symbol; several such candidates
+/// cannot be told apart, and the patch's statics of that path are taken as new.
+fn changed_statics(running: &HashMap<String, u64>, patch: &[(String, u64)]) -> Vec<ChangedStatic> {
+    let in_patch: HashSet<&str> = patch.iter().map(|(name, _)| name.as_str()).collect();
+    let mut renamed: HashMap<String, Vec<(&String, u64)>> = HashMap::new();
+    for (name, size) in running {
+        if !in_patch.contains(name.as_str()) {
+            renamed
+                .entry(path_without_hash(name))
+                .or_default()
+                .push((name, *size));
+        }
+    }
+    patch
+        .iter()
+        .filter_map(|(name, size)| {
+            let (running_symbol, running) = match running.get(name) {
+                Some(running) => (name, *running),
+                None => match renamed.get(&path_without_hash(name))?.as_slice() {
+                    [only] => *only,
+                    _ => return None,
+                },
+            };
+            (running_symbol != name || running != *size).then(|| ChangedStatic {
+                symbol: path_without_hash(name),
+                running_symbol: running_symbol.clone(),
+                running,
+                patch: *size,
+            })
+        })
+        .collect()
 }
 
 fn toolchain(workdir: &Path) -> Result<String> {
@@ -434,27 +485,7 @@ fn build_in(
             symbols: missing,
         }));
     }
-    // A static changed if its size differs, or if its symbol did: the legacy mangling hashes an
-    // item's type, so a static whose type changed gets a new name and would silently start from
-    // a fresh copy instead of the program's value. Match by path without the hash.
-    let by_path: HashMap<String, (&String, u64)> = base
-        .object_sizes
-        .iter()
-        .map(|(name, size)| (path_without_hash(name), (name, *size)))
-        .collect();
-    let changed_statics: Vec<ChangedStatic> = object
-        .statics
-        .iter()
-        .filter_map(|(name, size)| {
-            let (running_name, running) = *by_path.get(&path_without_hash(name))?;
-            (running_name != name || running != *size).then(|| ChangedStatic {
-                symbol: path_without_hash(name),
-                running_symbol: running_name.clone(),
-                running,
-                patch: *size,
-            })
-        })
-        .collect();
+    let changed_statics = changed_statics(&base.object_sizes, &object.statics);
     // The patch still builds (the operator sees why it will be refused, and a later Evolve
     // with a transfer function for it can apply it); apply refuses it.
     let krate = options.package.replace('-', "_");
@@ -526,6 +557,50 @@ mod tests {
         assert_eq!(e.id, "kv_get_1234abcd");
         assert_eq!(e.fingerprint, "00112233aabbccdd");
         assert!(split_fingerprint("kv_get_nothex").is_none());
+    }
+
+    /// Legacy symbols of `krate::NAME` with the hash `h`.
+    fn legacy(path: &str, hash: &str) -> String {
+        let parts: String = path
+            .split("::")
+            .map(|p| format!("{}{p}", p.len()))
+            .collect();
+        format!("_ZN{parts}17h{hash}E")
+    }
+
+    #[test]
+    fn statics_are_matched_by_exact_symbol_before_path() {
+        let (one, two) = (
+            legacy("app::f::HITS", "00000000000000a1"),
+            legacy("app::f::HITS", "00000000000000b2"),
+        );
+        let running = HashMap::from([(one.clone(), 24), (two.clone(), 24)]);
+        // The same two statics: nothing changed, whatever order they come in.
+        let patch = vec![(two.clone(), 24), (one.clone(), 24)];
+        assert_eq!(changed_statics(&running, &patch), Vec::new());
+        // One grew: that one, against its own symbol.
+        let changed = changed_statics(&running, &[(one.clone(), 32), (two.clone(), 24)]);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].running_symbol, one);
+        assert_eq!((changed[0].running, changed[0].patch), (24, 32));
+    }
+
+    #[test]
+    fn a_renamed_static_is_changed_only_when_its_path_is_unambiguous() {
+        let old = legacy("app::COUNT", "00000000000000a1");
+        let new = legacy("app::COUNT", "00000000000000c3");
+        let running = HashMap::from([(old.clone(), 8)]);
+        // The type changed (legacy mangling hashes it): the patch's symbol is new, its path not.
+        let changed = changed_statics(&running, &[(new.clone(), 8)]);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].symbol, "app::COUNT");
+        assert_eq!(changed[0].running_symbol, old);
+        // A static with a new path is new, not changed.
+        let fresh = legacy("app::OTHER", "00000000000000d4");
+        assert_eq!(changed_statics(&running, &[(fresh, 8)]), Vec::new());
+        // Two candidates of that path in the program: they cannot be told apart.
+        let running = HashMap::from([(old, 8), (legacy("app::COUNT", "00000000000000e5"), 8)]);
+        assert_eq!(changed_statics(&running, &[(new, 8)]), Vec::new());
     }
 
     #[test]

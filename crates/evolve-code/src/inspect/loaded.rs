@@ -125,6 +125,21 @@ pub(super) fn snapshot() -> Vec<LoadedObject> {
     out
 }
 
+/// The main executable's TLS module id and the calling thread's instance of its TLS block, if
+/// it has a `PT_TLS` segment.
+pub(super) fn executable_tls() -> Option<(usize, usize)> {
+    let main_phdr = main_phdr();
+    let mut found = None;
+    for_each(|info| {
+        if main_phdr == Some(info.phdr_address) || (main_phdr.is_none() && info.name.is_empty()) {
+            found = (info.tls_module != 0).then_some((info.tls_module, info.tls_data));
+            return false;
+        }
+        true
+    });
+    found
+}
+
 /// Runs `f` with read access to the object loaded at `bias` with exactly these `segments`, if it
 /// is (still) loaded. Returns `None` if it is not.
 ///
@@ -174,6 +189,10 @@ struct Info<'a> {
     bias: usize,
     phdr_address: usize,
     phdrs: &'a [libc::Elf64_Phdr],
+    /// `dlpi_tls_modid`: the object's TLS module id (0 if it has no `PT_TLS`).
+    tls_module: usize,
+    /// `dlpi_tls_data`: the calling thread's instance of the object's TLS block, or 0.
+    tls_data: usize,
 }
 
 impl Info<'_> {
@@ -253,6 +272,8 @@ fn for_each<F: FnMut(&Info<'_>) -> bool>(mut f: F) {
             bias: info.dlpi_addr as usize,
             phdr_address: info.dlpi_phdr as usize,
             phdrs,
+            tls_module: info.dlpi_tls_modid,
+            tls_data: info.dlpi_tls_data as usize,
         };
         // A non-zero return stops the iteration.
         c_int::from(!f(&view))

@@ -95,6 +95,13 @@ pub(crate) fn loaded_names() -> Vec<String> {
         .collect()
 }
 
+/// The main executable's TLS module id (`dlpi_tls_modid`) and the address of the calling
+/// thread's instance of its TLS block (`dlpi_tls_data`); `None` if it has no `PT_TLS` segment.
+/// Used by the patch loader to bind thread-locals to the executable's static TLS.
+pub(crate) fn executable_tls() -> Option<(usize, usize)> {
+    loaded::executable_tls()
+}
+
 /// Every loaded image: the main executable first, then the shared libraries (and the vdso) in
 /// the loader's order.
 ///

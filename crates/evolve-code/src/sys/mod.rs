@@ -8,4 +8,5 @@
 
 pub mod membarrier;
 pub mod memory;
+pub mod ptrace;
 pub mod trap;
