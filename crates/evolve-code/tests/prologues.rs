@@ -1,6 +1,9 @@
 //! Prologues a detour must refuse, built in assembly so their bytes are exactly known: one that
 //! enters the kernel in the bytes the `jmp` would replace, and functions larger than 64 KiB
 //! with a branch back into their prologue at the far end.
+//!
+//! `global_asm!` counts as unsafe code: the functions are only decoded, never called.
+#![allow(unsafe_code)]
 
 use evolve_code::{ErrorKind, Prologue};
 
@@ -81,7 +84,7 @@ extern "C" {
 }
 
 fn refusal(start: unsafe extern "C" fn(), end: unsafe extern "C" fn()) -> String {
-    let (start, end) = (start as usize, end as usize);
+    let (start, end) = (start as *const () as usize, end as *const () as usize);
     let err = Prologue::of(start, end - start).expect_err("the prologue must be refused");
     assert!(
         matches!(err.kind(), ErrorKind::Unrelocatable { .. }),
@@ -124,8 +127,8 @@ fn a_branch_into_the_prologue_beyond_64_kib_is_found() {
         "{reason}"
     );
     let (start, end) = (
-        evolve_test_big_plain_function as usize,
-        evolve_test_big_plain_function_end as usize,
+        evolve_test_big_plain_function as *const () as usize,
+        evolve_test_big_plain_function_end as *const () as usize,
     );
     let prologue = Prologue::of(start, end - start).expect("no branch into it: relocatable");
     assert_eq!(prologue.len(), 9);
