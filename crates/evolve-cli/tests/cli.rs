@@ -337,6 +337,35 @@ fn a_process_without_an_agent_is_an_error_with_its_cause() {
 }
 
 #[test]
+fn applying_a_fifo_fails_at_once_naming_it_instead_of_timing_out() {
+    let fixture = shared();
+    let dir = socket_dir("fifo");
+    let host = fixture.start(&dir);
+    let fifo = dir.join("patch.so");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    // Before: the agent blocked reading the FIFO and the CLI gave up after its timeout with
+    // "Resource temporarily unavailable".
+    let run = evolve(
+        &dir,
+        &["apply", &host.pid().to_string(), fifo.to_str().unwrap()],
+    );
+    assert_eq!(run.output.status.code(), Some(1));
+    assert!(
+        run.stderr().contains("it is a FIFO, not a regular file"),
+        "{}",
+        run.stderr()
+    );
+    assert!(!run.stderr().contains("temporarily unavailable"));
+}
+
+#[test]
 fn stale_sockets_of_dead_processes_are_recognised_and_pruned() {
     let fixture = shared();
     let dir = socket_dir("stale");

@@ -103,6 +103,14 @@ pub enum ErrorKind {
         /// What is missing, and why it is needed.
         what: &'static str,
     },
+    /// Loading a shared object would run code before it could be verified (an initializer, an
+    /// IFUNC resolver, a library not loaded yet), so it is not loaded.
+    UnsafeObject {
+        /// The file.
+        path: String,
+        /// What loading it would run.
+        reason: String,
+    },
     /// An ELF image of the process could not be read or parsed.
     Image {
         /// The file involved.
@@ -230,6 +238,9 @@ impl fmt::Display for Error {
             ),
             ErrorKind::Unsupported { what } => write!(f, "unsupported: {what}"),
             ErrorKind::Image { path, reason } => write!(f, "cannot read image {path}: {reason}"),
+            ErrorKind::UnsafeObject { path, reason } => {
+                write!(f, "refusing to load {path}: {reason}; nothing was loaded")
+            }
             ErrorKind::InvalidArgument { reason } => write!(f, "invalid argument: {reason}"),
             ErrorKind::PatchRefused { path, reason } => {
                 write!(f, "patch {path} refused: {reason}; nothing was loaded")

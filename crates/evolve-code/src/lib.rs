@@ -74,15 +74,18 @@ pub mod shadow;
 mod site;
 mod springboard;
 pub mod stub;
+mod sync;
 mod sys;
+mod thread_state;
+mod unwind;
 mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};
 pub use counter::Counter;
 pub use detour::{
-    quarantined_trampolines, reclaim_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue,
-    SavedRegs,
+    quarantined_trampolines, reclaim_if_due, reclaim_trampolines, Detour, DetourHooks, Entry,
+    EntryHook, Prologue, SavedRegs,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use fncell::FnCell;
@@ -93,5 +96,6 @@ pub use published::Published;
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
 pub use sys::ptrace;
+pub use unwind::Unwinder;
 pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};

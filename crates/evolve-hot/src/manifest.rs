@@ -2,20 +2,36 @@
 //!
 //! It is a JSON document in the patch's exported, NUL-terminated symbol
 //! [`MANIFEST_SYMBOL`], read from the file before the file is loaded.
+//!
+//! # The content digest
+//!
+//! The manifest sits inside the file it describes, so it cannot hash itself. Its `sha256` is
+//! defined as the SHA-256 of **the whole patch file with the bytes of the
+//! [`MANIFEST_SYMBOL`] symbol zeroed** (all of the symbol's bytes, as the file's symbol table
+//! locates them, its terminating NUL included): [`content_digest`]. Every other byte — code,
+//! data, program and section headers, symbol tables — is covered, so a patch damaged anywhere
+//! outside its manifest is refused as corrupt before any other check looks at it; damage inside
+//! the manifest either breaks its JSON (refused as corrupt) or changes what it claims (refused by
+//! the check of that claim: build id, toolchain, …). The builder writes the manifest with a
+//! placeholder digest of the same length, hashes the linked file, and writes the digest in.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::ops::Range;
 
 /// The exported symbol holding the manifest.
 pub const MANIFEST_SYMBOL: &str = "evolve_patch_manifest";
 
-/// The manifest format this build reads and writes.
-pub const FORMAT: u32 = 1;
+/// The manifest format this build reads and writes (2: with the content digest).
+pub const FORMAT: u32 = 2;
 
 /// What a patch declares about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Format version ([`FORMAT`]).
     pub format: u32,
+    /// SHA-256 (hex) of the patch file with this manifest's bytes zeroed ([`content_digest`]).
+    pub sha256: String,
     /// GNU build id (hex) of the binary the patch was built against.
     pub base_build_id: String,
     /// `rustc -V` of the toolchain that built it.
@@ -71,6 +87,33 @@ impl ChangedStatic {
         let name = self.symbol.rsplit("::").next().unwrap_or(&self.symbol);
         format!("__evolve_transfer_{krate}__{name}")
     }
+}
+
+/// The SHA-256 of `file` with the bytes at `manifest` taken as zeros (see the module docs).
+///
+/// # Example
+///
+/// ```
+/// use evolve_hot::manifest::{content_digest, hex};
+/// let file = b"code{\"m\":1}\0more";
+/// // Whatever the manifest says, the digest is that of the file with the manifest zeroed.
+/// let zeroed = b"code\0\0\0\0\0\0\0\0more";
+/// assert_eq!(content_digest(file, 4..12), content_digest(zeroed, 4..12));
+/// assert_ne!(content_digest(file, 4..12), content_digest(b"codf{\"m\":1}\0more", 4..12));
+/// assert_eq!(hex(&content_digest(b"", 0..0)).len(), 64);
+/// ```
+pub fn content_digest(file: &[u8], manifest: Range<usize>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(&file[..manifest.start]);
+    let zeros = [0u8; 4096];
+    let mut left = manifest.len();
+    while left > 0 {
+        let n = left.min(zeros.len());
+        hasher.update(&zeros[..n]);
+        left -= n;
+    }
+    hasher.update(&file[manifest.end..]);
+    hasher.finalize().into()
 }
 
 /// Hex of a byte string.

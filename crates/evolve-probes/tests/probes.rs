@@ -112,8 +112,6 @@ fn histogram_and_predicate_see_arguments() {
     let p = read(pred).unwrap();
     assert_eq!(p.hits, 100);
     assert!(!p.backtraces.is_empty());
-    // Known gap: the unwinder stops at the trampoline (no FDE for it yet), so the backtrace
-    // does not reach the caller.
     let json = serde_json::to_string(&p).unwrap();
     assert!(json.contains("\"hits\":100"));
     remove(hist).unwrap();

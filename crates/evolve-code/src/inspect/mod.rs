@@ -66,6 +66,35 @@ pub(crate) fn loaded_snapshot_for_scan() -> Vec<WritableSegments> {
         .collect()
 }
 
+/// The executable segments of the loaded object whose code contains `addr` (empty if none).
+pub(crate) fn exec_ranges_of_object_containing(addr: usize) -> Vec<std::ops::Range<usize>> {
+    loaded::snapshot()
+        .into_iter()
+        .find(|o| {
+            o.segments
+                .iter()
+                .any(|s| s.is_exec() && s.range.contains(&addr))
+        })
+        .map(|o| {
+            o.segments
+                .iter()
+                .filter(|s| s.is_exec())
+                .map(|s| s.range.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The loader's name of every object it has loaded (a path, or a bare name for the vdso): what
+/// a `DT_NEEDED` entry such as `libc.so.6` (or a path) is matched against.
+pub(crate) fn loaded_names() -> Vec<String> {
+    loaded::snapshot()
+        .into_iter()
+        .filter(|object| !object.name.is_empty())
+        .map(|object| String::from_utf8_lossy(&object.name).into_owned())
+        .collect()
+}
+
 /// The main executable's TLS module id (`dlpi_tls_modid`) and the address of the calling
 /// thread's instance of its TLS block (`dlpi_tls_data`); `None` if it has no `PT_TLS` segment.
 /// Used by the patch loader to bind thread-locals to the executable's static TLS.
