@@ -52,7 +52,10 @@
 //! the pages writable, under the write lock, in the order the protocol above requires.
 #![allow(unsafe_code)]
 
-use crate::arch::{self, INT3, SITE_LEN};
+mod transaction;
+mod window;
+
+use crate::arch::{self, SITE_LEN};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hidden::{hide_insn, reveal_insn, Hidden};
 use crate::site::{PatchSite, SiteInsn};
@@ -60,8 +63,8 @@ use crate::springboard::Springboards;
 use crate::sys::memory::{self, Protection};
 use crate::sys::{membarrier, trap::TrapSites};
 use std::collections::{HashMap, HashSet};
-use std::ops::Range;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use transaction::{take_undo_failure, SiteWrite, Transaction};
 use std::sync::{Mutex, MutexGuard};
 
 /// How a batch writes its sites.
@@ -369,18 +372,16 @@ pub(crate) fn replace_instruction(
     crate::sys::trap::install()?;
     let window = w.open_code_window(address, SITE_LEN)?;
     w.traps.insert(address);
-    w.traps.arm(address, armed);
-    let written = (|| {
-        window.write(address, &[INT3])?;
-        membarrier::sync_cores()?;
-        window.write(address + 1, &new[1..])?;
-        membarrier::sync_cores()?;
-        window.write(address, &new[..1])?;
-        membarrier::sync_cores()
-    })();
-    w.traps.disarm(address);
-    window.close()?;
-    written
+    let write = [SiteWrite {
+        site: address,
+        old: expected,
+        new,
+        emulate: armed,
+    }];
+    Transaction::new(&window.0, &mut w.traps, &write, &[])
+        .run()
+        .map_err(with_undo_failure)?;
+    window.close()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -412,7 +413,7 @@ struct Edit {
 /// let sites: Vec<FnSite<F>> = (0..3).map(|_| FnSite::new(a as F).unwrap()).collect();
 /// let mut batch = Batch::new();
 /// for s in &sites {
-///     batch.retarget(s.patch_site(), s.patch_site().current(), evolve_code::SiteInsn::Jmp(b as usize));
+///     s.retarget_in(&mut batch, a, b);
 /// }
 /// let report = batch.apply().unwrap();
 /// assert_eq!(report.changed, 3);
@@ -456,7 +457,19 @@ impl Batch {
     }
 
     /// Adds: change `site` from `expected` to `new`.
-    pub fn retarget(&mut self, site: PatchSite, expected: SiteInsn, new: SiteInsn) -> &mut Batch {
+    ///
+    /// # Safety
+    ///
+    /// `new` must be sound for every thread that executes the site (see
+    /// [`PatchSite::retarget`]). The typed sites add their edits through safe methods that
+    /// check it: [`crate::FnSite::retarget_in`], [`crate::stub::Stub::retarget_in`],
+    /// [`crate::callsite::DirectCalls::retarget_in`].
+    pub unsafe fn retarget(
+        &mut self,
+        site: PatchSite,
+        expected: SiteInsn,
+        new: SiteInsn,
+    ) -> &mut Batch {
         // Hidden: a batch may outlive its use in freed memory (see `crate::hidden`).
         self.edits.push(Edit {
             site: Hidden::new(site.address()),
@@ -501,6 +514,9 @@ impl Batch {
             }
         };
         let result = w.write(&plan, path);
+        if result.is_err() {
+            w.abandon_springboards();
+        }
         // The plan holds plain addresses: leave no stale copies (see `crate::scrub`).
         crate::hidden::scrub_plain(plan.0);
         result
@@ -552,6 +568,9 @@ impl Writer {
             }
         };
         let result = self.write(&plan, default_write_path());
+        if result.is_err() {
+            self.abandon_springboards();
+        }
         crate::hidden::scrub_plain(plan.0);
         result.map(|_| ())
     }
@@ -732,204 +751,101 @@ impl Writer {
         }
         membarrier::ensure_registered()?;
         self.publish_springboards()?;
-        // Slots first: a site newly routed to its trampoline must find the target there.
+        // Slots first: a site newly routed to its trampoline must find the target there. Their
+        // old values are put back if the bytes cannot be written.
+        let mut old_slots = Vec::new();
         for p in planned {
             if let Some((slot, target)) = p.slot {
                 // SAFETY: the slot is alive while its site is interposed (see `interpose`).
-                unsafe { &*(slot as *const AtomicUsize) }.store(target, Ordering::Release);
+                let slot = unsafe { &*(slot as *const AtomicUsize) };
+                old_slots.push((slot, slot.swap(target, Ordering::AcqRel)));
             }
         }
-        let writes: Vec<&Planned> = planned.iter().filter(|p| p.write_bytes).collect();
-        let mut window = self.open_window(writes.iter().map(|p| p.site))?;
-        report.mprotects += window.runs.len();
-        let store_atomically = |site: usize| {
-            path == WritePath::Auto && !window.via_proc_mem && site % 8 + SITE_LEN <= 8
-        };
-        let (stored, trapped): (Vec<&Planned>, Vec<&Planned>) =
-            writes.iter().partition(|p| store_atomically(p.site));
-
-        if !trapped.is_empty() {
-            crate::sys::trap::install()?;
-            // Keys first (may grow the table), then arm: growth never happens while armed.
-            for p in &trapped {
-                self.traps.insert(p.site);
+        let written = self.write_bytes(planned, path, &mut report);
+        if written.is_err() {
+            for (slot, old) in &old_slots {
+                slot.store(*old, Ordering::Release);
             }
-            for p in &trapped {
-                self.traps.arm(p.site, p.bytes);
-            }
-            for p in &trapped {
-                window.write(p.site, &[INT3])?;
-            }
-            membarrier::sync_cores()?;
-            for p in &trapped {
-                window.write(p.site + 1, &p.bytes[1..])?;
-            }
-            membarrier::sync_cores()?;
-            for p in &trapped {
-                window.write(p.site, &p.bytes[..1])?;
-            }
-            report.core_syncs += 2;
         }
-        for p in &stored {
-            // SAFETY: the window made the page writable; the site lies in one aligned word
-            // (checked by `store_atomically`); we hold the write lock.
-            unsafe { memory::store_in_word(p.site, &p.bytes) };
-        }
-        membarrier::sync_cores()?;
-        report.core_syncs += 1;
-        for p in &trapped {
-            self.traps.disarm(p.site);
-        }
+        crate::hidden::scrub_plain(old_slots);
+        written?;
         for p in planned {
             let state = self.sites.get_mut(&Hidden::new(p.site)).expect("validated");
             state.bytes = p.bytes;
             state.current = hide_insn(p.insn);
         }
         report.changed = planned.len();
-        report.stored = stored.len();
-        report.via_int3 = trapped.len();
         report.via_springboard = planned.iter().filter(|p| p.via_springboard).count();
-        report.mprotects += window.close()?;
         Ok(report)
     }
 
-    /// Makes the pages of `addresses` (each the start of `SITE_LEN` bytes) writable.
-    fn open_window(&mut self, addresses: impl Iterator<Item = usize>) -> Result<Window> {
-        // Page lists hold plain addresses: scrubbed below (see `crate::scrub`).
-        let mut pages: Vec<usize> = addresses
-            .flat_map(|a| [memory::page_of(a), memory::page_of(a + SITE_LEN - 1)])
-            .collect();
-        pages.sort_unstable();
-        pages.dedup();
-        let missing: Vec<usize> = pages
-            .iter()
-            .copied()
-            .filter(|p| !self.protections.contains_key(&Hidden::new(*p)))
-            .collect();
-        if !missing.is_empty() {
-            let maps = memory::mappings()?;
-            for &page in &missing {
-                let m = memory::mapping_containing(&maps, page)
-                    .filter(|m| m.protection.exec)
-                    .ok_or(ErrorKind::NotExecutable { address: page })?;
-                self.protections.insert(
-                    Hidden::new(page),
-                    (
-                        m.protection,
-                        Hidden::new(m.range.start),
-                        Hidden::new(m.range.end),
-                    ),
-                );
-            }
-        }
-        // One mprotect per mapping, from its first to its last page of the batch: the pages in
-        // between are made writable too (they keep exec, and nothing writes them), which is far
-        // cheaper than one call per scattered page.
-        let page_size = memory::page_size();
-        let mut runs: Vec<(Range<usize>, Protection)> = Vec::new();
-        let mut run_mapping: Option<(Hidden, Hidden)> = None;
-        crate::hidden::scrub_plain(missing);
-        for &page in &pages {
-            let (protection, start, end) = self.protections[&Hidden::new(page)];
-            let mapping = (start, end);
-            match runs.last_mut() {
-                Some((range, p)) if *p == protection && run_mapping.as_ref() == Some(&mapping) => {
-                    range.end = page + page_size
-                }
-                _ => {
-                    runs.push((page..page + page_size, protection));
-                    run_mapping = Some(mapping);
-                }
-            }
-        }
-        crate::hidden::scrub_plain(pages);
-        let mut window = Window {
-            runs: Vec::with_capacity(runs.len()),
-            via_proc_mem: self.via_proc_mem,
-        };
-        if window.via_proc_mem {
-            crate::hidden::scrub_plain(runs);
-            return Ok(window);
-        }
-        for (range, protection) in runs.iter().cloned() {
-            let writable = Protection {
-                write: true,
-                ..protection
-            };
-            if let Err(e) = memory::mprotect(range.clone(), writable) {
-                window.close()?;
-                if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::EACCES) {
-                    // W^X policy: fall back to /proc/self/mem for good (see module docs).
-                    self.via_proc_mem = true;
-                    window.via_proc_mem = true;
-                    return Ok(window);
-                }
-                if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::ENOMEM) {
-                    // Unmapped since we cached it: forget, so the next attempt re-reads maps.
-                    self.protections.retain(|p, _| !range.contains(&p.get()));
-                }
-                crate::hidden::scrub_plain(runs);
-                return Err(e);
-            }
-            window.runs.push((range, protection));
-        }
-        crate::hidden::scrub_plain(runs);
-        Ok(window)
-    }
-
-    /// Writes fresh code (not yet reachable by any thread) and syncs cores, so that a later
-    /// site write publishing it is seen after the code.
-    pub(crate) fn write_fresh_code(&mut self, address: usize, code: &[u8]) -> Result<()> {
-        self.write_fresh_code_many(&[(address, code)])
-    }
-
-    /// Writes several pieces of fresh code in one window, then syncs cores once.
-    pub(crate) fn write_fresh_code_many<C: AsRef<[u8]>>(
+    /// Writes the bytes of `planned` in one window and one transaction: all of them, or none
+    /// (see [`transaction`]).
+    fn write_bytes(
         &mut self,
-        pieces: &[(usize, C)],
+        planned: &[Planned],
+        path: WritePath,
+        report: &mut BatchReport,
     ) -> Result<()> {
-        membarrier::ensure_registered()?;
-        let spans = pieces.iter().flat_map(|(address, code)| {
-            let (address, len) = (*address, code.as_ref().len());
-            (address..address + len)
-                .step_by(memory::page_size())
-                .chain([address + len.saturating_sub(SITE_LEN)])
-        });
-        let mut window = self.open_window(spans)?;
-        for (address, code) in pieces {
-            window.write(*address, code.as_ref())?;
+        let writes: Vec<SiteWrite> = planned
+            .iter()
+            .filter(|p| p.write_bytes)
+            .map(|p| SiteWrite {
+                site: p.site,
+                old: self.sites[&Hidden::new(p.site)].bytes,
+                new: p.bytes,
+                emulate: p.bytes,
+            })
+            .collect();
+        if writes.is_empty() {
+            return Ok(());
         }
-        window.close()?;
-        membarrier::sync_cores()
-    }
-}
-
-/// Pages made writable for one batch.
-struct Window {
-    runs: Vec<(Range<usize>, Protection)>,
-    via_proc_mem: bool,
-}
-
-impl Window {
-    fn write(&self, address: usize, bytes: &[u8]) -> Result<()> {
-        if self.via_proc_mem {
-            return memory::write_via_proc_mem(address, bytes);
+        let window = self.open_window(writes.iter().map(|w| w.site))?;
+        report.mprotects += window.runs();
+        let atomic = path == WritePath::Auto && !window.via_proc_mem();
+        let (stored, trapped): (Vec<SiteWrite>, Vec<SiteWrite>) = writes
+            .iter()
+            .partition(|w| atomic && w.site % 8 + SITE_LEN <= 8);
+        crate::hidden::scrub_plain(writes);
+        if !trapped.is_empty() {
+            crate::sys::trap::install()?;
+            // Keys before the write begins: the table may grow, which it must not while armed.
+            for w in &trapped {
+                self.traps.insert(w.site);
+            }
         }
-        // SAFETY: the window made every page of the batch writable (and kept them executable);
-        // the protocol guarantees no thread executes a partially written instruction.
-        unsafe { memory::write(address, bytes) };
+        let result = Transaction::new(&window, &mut self.traps, &trapped, &stored).run();
+        report.stored = stored.len();
+        report.via_int3 = trapped.len();
+        crate::hidden::scrub_plain(stored);
+        crate::hidden::scrub_plain(trapped);
+        match result {
+            Ok(core_syncs) => report.core_syncs += core_syncs,
+            Err(e) => return Err(with_undo_failure(e)),
+        }
+        report.mprotects += window.close()?;
         Ok(())
     }
+}
 
-    /// Restores the original protections; returns the number of `mprotect` calls.
-    fn close(&mut self) -> Result<usize> {
-        let n = self.runs.len();
-        for (range, protection) in self.runs.iter().cloned() {
-            memory::mprotect(range, protection)?;
-        }
-        crate::hidden::scrub_plain(std::mem::take(&mut self.runs));
-        Ok(n)
+/// The batch's error, or the undo's if undoing it failed too (the graver news).
+fn with_undo_failure(error: Error) -> Error {
+    match take_undo_failure() {
+        None => error,
+        Some(undo) => Error::new(ErrorKind::Incomplete {
+            reason: format!(
+                "{error}; undoing it failed too ({}): the sites touched stay armed, running \
+                 their old instruction through the trap handler",
+                Error::new(undo)
+            ),
+        }),
     }
+}
+
+/// The trap table's state (for the fault-injection tests).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn trap_table() -> (Vec<(usize, Option<[u8; SITE_LEN]>)>, bool) {
+    lock().traps.snapshot()
 }
 
 /// Whether the engine has fallen back to writing through `/proc/self/mem`.
@@ -945,51 +861,33 @@ pub struct TrapCounts {
     pub emulated: u64,
     /// The write had completed before the handler ran; the thread re-executed the site.
     pub rewound: u64,
+    /// An `int3` at a site with no write in flight (a debugger's, the program's own) was passed
+    /// to the program's handler.
+    pub foreign: u64,
 }
 
 /// How often threads have met a site under the int3 protocol (see [`TrapCounts`]).
 pub fn trap_counts() -> TrapCounts {
-    let (emulated, rewound) = crate::sys::trap::counts();
-    TrapCounts { emulated, rewound }
+    let (emulated, rewound, foreign) = crate::sys::trap::counts();
+    TrapCounts {
+        emulated,
+        rewound,
+        foreign,
+    }
 }
 
 /// Reads the current bytes at a registered site (for tests and diagnostics).
 pub fn site_bytes(site: PatchSite) -> [u8; SITE_LEN] {
-    read_site(site.address())
+    read_registered(site.address())
 }
 
-/// A write window over arbitrary code bytes, for multi-instruction overwrites made while the
-/// world is stopped ([`crate::detour`]). Opened and closed under the write lock; writing through
-/// it allocates nothing (unless the engine writes via `/proc/self/mem`, whose file is opened
-/// when the window opens).
-pub(crate) struct CodeWindow(Window);
-
-impl Writer {
-    /// Makes `address..address + len` (`len >= SITE_LEN`) writable, keeping it executable.
-    pub(crate) fn open_code_window(&mut self, address: usize, len: usize) -> Result<CodeWindow> {
-        membarrier::ensure_registered()?;
-        let len = len.max(SITE_LEN);
-        let window = self.open_window(
-            (address..address + len)
-                .step_by(memory::page_size())
-                .chain([address + len - SITE_LEN]),
-        )?;
-        if window.via_proc_mem {
-            // Open the file now: the write must not allocate while the world is stopped.
-            memory::write_via_proc_mem(address, &read_site(address))?;
-        }
-        Ok(CodeWindow(window))
-    }
-}
-
-impl CodeWindow {
-    /// Writes `bytes` at `address` (inside the window) with plain stores.
-    pub(crate) fn write(&self, address: usize, bytes: &[u8]) -> Result<()> {
-        self.0.write(address, bytes)
-    }
-
-    /// Restores the pages' protection.
-    pub(crate) fn close(mut self) -> Result<()> {
-        self.0.close().map(|_| ())
-    }
+/// The bytes at `address` if it is a registered site (read under the write lock, so they are
+/// the bytes of a whole instruction).
+pub(crate) fn read_registered(address: usize) -> [u8; SITE_LEN] {
+    let w = lock();
+    assert!(
+        w.sites.contains_key(&Hidden::new(address)),
+        "{address:#x} is not a registered site"
+    );
+    read_site(address)
 }
