@@ -20,15 +20,14 @@
 //! site.retarget_in(&mut batch, one, two);
 //! assert!(batch.apply().is_err());
 //! assert_eq!((site.entry())(), 1);
-//! assert_eq!(evolve_code::fault_injection::trap_table().1, false);
+//! assert!(!evolve_code::fault_injection::trap_table().write_in_flight);
 //! reset();
 //! ```
 
 pub use crate::sys::inject::{calls, fail_nth, reset, Failure, Syscall};
+pub use crate::sys::trap::TrapTable;
 
-/// The trap table as the `SIGTRAP` handler sees it: every site ever written through the int3
-/// protocol with the instruction it is armed with (none outside a write), and whether a write
-/// is in flight.
-pub fn trap_table() -> (Vec<(usize, Option<[u8; crate::SITE_LEN]>)>, bool) {
+/// The trap table as the `SIGTRAP` handler sees it.
+pub fn trap_table() -> TrapTable {
     crate::write::trap_table()
 }

@@ -752,23 +752,18 @@ impl Writer {
         membarrier::ensure_registered()?;
         self.publish_springboards()?;
         // Slots first: a site newly routed to its trampoline must find the target there. Their
-        // old values are put back if the bytes cannot be written.
-        let mut old_slots = Vec::new();
+        // old values are put back if the bytes cannot be written (error or panic).
+        let mut slots = SlotChanges(Vec::new());
         for p in planned {
             if let Some((slot, target)) = p.slot {
                 // SAFETY: the slot is alive while its site is interposed (see `interpose`).
                 let slot = unsafe { &*(slot as *const AtomicUsize) };
-                old_slots.push((slot, slot.swap(target, Ordering::AcqRel)));
+                slots.0.push((slot, slot.swap(target, Ordering::AcqRel)));
             }
         }
-        let written = self.write_bytes(planned, path, &mut report);
-        if written.is_err() {
-            for (slot, old) in &old_slots {
-                slot.store(*old, Ordering::Release);
-            }
-        }
-        crate::hidden::scrub_plain(old_slots);
-        written?;
+        let window = self.write_bytes(planned, path, &mut report)?;
+        // The bytes are written: record them before anything else can fail (closing the window).
+        slots.keep();
         for p in planned {
             let state = self.sites.get_mut(&Hidden::new(p.site)).expect("validated");
             state.bytes = p.bytes;
@@ -776,17 +771,21 @@ impl Writer {
         }
         report.changed = planned.len();
         report.via_springboard = planned.iter().filter(|p| p.via_springboard).count();
+        if let Some(window) = window {
+            report.mprotects += window.close()?;
+        }
         Ok(report)
     }
 
     /// Writes the bytes of `planned` in one window and one transaction: all of them, or none
-    /// (see [`transaction`]).
+    /// (see [`transaction`]). Returns the window, still open, for the caller to close once it
+    /// recorded the new bytes.
     fn write_bytes(
         &mut self,
         planned: &[Planned],
         path: WritePath,
         report: &mut BatchReport,
-    ) -> Result<()> {
+    ) -> Result<Option<window::Window>> {
         let writes: Vec<SiteWrite> = planned
             .iter()
             .filter(|p| p.write_bytes)
@@ -798,7 +797,7 @@ impl Writer {
             })
             .collect();
         if writes.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let window = self.open_window(writes.iter().map(|w| w.site))?;
         report.mprotects += window.runs();
@@ -823,8 +822,26 @@ impl Writer {
             Ok(core_syncs) => report.core_syncs += core_syncs,
             Err(e) => return Err(with_undo_failure(e)),
         }
-        report.mprotects += window.close()?;
-        Ok(())
+        Ok(Some(window))
+    }
+}
+
+/// Trampoline slots a batch changed, with their old values: put back when dropped, unless the
+/// batch's bytes were written ([`SlotChanges::keep`]).
+struct SlotChanges<'a>(Vec<(&'a AtomicUsize, usize)>);
+
+impl SlotChanges<'_> {
+    fn keep(mut self) {
+        crate::hidden::scrub_plain(std::mem::take(&mut self.0));
+    }
+}
+
+impl Drop for SlotChanges<'_> {
+    fn drop(&mut self) {
+        for (slot, old) in &self.0 {
+            slot.store(*old, Ordering::Release);
+        }
+        crate::hidden::scrub_plain(std::mem::take(&mut self.0));
     }
 }
 
@@ -844,7 +861,7 @@ fn with_undo_failure(error: Error) -> Error {
 
 /// The trap table's state (for the fault-injection tests).
 #[cfg(feature = "fault-injection")]
-pub(crate) fn trap_table() -> (Vec<(usize, Option<[u8; SITE_LEN]>)>, bool) {
+pub(crate) fn trap_table() -> crate::sys::trap::TrapTable {
     lock().traps.snapshot()
 }
 

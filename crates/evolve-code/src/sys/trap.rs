@@ -172,17 +172,31 @@ impl TrapSites {
         epoch().end();
     }
 
-    /// Every site in the table with its armed instruction, and whether a write is in flight
-    /// (for the fault-injection tests: a failed batch must leave this exactly as it was).
+    /// The table as the handler sees it (for the fault-injection tests: a failed batch must
+    /// leave this exactly as it was).
     #[cfg(feature = "fault-injection")]
-    pub(crate) fn snapshot(&self) -> (Vec<(usize, Option<[u8; SITE_LEN]>)>, bool) {
+    pub(crate) fn snapshot(&self) -> TrapTable {
         let mut sites: Vec<_> = self
             .table()
             .map(|t| t.occupied().map(|s| (s.key(), s.armed())).collect())
             .unwrap_or_default();
         sites.sort_unstable();
-        (sites, epoch().load() % 2 == 1)
+        TrapTable {
+            sites,
+            write_in_flight: !epoch().load().is_multiple_of(2),
+        }
     }
+}
+
+/// The trap table as the `SIGTRAP` handler sees it.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrapTable {
+    /// Every site ever written through the int3 protocol, in address order, with the
+    /// instruction its slot is armed with (none outside a write).
+    pub sites: Vec<(usize, Option<[u8; SITE_LEN]>)>,
+    /// Whether a write epoch is open.
+    pub write_in_flight: bool,
 }
 
 /// The action that was installed before ours, to chain to (leaked `Box`, or null: default).

@@ -87,9 +87,11 @@ impl Window {
     /// Puts back every run's protection, retrying failures; the first lasting failure is
     /// returned after every run was tried.
     fn restore(&mut self) -> Result<usize> {
-        let runs = std::mem::take(&mut self.runs);
         let mut first_error = None;
-        for (range, protection) in runs.iter().cloned() {
+        let mut restored = 0;
+        // A run leaves `runs` only once it was tried: if a panic unwinds from here, dropping the
+        // window restores the rest.
+        while let Some((range, protection)) = self.runs.last().cloned() {
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -110,12 +112,13 @@ impl Window {
                     }
                 }
             }
+            self.runs.pop();
+            restored += 1;
         }
-        let n = runs.len();
-        crate::hidden::scrub_plain(runs);
+        crate::hidden::scrub_plain(std::mem::take(&mut self.runs));
         match first_error {
             Some(kind) => Err(kind.into()),
-            None => Ok(n),
+            None => Ok(restored),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! hammer that calls through sites from many threads while another retargets them.
 #![allow(dead_code, unsafe_code)]
 
+pub mod faults;
+
 use evolve_code::{Batch, NearBlock, PatchSite, Placement, SiteInsn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -190,14 +190,14 @@ impl WriteEpoch {
     /// (arm, `int3`) carry it to any handler that reads them.
     pub(crate) fn begin(&self) {
         let was = self.0.fetch_add(1, Ordering::Relaxed);
-        debug_assert!(was % 2 == 0, "nested write");
+        debug_assert!(was.is_multiple_of(2), "nested write");
     }
 
     /// The write ended: every site it touched holds a whole instruction and is disarmed (writer
     /// step 6). Release: a handler that reads the new value sees those bytes.
     pub(crate) fn end(&self) {
         let was = self.0.fetch_add(1, Ordering::Release);
-        debug_assert!(was % 2 == 1, "end without begin");
+        debug_assert!(!was.is_multiple_of(2), "end without begin");
     }
 
     /// The current value (Acquire).
@@ -234,7 +234,7 @@ pub(crate) fn resolve(
             return Resolution::Emulate(insn);
         }
         let after = epoch.load();
-        if before == after && before % 2 == 0 {
+        if before == after && before.is_multiple_of(2) {
             return Resolution::NotOurs;
         }
         wait();
@@ -369,11 +369,12 @@ mod loom_tests {
         loom::model(|| {
             let s = shared(INT3);
             s.table.insert(SITE);
-            let other = s.table.insert(SITE + 64);
+            s.table.insert(SITE + 64);
             let writer = {
                 let s = s.clone();
                 loom::thread::spawn(move || {
                     // A write at another site: the epoch goes odd and even again.
+                    let other = s.table.find(SITE + 64).unwrap();
                     s.epoch.begin();
                     other.arm(NEW);
                     other.disarm();
