@@ -398,7 +398,10 @@ impl PatchObject {
         if !symbol.ends_with(&format!("__{name}")) {
             return Err(image_error(
                 &self.path,
-                format!("{symbol} does not convert the program's static {}", old.demangled),
+                format!(
+                    "{symbol} does not convert the program's static {}",
+                    old.demangled
+                ),
             ));
         }
         // SAFETY: `old` is the program's instance of the static named by the transfer, found in

@@ -58,9 +58,9 @@ mod counter;
 mod detour;
 pub mod dylib;
 pub mod error;
+mod fault;
 #[cfg(feature = "fault-injection")]
 pub mod fault_injection;
-mod fault;
 mod fncell;
 mod fnsite;
 mod hidden;
@@ -74,6 +74,7 @@ mod site;
 mod springboard;
 pub mod stub;
 mod sys;
+mod transfer;
 mod world;
 pub mod write;
 
@@ -91,5 +92,6 @@ pub use near::NearBlock;
 pub use published::Published;
 pub use site::{PatchSite, SiteInsn, SiteView};
 pub use springboard::springboard_count;
+pub use transfer::InteriorMutable;
 pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};

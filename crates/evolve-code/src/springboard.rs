@@ -27,7 +27,7 @@ use crate::hidden::Hidden;
 use crate::near::NearBlock;
 use crate::site::SiteInsn;
 use crate::write::Writer;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 /// The springboards made so far.
 #[derive(Debug, Default)]

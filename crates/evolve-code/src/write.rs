@@ -6,25 +6,43 @@
 //! new ones it executes a torn instruction and the process dies, or worse, jumps somewhere
 //! plausible. Cores may also run stale bytes they fetched before the write (cross-modifying code).
 //!
-//! # The protocol
+//! # The invariant
 //!
-//! All writes happen under one global lock ([`WRITER`]), in batches ([`Batch`]). A batch is
-//! validated completely before the first byte changes; then:
+//! *At every instant, every thread that fetches a registered site executes either the whole
+//! old instruction, the whole new instruction, or an `int3` whose trap slot makes the handler
+//! run one of them.* The writer establishes it, one batch at a time, under the write lock
+//! ([`WRITER`]); the `SIGTRAP` handler ([`crate::sys::trap`]) relies on it. A batch is validated
+//! completely (registered sites, expected instructions, reachable targets, bytes as the engine
+//! left them) before its first byte changes.
 //!
-//! 1. **Permissions.** Every page holding a site of the batch is made `rwx` (never writable
-//!    without exec: a thread executing there must not fault), contiguous pages in one `mprotect`,
-//!    and restored to its original protection after the batch. If the kernel forbids writable
-//!    executable pages (W^X policies), the engine writes through `/proc/self/mem` instead, as a
-//!    debugger does, and uses only the int3 path (those writes are not guaranteed atomic).
-//! 2. **Aligned sites** — the 5 bytes lie in one naturally aligned 8-byte word — change with one
-//!    atomic 8-byte store of the whole word (read-modify-write; only the writer stores to code,
-//!    under the lock). A fetch sees the old or the new instruction, never a mix.
-//! 3. **Other sites** follow the kernel's `text_poke_bp`: arm the trap table with the new bytes
-//!    (see [`crate::sys::trap`]), write `int3` on the first byte of every such site, sync cores;
-//!    write bytes 1..4, sync cores; write the first byte, (sync cores: step 4). A thread that
-//!    reaches a site meanwhile traps and the handler emulates the new instruction.
-//! 4. **Sync cores** once more ([`crate::sys::membarrier`]): every thread now executes the new
-//!    bytes. Only then are the trap slots disarmed and springboards no longer in use considered.
+//! # The protocol, and why each step is there
+//!
+//! 1. **Springboards** the batch needs are written first, in a window of their own, and synced
+//!    to every core ([`crate::springboard`]): fresh code must be visible before a site branches
+//!    to it.
+//! 2. **Window.** Every page holding a site becomes `rwx` — never writable without exec: a thread
+//!    executing there must not fault — with one `mprotect` per run of pages of one mapping
+//!    ([`window`]). Where the kernel forbids writable code, writes go through `/proc/self/mem`
+//!    instead and every site takes the int3 path (those writes are not single stores).
+//! 3. **Int3 sites** (not inside one aligned 8-byte word), the kernel's `text_poke_bp`: insert
+//!    their keys in the trap table, begin a write epoch, arm every slot with the new instruction
+//!    (so that a trap finds it), store `int3` on every first byte with `Release` (so that a
+//!    handler that reads the `int3` sees the armed slot), **sync cores** (no core still runs the
+//!    old first byte with a new tail), write every tail, **sync cores** (no core runs the new
+//!    first byte with an old tail), store every new first byte with `Release`.
+//! 4. **Aligned sites**: one atomic 8-byte store of the whole word (read-modify-write; only the
+//!    writer stores to code, under the lock). A fetch sees the old or the new instruction.
+//! 5. **Sync cores** once more: every thread now executes the new bytes. Only then are the slots
+//!    disarmed (`Release`: a handler that reads "disarmed" sees the new first byte) and the
+//!    epoch ended (`Release`: a handler that reads the even epoch sees every byte as left). The
+//!    handler's side of these orderings, and a loom model of them, are in
+//!    [`crate::sys::trap::slots`].
+//! 6. The engine records the new bytes, then closes the window (protections back).
+//!
+//! "Sync cores" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`
+//! ([`crate::sys::membarrier`]): every core running a thread of the process executes a
+//! serializing instruction, and threads not running do so before they next run. Code bytes are
+//! only ever accessed as atomics ([`crate::sys::memory`]).
 //!
 //! A batch therefore costs one core sync if all its sites are aligned, three otherwise, plus two
 //! `mprotect` calls per run of contiguous pages: cheap enough to retarget thousands of sites at
@@ -35,9 +53,23 @@
 //!
 //! # Failure
 //!
-//! Nothing is written until every edit is validated (registered site, expected instruction
-//! present, target reachable, bytes in memory as the engine left them) and every page is
-//! writable. A failure before that point leaves the process exactly as it was.
+//! A batch either completes or leaves the process exactly as it was: bytes, page protections,
+//! trap table. A failure before step 3 (validation, springboards, opening the window) changes
+//! no site. A failure or panic during steps 3-5 (an `mprotect`, a `/proc/self/mem` write or a
+//! `membarrier` that fails) is undone by the batch's [`transaction`], in the protocol's reverse
+//! order and inside the same write epoch; the window, a guard, puts every protection back on
+//! every exit path. A failing `mprotect` that *restores* a protection is retried, and the batch
+//! stands (its bytes were written and recorded before the window closes). The fault-injection
+//! tests (`tests/failed_writes*.rs`) fail each of these calls in turn, for every call a batch
+//! makes, under calling threads.
+//!
+//! # The safe boundary
+//!
+//! Retargeting a [`PatchSite`] or adding a raw edit to a [`Batch`] is `unsafe`: the caller
+//! vouches that the new instruction suits every thread that executes the site. The typed sites
+//! check it instead and are safe: [`crate::FnSite`] (targets of its type `F`),
+//! [`crate::stub::Stub`] (code with its fingerprint), [`crate::callsite::DirectCalls`] (functions
+//! of its type). Restoring a site's original bytes is always safe.
 //!
 //! # Knobs
 //!
@@ -47,9 +79,9 @@
 //!
 //! # Safety
 //!
-//! The unsafe blocks here read and write site bytes. Sites are mapped while registered
-//! (the contract of [`PatchSite::register`]); writes happen only inside a [`Window`] that made
-//! the pages writable, under the write lock, in the order the protocol above requires.
+//! The unsafe blocks here read site bytes and trampoline slots. Sites are mapped while
+//! registered (the contract of [`PatchSite::register`]); writes happen only inside a
+//! [`window`] that made the pages writable, under the write lock, in the order above.
 #![allow(unsafe_code)]
 
 mod transaction;
@@ -62,10 +94,10 @@ use crate::site::{PatchSite, SiteInsn};
 use crate::springboard::Springboards;
 use crate::sys::memory::{self, Protection};
 use crate::sys::{membarrier, trap::TrapSites};
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use transaction::{take_undo_failure, SiteWrite, Transaction};
 use std::sync::{Mutex, MutexGuard};
+use transaction::{take_undo_failure, SiteWrite, Transaction};
 
 /// How a batch writes its sites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +110,10 @@ pub enum WritePath {
 }
 
 /// The engine's state, all of it behind the write lock.
+///
+/// Its maps are keyed by addresses and hashed with FxHash (a multiply): a batch of 80 sites
+/// makes hundreds of lookups, and SipHash's resistance to chosen keys buys nothing for code
+/// addresses the engine itself registered.
 pub(crate) struct Writer {
     /// Keyed by hidden address (see [`crate::hidden`]): reclamation scans must not see them.
     sites: HashMap<Hidden, SiteState>,
@@ -126,14 +162,14 @@ pub(crate) fn lock() -> WriterGuard {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if guard.is_none() {
         *guard = Some(Writer {
-            sites: HashMap::new(),
+            sites: HashMap::default(),
             traps: TrapSites::new(),
-            protections: HashMap::new(),
+            protections: HashMap::default(),
             springboards: Springboards::default(),
             via_proc_mem: std::env::var_os("EVOLVE_WRITE_VIA_PROC_MEM").is_some(),
             executable: Vec::new(),
-            interposed: HashMap::new(),
-            follows: HashMap::new(),
+            interposed: HashMap::default(),
+            follows: HashMap::default(),
         });
     }
     WriterGuard(guard)
@@ -577,7 +613,7 @@ impl Writer {
 
     fn plan(&mut self, edits: &[Edit]) -> Result<(Vec<Planned>, usize)> {
         // Hidden: the set is freed after planning (see `crate::hidden`).
-        let mut seen = HashSet::with_capacity(edits.len());
+        let mut seen = HashSet::with_capacity_and_hasher(edits.len(), Default::default());
         let mut planned = Vec::with_capacity(edits.len());
         let mut unchanged = 0;
         for edit in edits {

@@ -22,7 +22,10 @@ fn a_batch_whose_nth_mprotect_fails_leaves_bytes_protections_and_traps_as_they_w
     let _serial = serial();
     let (failed, completed) = matrix(Syscall::Mprotect, Failure::Error);
     // Opening a window fails the batch; a failed restore is retried and the batch completes.
-    assert!(failed > 0 && completed > 0, "{failed} failed, {completed} completed");
+    assert!(
+        failed > 0 && completed > 0,
+        "{failed} failed, {completed} completed"
+    );
 }
 
 #[test]

@@ -99,6 +99,9 @@ fn an_int3_at_a_site_with_no_write_in_flight_reaches_the_programs_handler_instea
         "the call never returned: the engine's handler kept the foreign trap"
     );
     assert_eq!(PROGRAM_HANDLER_HITS.load(Ordering::SeqCst), 1);
-    assert_eq!(evolve_code::write::trap_counts().foreign, foreign_before + 1);
+    assert_eq!(
+        evolve_code::write::trap_counts().foreign,
+        foreign_before + 1
+    );
     assert_eq!(evolve_test_foreign_int3_site(), 1);
 }

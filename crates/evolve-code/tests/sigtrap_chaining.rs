@@ -42,12 +42,18 @@ fn foreign_breakpoint() {
 }
 
 fn int3_stress(site: &FnSite<F>) {
-    let (_, rounds) = hammer(&[site.entry()], threads(), 20_000, Duration::from_secs(10), |i| {
-        let (from, to) = flip_fns(i);
-        let mut batch = Batch::new();
-        site.retarget_in(batch.path(WritePath::Int3), from, to);
-        batch.apply().unwrap();
-    });
+    let (_, rounds) = hammer(
+        &[site.entry()],
+        threads(),
+        20_000,
+        Duration::from_secs(10),
+        |i| {
+            let (from, to) = flip_fns(i);
+            let mut batch = Batch::new();
+            site.retarget_in(batch.path(WritePath::Int3), from, to);
+            batch.apply().unwrap();
+        },
+    );
     assert!(rounds >= 1000);
 }
 

@@ -43,5 +43,6 @@ pub use safepoint::safe_point;
 #[doc(hidden)]
 pub mod __private {
     pub use evolve_code::stub::{StubEntry, STUBS};
+    pub use evolve_code::InteriorMutable;
     pub use linkme;
 }

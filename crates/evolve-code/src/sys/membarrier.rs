@@ -67,7 +67,10 @@ pub fn ensure_registered() -> Result<()> {
 pub fn sync_cores() -> Result<()> {
     ensure_registered()?;
     #[cfg(feature = "fault-injection")]
-    crate::sys::inject::check(crate::sys::inject::Syscall::Membarrier, "membarrier sync-core")?;
+    crate::sys::inject::check(
+        crate::sys::inject::Syscall::Membarrier,
+        "membarrier sync-core",
+    )?;
     if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {
         return Err(Error::last_os("membarrier sync-core"));
     }

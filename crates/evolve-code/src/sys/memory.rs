@@ -313,7 +313,10 @@ pub unsafe fn store_in_word(addr: usize, bytes: &[u8]) {
 pub unsafe fn write_via_proc_mem(addr: usize, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     #[cfg(feature = "fault-injection")]
-    crate::sys::inject::check(crate::sys::inject::Syscall::ProcMemWrite, "write /proc/self/mem")?;
+    crate::sys::inject::check(
+        crate::sys::inject::Syscall::ProcMemWrite,
+        "write /proc/self/mem",
+    )?;
     static FILE: std::sync::OnceLock<std::io::Result<std::fs::File>> = std::sync::OnceLock::new();
     let file = FILE
         .get_or_init(|| {

@@ -348,4 +348,3 @@ unsafe fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut l
     }
     CHAINING.with(|c| c.set(false));
 }
-

@@ -23,8 +23,8 @@ use super::Writer;
 use crate::arch::SITE_LEN;
 use crate::error::{ErrorKind, Result};
 use crate::hidden::Hidden;
-use crate::sys::memory::{self, Protection};
 use crate::sys::membarrier;
+use crate::sys::memory::{self, Protection};
 use std::ops::Range;
 
 /// How often a failing `mprotect` that restores a protection is tried.

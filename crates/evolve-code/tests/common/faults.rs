@@ -75,11 +75,19 @@ impl Mixed {
             s.retarget_in(&mut batch, one, two);
         }
         for &s in &self.calls {
-            let (from, to) = (SiteInsn::Call(one as F as usize), SiteInsn::Call(two as F as usize));
+            let (from, to) = (
+                SiteInsn::Call(one as F as usize),
+                SiteInsn::Call(two as F as usize),
+            );
             retarget_in(&mut batch, s, from, to);
         }
         for &s in &self.nops {
-            retarget_in(&mut batch, s, SiteInsn::Call(two as F as usize), SiteInsn::Nop);
+            retarget_in(
+                &mut batch,
+                s,
+                SiteInsn::Call(two as F as usize),
+                SiteInsn::Nop,
+            );
         }
         self.far_site.retarget_in(&mut batch, one, far);
         batch
@@ -186,7 +194,10 @@ pub fn matrix(syscall: Syscall, failure: Failure) -> (u64, u64) {
                     let after = mixed.observe();
                     assert_eq!(after.protections, before.protections, "n = {n}");
                     assert_eq!(after.traps, before.traps, "n = {n}");
-                    assert!(after.insns.iter().all(|i| *i != SiteInsn::Jmp(one as F as usize)));
+                    assert!(after
+                        .insns
+                        .iter()
+                        .all(|i| *i != SiteInsn::Jmp(one as F as usize)));
                     mixed.backward().apply().unwrap();
                 }
                 Ok(Err(e)) => {
@@ -205,7 +216,10 @@ pub fn matrix(syscall: Syscall, failure: Failure) -> (u64, u64) {
                         // The panic came after every byte was written (closing the window):
                         // the batch is complete and recorded.
                         completed += 1;
-                        assert!(after.insns.iter().all(|i| *i != SiteInsn::Jmp(one as F as usize)));
+                        assert!(after
+                            .insns
+                            .iter()
+                            .all(|i| *i != SiteInsn::Jmp(one as F as usize)));
                         mixed.backward().apply().unwrap();
                     }
                 }

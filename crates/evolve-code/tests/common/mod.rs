@@ -86,7 +86,14 @@ pub fn hammer(
     limit: Duration,
     retarget: impl FnMut(usize),
 ) -> (u64, usize) {
-    hammer_checked(entries, threads, rounds, limit, |r| r == 1 || r == 2, retarget)
+    hammer_checked(
+        entries,
+        threads,
+        rounds,
+        limit,
+        |r| r == 1 || r == 2,
+        retarget,
+    )
 }
 
 /// [`hammer`], with the results a call may return decided by `valid`.
@@ -139,7 +146,11 @@ pub fn hammer_checked(
         }
         stop.store(true, Ordering::Relaxed);
     });
-    assert_eq!(bad.load(Ordering::Relaxed), 0, "calls returned a wrong result");
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "calls returned a wrong result"
+    );
     (calls.load(Ordering::Relaxed), done)
 }
 
@@ -175,7 +186,11 @@ pub fn retarget_in(batch: &mut Batch, site: PatchSite, from: SiteInsn, to: SiteI
 }
 
 /// `retarget_in` as a batch of its own.
-pub fn retarget(site: PatchSite, from: SiteInsn, to: SiteInsn) -> evolve_code::Result<evolve_code::BatchReport> {
+pub fn retarget(
+    site: PatchSite,
+    from: SiteInsn,
+    to: SiteInsn,
+) -> evolve_code::Result<evolve_code::BatchReport> {
     let mut batch = Batch::new();
     retarget_in(&mut batch, site, from, to);
     batch.apply()

@@ -180,8 +180,9 @@ impl WriteEpoch {
         WriteEpoch(AtomicU64::new(0))
     }
 
-    /// Epoch 0: no write in flight (loom's atomics are not `const`).
+    /// Epoch 0: no write in flight (loom's atomics are not `const`; only the model makes one).
     #[cfg(loom)]
+    #[allow(dead_code)]
     pub(crate) fn new() -> WriteEpoch {
         WriteEpoch(AtomicU64::new(0))
     }
@@ -331,7 +332,10 @@ mod loom_tests {
     /// rewind (onto a whole instruction) or the emulation of a pending instruction; never "not
     /// ours".
     fn trap(s: &Shared) -> Resolution {
-        let slot = s.table.find(SITE).expect("a trapped site's key is published first");
+        let slot = s
+            .table
+            .find(SITE)
+            .expect("a trapped site's key is published first");
         resolve(
             slot,
             &s.epoch,
