@@ -17,6 +17,7 @@
 //!
 //! Generic, `async` and `const` functions, trait impls and C-variadic functions are refused with
 //! an error that says what to do instead.
+#![forbid(unsafe_code)]
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};

@@ -27,6 +27,7 @@
 //! println!("updated {:?} in {:.2} ms", report.updated, report.total_ms);
 //! # Ok::<(), evolve::hot::Error>(())
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod builder;
 mod error;

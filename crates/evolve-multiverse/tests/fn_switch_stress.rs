@@ -40,7 +40,7 @@ fn ten_thousand_commits_while_threads_call() {
     let entry = STEP.entry().0;
     let start = Instant::now();
     let threads = evolve_testkit::stress_threads() as u64;
-    let mut cycles = 0;
+    let mut cycles = 0usize;
     std::thread::scope(|s| {
         for t in 0..threads {
             let (stop, calls) = (&stop, &calls);
@@ -67,7 +67,7 @@ fn ten_thousand_commits_while_threads_call() {
             mv::commit_refs(&STEP).unwrap();
             assert!(STEP.is_committed());
             STEP.set(FUNCTIONS[(i + 1) % 3]);
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 mv::commit_refs(&STEP).unwrap();
             }
             mv::revert_refs(&STEP).unwrap();

@@ -35,7 +35,7 @@ fn ten_thousand_commits_while_threads_call() {
     let pointer: extern "C-unwind" fn(u64) -> u64 = std::hint::black_box(transform);
     let threads = evolve_testkit::stress_threads() as u64;
     let start = std::time::Instant::now();
-    let mut cycles = 0;
+    let mut cycles = 0u32;
     std::thread::scope(|s| {
         for t in 0..threads {
             let (stop, calls) = (&stop, &calls);

@@ -18,6 +18,7 @@
 //! let ready = lines.next(std::time::Duration::from_secs(60));
 //! # Ok::<(), std::io::Error>(())
 //! ```
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
