@@ -96,7 +96,6 @@ use crate::sys::memory::{self, Protection};
 use crate::sys::{membarrier, trap::TrapSites};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use transaction::{take_undo_failure, SiteWrite, Transaction};
 
 /// How a batch writes its sites.
@@ -152,14 +151,17 @@ struct SiteState {
     bytes: [u8; SITE_LEN],
 }
 
-static WRITER: Mutex<Option<Writer>> = Mutex::new(None);
+/// The write lock. `parking_lot`'s mutex, for its eventual fairness: with more threads than
+/// cores, `std`'s mutex let a writer that releases and retakes the lock in a loop win every
+/// time, while a waiter woken on the futex was still waiting for a CPU — one writer made 1
+/// batch in 20 s while others made thousands (`EVOLVE_STRESS_THREADS=32`, `live_writes`).
+/// `parking_lot` hands the lock to the longest waiter whenever it has waited over 0.5 ms.
+static WRITER: parking_lot::Mutex<Option<Writer>> = parking_lot::const_mutex(None);
 static DEFAULT_PATH: AtomicU8 = AtomicU8::new(0);
 
 /// The write lock, with the engine state created on first use.
 pub(crate) fn lock() -> WriterGuard {
-    let mut guard = WRITER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard = WRITER.lock();
     if guard.is_none() {
         *guard = Some(Writer {
             sites: HashMap::default(),
@@ -176,7 +178,7 @@ pub(crate) fn lock() -> WriterGuard {
 }
 
 /// Holds the write lock.
-pub(crate) struct WriterGuard(MutexGuard<'static, Option<Writer>>);
+pub(crate) struct WriterGuard(parking_lot::MutexGuard<'static, Option<Writer>>);
 
 impl std::ops::Deref for WriterGuard {
     type Target = Writer;
