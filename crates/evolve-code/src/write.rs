@@ -824,32 +824,39 @@ impl Writer {
         path: WritePath,
         report: &mut BatchReport,
     ) -> Result<Option<window::Window>> {
-        let writes: Vec<SiteWrite> = planned
-            .iter()
-            .filter(|p| p.write_bytes)
-            .map(|p| SiteWrite {
+        let to_write = || planned.iter().filter(|p| p.write_bytes);
+        if to_write().next().is_none() {
+            return Ok(None);
+        }
+        let window = self.open_window(to_write().map(|p| p.site))?;
+        report.mprotects += window.runs();
+        let atomic = path == WritePath::Auto && !window.via_proc_mem();
+        let stores = |site: usize| atomic && site % 8 + SITE_LEN <= 8;
+        if to_write().any(|p| !stores(p.site)) {
+            crate::sys::trap::install()?;
+        }
+        // Plain addresses: sized once (a growing vector would leave stale copies in freed
+        // memory) and scrubbed below (see `crate::hidden`).
+        let (mut stored, mut trapped) = (
+            Vec::with_capacity(planned.len()),
+            Vec::with_capacity(planned.len()),
+        );
+        for p in to_write() {
+            let write = SiteWrite {
                 site: p.site,
                 old: self.sites[&Hidden::new(p.site)].bytes,
                 new: p.bytes,
                 emulate: p.bytes,
-            })
-            .collect();
-        if writes.is_empty() {
-            return Ok(None);
-        }
-        let window = self.open_window(writes.iter().map(|w| w.site))?;
-        report.mprotects += window.runs();
-        let atomic = path == WritePath::Auto && !window.via_proc_mem();
-        let (stored, trapped): (Vec<SiteWrite>, Vec<SiteWrite>) = writes
-            .iter()
-            .partition(|w| atomic && w.site % 8 + SITE_LEN <= 8);
-        crate::hidden::scrub_plain(writes);
-        if !trapped.is_empty() {
-            crate::sys::trap::install()?;
-            // Keys before the write begins: the table may grow, which it must not while armed.
-            for w in &trapped {
-                self.traps.insert(w.site);
+            };
+            if stores(p.site) {
+                stored.push(write);
+            } else {
+                trapped.push(write);
             }
+        }
+        // Keys before the write begins: the table may grow, which it must not while armed.
+        for w in &trapped {
+            self.traps.insert(w.site);
         }
         let result = Transaction::new(&window, &mut self.traps, &trapped, &stored).run();
         report.stored = stored.len();
