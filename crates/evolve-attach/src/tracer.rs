@@ -437,17 +437,11 @@ fn borrow(pid: u32, seized: &[Pid], maps: &[Mapping], stops: &mut Stops) -> Resu
             let mut at_signal_stop = false;
             // The first stop may be a signal that was already on its way; hold it back and
             // wait for the interrupt's own stop.
-            loop {
-                match wait_stop(pid, tid, Instant::now() + CALL_TIMEOUT)? {
-                    Stop::Event => break,
-                    Stop::Signal(_) => {
-                        if let Ok(info) = ptrace::getsiginfo(tid) {
-                            held.push(info);
-                        }
-                        at_signal_stop = true;
-                        break;
-                    }
+            if let Stop::Signal(_) = wait_stop(pid, tid, Instant::now() + CALL_TIMEOUT)? {
+                if let Ok(info) = ptrace::getsiginfo(tid) {
+                    held.push(info);
                 }
+                at_signal_stop = true;
             }
             let regs = ptrace::getregs(tid).map_err(|e| gone_or(pid, e, "PTRACE_GETREGS"))?;
             match safe_point(&regs, maps) {

@@ -138,6 +138,13 @@ pub enum ErrorKind {
         /// What was wrong with it.
         reason: String,
     },
+    /// A write failed part-way and the engine could not put everything back, because the kernel
+    /// kept refusing the calls that undo it: the reason names the pages left writable or the
+    /// sites left to the trap handler (which keeps running their old instruction).
+    Incomplete {
+        /// What was left, and the system call that kept failing.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -237,6 +244,7 @@ impl fmt::Display for Error {
                 std::io::Error::from_raw_os_error(*errno)
             ),
             ErrorKind::Unsupported { what } => write!(f, "unsupported: {what}"),
+            ErrorKind::Incomplete { reason } => write!(f, "write left incomplete: {reason}"),
             ErrorKind::Image { path, reason } => write!(f, "cannot read image {path}: {reason}"),
             ErrorKind::UnsafeObject { path, reason } => {
                 write!(f, "refusing to load {path}: {reason}; nothing was loaded")

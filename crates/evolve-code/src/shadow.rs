@@ -429,7 +429,8 @@ fn new_block() -> Option<Block> {
     code.extend((evolve_shadow_exit_common as *const () as u64).to_le_bytes());
     // SAFETY: a fresh private read-write mapping of `len` bytes; nobody executes it yet.
     unsafe { memory::write(stubs, &code) };
-    memory::mprotect(stubs..stubs + len, Protection::READ_EXEC).ok()?;
+    // SAFETY: the fresh mapping becomes executable code, which nobody has used yet.
+    unsafe { memory::mprotect(stubs..stubs + len, Protection::READ_EXEC) }.ok()?;
     let frames = Box::into_raw(Box::new([EMPTY; DEPTH]));
     // Registered for the life of the process: blocks are pooled, never unmapped.
     std::mem::forget(unwind::register(eh_frame(stubs, frames)));

@@ -27,6 +27,7 @@
 //! println!("updated {:?} in {:.2} ms", report.updated, report.total_ms);
 //! # Ok::<(), evolve::hot::Error>(())
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod builder;
 mod error;
@@ -43,5 +44,6 @@ pub use safepoint::safe_point;
 #[doc(hidden)]
 pub mod __private {
     pub use evolve_code::stub::{StubEntry, STUBS};
+    pub use evolve_code::InteriorMutable;
     pub use linkme;
 }

@@ -331,8 +331,8 @@ struct Plan {
     /// (entry, patch fingerprint, via adaptor)
     changes: Vec<(&'static StubEntry, u64, bool)>,
     added: Vec<String>,
-    /// (transfer symbol, address of the program's old static)
-    transfers: Vec<(String, usize)>,
+    /// (transfer symbol, the program's old static's symbol)
+    transfers: Vec<(String, String)>,
 }
 
 fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
@@ -368,16 +368,16 @@ fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
                 patch: changed.patch,
             }));
         }
-        let old = evolve_code::inspect::executable()?
+        if evolve_code::inspect::executable()?
             .symbol_by_name(&changed.running_symbol)
-            .ok_or_else(|| {
-                Error::new(ErrorKind::Corrupt {
-                    path: path.display().to_string(),
-                    reason: format!("the program has no static {}", changed.running_symbol),
-                })
-            })?
-            .address;
-        transfers.push((symbol, old));
+            .is_none()
+        {
+            return Err(Error::new(ErrorKind::Corrupt {
+                path: path.display().to_string(),
+                reason: format!("the program has no static {}", changed.running_symbol),
+            }));
+        }
+        transfers.push((symbol, changed.running_symbol.clone()));
     }
     let corrupt = |reason: String| {
         Error::new(ErrorKind::Corrupt {
@@ -519,7 +519,7 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
             // State transfer runs with every safe-point thread held, right before the switch.
             crate::safepoint::at_safe_point(options.safe_point_timeout, || {
                 for (symbol, old) in &plan.transfers {
-                    object.run_transfer(symbol, *old)?;
+                    object.transfer_static(symbol, old)?;
                 }
                 batch.apply().map_err(Error::from)
             })??;

@@ -574,7 +574,7 @@ fn attach(
             slow: slow.clone(),
             on_entry: Arc::new(move |e: &mut Entry<'_>| list.read(|l| l.on_entry(e))),
         };
-        let detour = Detour::install(address, size, hooks)?;
+        let detour = Detour::install_at_function(address, size, hooks)?;
         slot.insert(Point {
             detour,
             counter,

@@ -11,6 +11,7 @@ use evolve_probes::{add, read, remove, ProbeKind};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// The probed function: never inlined, so every call goes through its patched entry.
 #[inline(never)]
 pub fn reclamation_target(x: u64, y: u64) -> u64 {
     black_box(x).wrapping_mul(y | 1).rotate_left(11) ^ y
@@ -39,7 +40,7 @@ fn ten_thousand_add_remove_cycles_free_probe_lists_and_latency_sinks() {
     let stop = AtomicBool::new(false);
     let f = black_box(reclamation_target as fn(u64, u64) -> u64);
     let cycle = |i: u64| {
-        let kind = if i % 2 == 0 {
+        let kind = if i.is_multiple_of(2) {
             ProbeKind::Latency
         } else {
             ProbeKind::Histogram { arg: 1 }
@@ -56,7 +57,7 @@ fn ten_thousand_add_remove_cycles_free_probe_lists_and_latency_sinks() {
                 while !stop.load(Ordering::Relaxed) {
                     black_box(f(i, t));
                     i += 1;
-                    if i % 256 == 0 {
+                    if i.is_multiple_of(256) {
                         // More threads than cores: let the cycling thread run too.
                         std::thread::yield_now();
                     }

@@ -1,6 +1,7 @@
-//! Test support shared by the end-to-end tests of the hot-update layer and of the CLI: a fixture
-//! workspace copied to a scratch directory and built there (so tests can edit its source and
-//! build patches against its running host without touching the repository), and a host
+//! Test support shared by the workspace's tests: the number of calling threads of every stress
+//! test ([`stress_threads`]); for the end-to-end tests of the hot-update layer and of the CLI, a
+//! fixture workspace copied to a scratch directory and built there (so tests can edit its source
+//! and build patches against its running host without touching the repository), and a host
 //! process's output read line by line with timeouts.
 //!
 //! ```no_run
@@ -17,12 +18,34 @@
 //! let ready = lines.next(std::time::Duration::from_secs(60));
 //! # Ok::<(), std::io::Error>(())
 //! ```
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
+
+/// The number of threads a stress test runs calls on: `EVOLVE_STRESS_THREADS` (default 4).
+///
+/// Every stress test of the workspace reads it here, so one variable oversubscribes them all
+/// (`EVOLVE_STRESS_THREADS=32 cargo test --release`): more threads than cores is where
+/// preemption lands in the middle of a write. A value that is not a positive number is refused
+/// loudly rather than silently replaced.
+///
+/// ```
+/// assert!(evolve_testkit::stress_threads() >= 1);
+/// ```
+pub fn stress_threads() -> usize {
+    const DEFAULT: usize = 4;
+    match std::env::var("EVOLVE_STRESS_THREADS") {
+        Err(_) => DEFAULT,
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("EVOLVE_STRESS_THREADS={text:?}: expected a number of threads (>= 1)"),
+        },
+    }
+}
 
 /// The repository's root.
 pub fn repository() -> PathBuf {

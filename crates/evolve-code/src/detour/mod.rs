@@ -72,6 +72,7 @@
 //! trampolines only under the check above.
 #![allow(unsafe_code)]
 
+mod checked;
 mod prologue;
 mod trampoline;
 
@@ -410,24 +411,13 @@ impl Detour {
     /// [`ErrorKind::Unrelocatable`] with the reason; [`ErrorKind::InvalidArgument`] if the
     /// function is already detoured or holds a registered patch site in its prologue.
     ///
-    /// # Example
-    /// ```
-    /// use std::sync::{Arc, atomic::AtomicBool};
-    /// #[inline(never)]
-    /// extern "C" fn f(x: u64) -> u64 { std::hint::black_box(x).wrapping_mul(0x9e37_79b9) ^ x >> 7 }
-    /// let sym = evolve_code::inspect::executable().unwrap().function_containing(f as usize).unwrap().clone();
-    /// let hooks = evolve_code::DetourHooks {
-    ///     counter: Arc::new(evolve_code::Counter::new()),
-    ///     slow: Arc::new(AtomicBool::new(false)),
-    ///     on_entry: Arc::new(|_| {}),
-    /// };
-    /// let d = evolve_code::Detour::install(sym.address, sym.size, hooks.clone()).unwrap();
-    /// let g: extern "C" fn(u64) -> u64 = std::hint::black_box(f);
-    /// assert_eq!(g(5), 5u64.wrapping_mul(0x9e37_79b9) ^ 0);
-    /// assert_eq!(hooks.counter.get(), 1);
-    /// d.remove().unwrap();
-    /// ```
-    pub fn install(function: usize, size: usize, hooks: DetourHooks) -> Result<Detour> {
+    /// # Safety
+    ///
+    /// `function..function + size` must be one whole function of mapped code (its entry and
+    /// its extent, as its symbol says), or a registered jump stub (`size` = 5): the prologue's
+    /// relocation and the check that no branch lands inside it both rely on it. The safe
+    /// [`Detour::install_at_function`] checks this against the symbol tables.
+    pub unsafe fn install(function: usize, size: usize, hooks: DetourHooks) -> Result<Detour> {
         let prologue = if decoded(function, size)?.is_none() {
             None
         } else {

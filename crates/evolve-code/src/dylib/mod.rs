@@ -24,6 +24,18 @@
 //! A loaded object is never unloaded implicitly (dropping a [`PatchObject`] keeps it mapped):
 //! threads may still run its code. Unloading belongs to reclamation, which proves no thread can.
 //!
+//! # What the safe API assumes
+//!
+//! Opening runs none of the object's code (no initializers; the loader checks are this
+//! module's job). Its code runs later, through [`Code`] and [`Stub`] values whose fingerprints
+//! come from its symbol names, and through [`PatchObject::transfer_static`], which finds the
+//! program's static itself: nothing here takes a raw address to run code on. What remains
+//! assumed is the file's provenance — that a file whose manifest the hot layer verified
+//! against this program (build id, toolchain, fingerprints) was made by Evolve's builder from
+//! Rust source, so its `__evolve_*` symbols are what the macros emitted. Whoever can name the
+//! file to the agent (the process's own user, peer credentials checked) can already replace
+//! the executable; signatures (the fleet's ed25519) authenticate files from elsewhere.
+//!
 //! # Safety
 //!
 //! `dlopen` of an object with no initializers, no IFUNC of its own and only libraries that are
@@ -31,6 +43,7 @@
 //! is not an IFUNC only looks up an address. The memfd is sealed before `dlopen`, so the bytes
 //! mapped are the bytes checked. Stubs found in a patch are registered as patch sites under the
 //! same contract as stubs of the program (they were emitted by the same macro).
+//! [`PatchObject::run_transfer`] is `unsafe`: its caller vouches for the static's address.
 #![allow(unsafe_code)]
 
 pub mod file;
@@ -425,12 +438,52 @@ impl PatchObject {
         Ok(Code::new(address, fingerprint))
     }
 
+    /// Runs the patch's state-transfer function `symbol` (named `__evolve_transfer_…__NAME` by
+    /// `#[evolve::transfer(NAME)]`) on the program's static `program_static` (its symbol in the
+    /// executable, as the patch's manifest names it).
+    ///
+    /// The engine finds the static itself: a data symbol of the executable, in writable memory,
+    /// whose name ends in the `NAME` the transfer was generated for.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Image`] if the static is missing, not a writable data object, or not the
+    /// one the transfer names; if `symbol` is not a transfer function of the patch.
+    pub fn transfer_static(&self, symbol: &str, program_static: &str) -> Result<()> {
+        let exe = crate::inspect::executable()?;
+        let Some(old) = exe
+            .symbol_by_name(program_static)
+            .filter(|s| s.kind == crate::inspect::SymbolKind::Object)
+        else {
+            return Err(image_error(
+                &self.path,
+                format!("the program has no static {program_static}"),
+            ));
+        };
+        let name = old.demangled.rsplit("::").next().unwrap_or(&old.demangled);
+        if !symbol.ends_with(&format!("__{name}")) {
+            return Err(image_error(
+                &self.path,
+                format!(
+                    "{symbol} does not convert the program's static {}",
+                    old.demangled
+                ),
+            ));
+        }
+        // SAFETY: `old` is the program's instance of the static named by the transfer, found in
+        // the executable's symbol table; the transfer was generated for that static by
+        // `#[evolve::transfer]` in the patch (its manifest was verified against this program).
+        unsafe { self.run_transfer(symbol, old.address) }
+    }
+
     /// Runs the patch's state-transfer function `symbol` (named `__evolve_transfer_…` by
     /// `#[evolve::transfer]`) on the program's static at `old`.
     ///
-    /// `old` must be the address of a static of the running program, found by its symbol; the
-    /// engine checks that it lies in writable memory of the program's image.
-    pub fn run_transfer(&self, symbol: &str, old: usize) -> Result<()> {
+    /// # Safety
+    ///
+    /// `old` must be the address of the running program's instance of the static the transfer
+    /// was generated for (same old type); [`PatchObject::transfer_static`] finds it by name.
+    /// The engine still checks that it lies in writable memory.
+    pub unsafe fn run_transfer(&self, symbol: &str, old: usize) -> Result<()> {
         if !symbol.starts_with("__evolve_transfer_") {
             return Err(image_error(
                 &self.path,
@@ -453,7 +506,8 @@ impl PatchObject {
             ));
         }
         // SAFETY: `#[evolve::transfer]` emits `__evolve_transfer_*` functions with exactly this
-        // signature; `old` is the program's instance of the static (checked writable, so mapped).
+        // signature; `old` is the program's instance of the static (caller; checked writable,
+        // so mapped).
         (*function)(old as *const u8);
         Ok(())
     }
