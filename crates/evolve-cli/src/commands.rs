@@ -443,7 +443,7 @@ fn show_committed(what: &str, c: &Committed) {
 }
 
 fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
-    use evolve_hot::builder::{build_patch, Base, BuildOptions};
+    use evolve_builder::so::{build_patch, Base, BuildOptions};
     let base = match (o.base, o.pid) {
         (Some(path), None) => Base::Path(path),
         (None, Some(pid)) => {

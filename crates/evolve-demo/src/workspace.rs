@@ -7,7 +7,7 @@
 //! versions). All copies share one cargo target directory, so dependencies compile once.
 
 use anyhow::{anyhow, bail, Context, Result};
-use evolve_hot::builder::{build_patch, Base, BuildOptions, BuildReport};
+use evolve_builder::so::{build_patch, Base, BuildOptions, BuildReport};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
