@@ -383,6 +383,12 @@ impl<'p> Comparator<'p> {
                         readable(&object.symbols[s].name)
                     ))
                 }
+                Some(s) if object.symbols[s].is_static() => {
+                    return Err(format!(
+                        "uses the static {}, which the program does not have",
+                        readable(&object.symbols[s].name)
+                    ))
+                }
                 _ if object.sections[section].is_merge() => {
                     return self.data(
                         object,
@@ -429,6 +435,10 @@ impl<'p> Comparator<'p> {
             },
             Some(section) if object.sections[section].is_text() => Err(format!(
                 "calls {}, which the program does not have",
+                readable(name)
+            )),
+            Some(_) if target.is_static() => Err(format!(
+                "uses the static {}, which the program does not have",
                 readable(name)
             )),
             Some(section) => self.data(object, section, target.value, address),
@@ -658,7 +668,8 @@ impl<'p> Comparator<'p> {
         let named = |index: usize| {
             let s = &object.symbols[index];
             let name = program_name(&s.name);
-            (s.is_function() || !s.is_local() || self.program.defines(&name)).then_some(name)
+            (s.is_function() || s.is_static() || !s.is_local() || self.program.defines(&name))
+                .then_some(name)
         };
         let s = &object.symbols[symbol];
         let Some(section) = s.section else {

@@ -50,7 +50,8 @@ pub struct Carried {
     pub symbol: String,
     /// Demangled, without hash.
     pub name: String,
-    /// Why: `changed`, `inlines X`, `needed by X`, `uses the changed constant X`.
+    /// Why: `changed`, `inlines X`, `needed by X`, `uses the changed constant X`, `uses the
+    /// static X, whose layout changed`.
     pub reason: String,
     /// The first difference (offset and what), for a changed function.
     pub detail: Option<String>,
@@ -110,8 +111,29 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
     }
     let wanted = |krate: &str| inputs.crates.is_empty() || inputs.crates.iter().any(|c| c == krate);
 
-    // Read-only statics whose contents changed.
+    // Statics: read-only ones whose contents changed, and those whose layout did.
+    let mut static_paths: HashMap<String, Vec<String>> = HashMap::new();
+    for name in program.names() {
+        if program
+            .definitions(name)
+            .iter()
+            .any(|d| d.kind == SymbolKind::Data)
+        {
+            static_paths
+                .entry(readable(name))
+                .or_default()
+                .push(name.to_string());
+        }
+    }
+    let rebuilt_statics: HashSet<&str> = objects
+        .iter()
+        .flat_map(|o| o.symbols.iter())
+        .filter(|s| s.is_static() && s.section.is_some())
+        .map(|s| s.name.as_str())
+        .collect();
     let mut changed_constants = HashSet::new();
+    let mut resized: HashSet<String> = HashSet::new();
+    let mut warnings = Vec::new();
     for object in objects.iter().filter(|o| wanted(&o.krate)) {
         for symbol in &object.symbols {
             let Some(section) = symbol.section else {
@@ -121,8 +143,8 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
             if symbol.st_type != elf::STT_OBJECT
                 || symbol.name.is_empty()
                 || !sec.is_alloc()
-                || sec.is_writable()
                 || sec.is_text()
+                || sec.is_tls()
             {
                 continue;
             }
@@ -131,8 +153,43 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
                 .iter()
                 .find(|d| d.kind == SymbolKind::Data)
             else {
+                // A static the legacy mangling renamed because its type changed: the one
+                // static of the program with its path that the rebuild does not define.
+                if symbol.is_static() {
+                    let path = readable(&symbol.name);
+                    if let [old] = static_paths.get(&path).map_or(&[][..], Vec::as_slice) {
+                        if !rebuilt_statics.contains(old.as_str()) {
+                            resized.insert(symbol.name.clone());
+                        }
+                    }
+                }
                 continue;
             };
+            if def.size != symbol.size {
+                // Its users changed even if their code did not (an index moved into new room).
+                resized.insert(symbol.name.clone());
+                continue;
+            }
+            if sec.is_writable() {
+                // State: the program's value stays; say so when the initial value changed.
+                let initial = sec.bytes(symbol.value, symbol.size);
+                let running = program.bytes(def.address, def.size);
+                if def.size == symbol.size
+                    && sec
+                        .relocations_in(symbol.value, symbol.value + symbol.size)
+                        .is_empty()
+                    && initial.is_some()
+                    && running.is_some()
+                    && initial != running
+                {
+                    warnings.push(format!(
+                        "the initial value of static {} changed: the running program keeps its \
+                         current value",
+                        readable(&symbol.name)
+                    ));
+                }
+                continue;
+            }
             if comparator
                 .data_at(object, section, symbol.value, def.address)
                 .is_err()
@@ -224,8 +281,11 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
     // A function reading a changed constant changed.
     let keys: Vec<FunctionRef> = status.keys().copied().collect();
     for key in keys {
-        let Some(Status::Same(expected)) = status.get(&key) else {
-            continue;
+        let expected = match status.get(&key) {
+            Some(Status::Same(expected)) => expected,
+            // The comparison saw a static the program does not have: say which (renamed).
+            Some(Status::Changed(d, expected)) if d.what.starts_with("uses the static") => expected,
+            _ => continue,
         };
         let (o, f) = key;
         let object = &objects[o];
@@ -238,22 +298,18 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
             .iter()
             .find_map(|r| {
                 let name = target_name(object, r.symbol)?;
-                changed_constants
-                    .contains(name)
-                    .then(|| (r.offset - symbol.value, name.to_string()))
+                let what = if changed_constants.contains(name) {
+                    format!("uses the changed constant {}", readable(name))
+                } else if resized.contains(name) {
+                    format!("uses the static {}, whose layout changed", readable(name))
+                } else {
+                    return None;
+                };
+                Some((r.offset - symbol.value, what))
             });
-        if let Some((offset, name)) = hit {
+        if let Some((offset, what)) = hit {
             let expected = expected.clone();
-            status.insert(
-                key,
-                Status::Changed(
-                    Difference {
-                        offset,
-                        what: format!("uses the changed constant {}", readable(&name)),
-                    },
-                    expected,
-                ),
-            );
+            status.insert(key, Status::Changed(Difference { offset, what }, expected));
         }
     }
 
@@ -261,6 +317,7 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
     let mut diff = Diff {
         compared,
         changed_constants,
+        warnings,
         ..Diff::default()
     };
     let mut debug: HashMap<usize, HashMap<usize, FunctionDebug>> = HashMap::new();
@@ -328,7 +385,7 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
             ),
             _ => "changed".to_string(),
         };
-        if difference.what.starts_with("uses the changed constant") {
+        if difference.what.starts_with("uses the ") {
             reason = difference.what.clone();
         }
         // Explained by the edit: its code comes from an edited file, or it references

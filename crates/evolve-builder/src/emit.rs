@@ -47,6 +47,8 @@ pub struct PatchObject {
     out: write::Object<'static>,
     /// The statics the patch defines.
     pub new_statics: Vec<NewStatic>,
+    /// Every named static the patch references or defines, with its size in the rebuild.
+    pub statics: Vec<(String, u64)>,
 }
 
 struct Builder<'a> {
@@ -66,6 +68,7 @@ struct Builder<'a> {
     added: HashMap<String, (usize, usize)>,
     new_statics: Vec<NewStatic>,
     new_tls: Vec<String>,
+    statics: HashMap<String, u64>,
 }
 
 /// Assembles the patch object of `diff` (see the module docs).
@@ -96,6 +99,7 @@ pub fn assemble(objects: &[ObjectFile], program: &Program, diff: &Diff) -> Resul
             .collect(),
         new_statics: Vec::new(),
         new_tls: Vec::new(),
+        statics: HashMap::new(),
     };
     for carried in &diff.carried {
         builder.function(carried)?;
@@ -111,9 +115,12 @@ pub fn assemble(objects: &[ObjectFile], program: &Program, diff: &Diff) -> Resul
             symbols: builder.new_tls.iter().map(|s| readable(s)).collect(),
         }));
     }
+    let mut statics: Vec<(String, u64)> = builder.statics.into_iter().collect();
+    statics.sort();
     Ok(PatchObject {
         out: builder.out,
         new_statics: builder.new_statics,
+        statics,
     })
 }
 
@@ -309,8 +316,12 @@ impl Builder<'_> {
                 Some(start) if self.bound_to_program(o, start) => {
                     Ok((self.program_symbol(o, start), addend))
                 }
-                Some(start) => {
+                Some(start) if object.symbols[start].is_static() => {
                     self.new_data(o, start);
+                    let copy = self.copy(o, section);
+                    Ok((self.out.section_symbol(copy), addend))
+                }
+                Some(_) => {
                     let copy = self.copy(o, section);
                     Ok((self.out.section_symbol(copy), addend))
                 }
@@ -335,7 +346,7 @@ impl Builder<'_> {
                 if self.bound_to_program(o, reloc.symbol) {
                     return Ok((self.program_symbol(o, reloc.symbol), addend));
                 }
-                if !(target.is_local() && name.starts_with(".L")) {
+                if target.is_static() {
                     self.new_data(o, reloc.symbol);
                 }
                 let copy = self.copy(o, section);
@@ -387,6 +398,9 @@ impl Builder<'_> {
         if s.name.is_empty() || self.defined.contains_key(&s.name) {
             return;
         }
+        if s.st_type == elf::STT_OBJECT {
+            self.statics.insert(s.name.clone(), s.size);
+        }
         if s.st_type == elf::STT_TLS {
             self.new_tls.push(s.name.clone());
             return;
@@ -422,6 +436,9 @@ impl Builder<'_> {
     /// The undefined symbol standing for the program's definition of `(o, symbol)`'s name.
     fn program_symbol(&mut self, o: usize, symbol: usize) -> SymbolId {
         let s = &self.objects[o].symbols[symbol];
+        if s.st_type == elf::STT_OBJECT {
+            self.statics.insert(s.name.clone(), s.size);
+        }
         if let Some(id) = self.undefined.get(&s.name) {
             return *id;
         }

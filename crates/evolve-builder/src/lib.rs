@@ -317,6 +317,34 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     let patch = emit::assemble(objects, &program, &diff)?;
     manifest = std::mem::replace(&mut report.manifest, empty_manifest());
     manifest.new_statics = patch.new_statics.clone();
+    // Statics whose layout changed (as format 1 finds them: by exact symbol, or by path for a
+    // static the legacy mangling renamed when its type changed): apply needs a transfer.
+    let running: std::collections::HashMap<String, u64> = patch
+        .statics
+        .iter()
+        .flat_map(|(name, _)| {
+            let path = compare::readable(name);
+            program
+                .names()
+                .filter(move |n| *n == name || compare::readable(n) == path)
+                .filter_map(|n| {
+                    let d = program
+                        .definitions(n)
+                        .iter()
+                        .find(|d| d.kind == program::SymbolKind::Data)?;
+                    Some((n.to_string(), d.size))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    manifest.changed_statics = so::changed_statics(&running, &patch.statics);
+    for changed in &manifest.changed_statics {
+        report.warnings.push(format!(
+            "static {} changed its type or layout ({} -> {} bytes): apply needs a transfer \
+             function for it",
+            changed.symbol, changed.running, changed.patch
+        ));
+    }
     hot_parts(&mut manifest);
     let bytes = patch.finish(&mut manifest)?;
     report.manifest = manifest;

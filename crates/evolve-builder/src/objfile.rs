@@ -128,6 +128,15 @@ impl Symbol {
         matches!(self.st_type, elf::STT_FUNC | elf::STT_GNU_IFUNC)
     }
 
+    /// Whether it is a named static or thread-local (a `static` of the source, whose identity
+    /// matters: one of every static), as opposed to anonymous data the compiler named for the
+    /// assembler (`.L…` labels; most anonymous constants have no symbol at all).
+    pub fn is_static(&self) -> bool {
+        matches!(self.st_type, elf::STT_OBJECT | elf::STT_TLS)
+            && !self.name.is_empty()
+            && !self.name.starts_with('.')
+    }
+
     /// Whether it is local (`STB_LOCAL`).
     pub fn is_local(&self) -> bool {
         self.bind == elf::STB_LOCAL

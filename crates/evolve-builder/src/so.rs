@@ -284,7 +284,10 @@ fn path_without_hash(symbol: &str) -> String {
 /// of the program's value. It is recognised by its path when that names exactly one of the
 /// program's statics that no static of the patch matches by symbol; several such candidates
 /// cannot be told apart, and the patch's statics of that path are taken as new.
-fn changed_statics(running: &HashMap<String, u64>, patch: &[(String, u64)]) -> Vec<ChangedStatic> {
+pub(crate) fn changed_statics(
+    running: &HashMap<String, u64>,
+    patch: &[(String, u64)],
+) -> Vec<ChangedStatic> {
     let in_patch: HashSet<&str> = patch.iter().map(|(name, _)| name.as_str()).collect();
     let mut renamed: HashMap<String, Vec<(&String, u64)>> = HashMap::new();
     for (name, size) in running {

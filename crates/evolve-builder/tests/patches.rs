@@ -192,3 +192,39 @@ fn a_dry_run_lists_the_carried_functions_and_writes_nothing() {
             .collect()
     );
 }
+
+/// A static whose type changed is not silently a fresh copy: the manifest lists it for a
+/// transfer function (the legacy mangling renamed it, so it is matched by its path).
+#[test]
+fn a_static_whose_layout_changed_is_listed_for_a_transfer() {
+    let fixture = Fixture::new("builder-layout");
+    fixture.edit(&[
+        (
+            "static HITS: AtomicU64 = AtomicU64::new(0);",
+            "static HITS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];",
+        ),
+        (
+            "HITS.fetch_add(1, Ordering::Relaxed) + 1 // hit v1",
+            "HITS[1].fetch_add(1, Ordering::Relaxed) + 1 // hit v2",
+        ),
+    ]);
+    let report = fixture.build("layout").unwrap();
+    assert_eq!(
+        common::carried(&report),
+        ["shapes::hit".to_string()].into_iter().collect()
+    );
+    assert_eq!(
+        report.carried[0].reason,
+        "uses the static shapes::HITS, whose layout changed"
+    );
+    let changed = &report.manifest.changed_statics;
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].symbol, "shapes::HITS");
+    assert_eq!((changed[0].running, changed[0].patch), (8, 16));
+    assert!(
+        report.warnings.iter().any(|w| w.contains("shapes::HITS")),
+        "{:?}",
+        report.warnings
+    );
+    check_patch(&fixture, &report);
+}

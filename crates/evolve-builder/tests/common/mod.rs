@@ -168,6 +168,29 @@ pub fn check_patch(fixture: &Fixture, report: &BuildReport) {
             "the patch has a section {name}"
         );
     }
+    // Unwind information for exactly the carried functions: one FDE each, describing the
+    // patch's own copy.
+    let eh_frame = file
+        .section_by_name(".eh_frame")
+        .expect("the patch has .eh_frame");
+    let mut described = BTreeSet::new();
+    for (_, relocation) in eh_frame.relocations() {
+        let object::RelocationTarget::Symbol(index) = relocation.target() else {
+            continue;
+        };
+        let symbol = file.symbol_by_index(index).unwrap();
+        if let object::SymbolSection::Section(section) = symbol.section() {
+            if file.section_by_index(section).unwrap().kind() == object::SectionKind::Text {
+                described.insert(section.0);
+            }
+        }
+    }
+    let text_sections: BTreeSet<_> = file
+        .sections()
+        .filter(|s| s.kind() == object::SectionKind::Text && s.size() > 0)
+        .map(|s| s.index().0)
+        .collect();
+    assert_eq!(described, text_sections, "FDEs cover the carried functions");
     let applied = evolve_builder::read_applied(path).expect("the digest verifies");
     assert_eq!(applied.manifest, report.manifest);
     assert_eq!(applied.manifest.base_build_id, program.build_id);
