@@ -640,3 +640,42 @@ pub fn crates(objects: &[ObjectFile], carried: &[Carried]) -> Vec<String> {
         .into_iter()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Paths;
+
+    fn legacy(path: &str, hash: &str) -> String {
+        let parts: String = path
+            .split("::")
+            .map(|p| format!("{}{p}", p.len()))
+            .collect();
+        format!("_ZN{parts}17h{hash}E")
+    }
+
+    #[test]
+    fn dwarf_short_names_are_qualified_by_scope_then_uniqueness() {
+        let symbols = [
+            legacy("shapes::free", "0000000000000001"),
+            legacy("other::free", "0000000000000002"),
+            legacy("shapes::unique", "0000000000000003"),
+        ];
+        let paths = Paths::new(symbols.iter().map(String::as_str));
+        // In the caller's module first.
+        assert_eq!(paths.qualify("free", "", "shapes::caller"), "shapes::free");
+        assert_eq!(paths.qualify("free", "", "other::caller"), "other::free");
+        // Anywhere when there is one of that name.
+        assert_eq!(paths.qualify("unique", "", "elsewhere::caller"), "shapes::unique");
+        // No code of its own (fully inlined): named in the caller's module.
+        assert_eq!(paths.qualify("scale<u64>", "", "shapes::caller"), "shapes::scale");
+        // A closure is named by its environment's type in what encloses it.
+        assert_eq!(
+            paths.qualify(
+                "{closure#0}",
+                "call_once<shapes::with_closure::{closure_env#0}, (u64)>",
+                "core::ops::function::FnOnce::call_once{{vtable.shim}}"
+            ),
+            "shapes::with_closure::{{closure}}"
+        );
+    }
+}

@@ -614,3 +614,35 @@ fn append(
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::records;
+
+    /// A CIE, then two FDEs pointing back at it.
+    #[test]
+    fn eh_frame_records_find_their_cie() {
+        let mut data = Vec::new();
+        let record = |data: &mut Vec<u8>, id: u32, body: usize| {
+            data.extend_from_slice(&(4 + body as u32).to_le_bytes());
+            let at = data.len();
+            data.extend_from_slice(&id.to_le_bytes());
+            data.extend(std::iter::repeat_n(0u8, body));
+            at
+        };
+        record(&mut data, 0, 12);
+        let first = data.len();
+        let id_at = first + 4;
+        record(&mut data, id_at as u32, 16);
+        let second = data.len();
+        record(&mut data, (second + 4) as u32, 16);
+        data.extend_from_slice(&[0; 4]);
+        let parsed = records(&data).unwrap();
+        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed[0].cie, None);
+        assert_eq!(parsed[1].cie, Some(0));
+        assert_eq!(parsed[2].cie, Some(0));
+        assert_eq!(parsed[1].start, first);
+        assert_eq!(parsed[2].end, data.len() - 4);
+    }
+}
