@@ -132,11 +132,19 @@ pub fn rebuild(
         .map(|(_, v)| v.clone())
         .or_else(|| std::env::var("RUSTC_WRAPPER").ok())
         .unwrap_or_default();
-    // Make cargo recompile the binary crate (its objects are needed even if it is fresh).
-    let stale = config
-        .fingerprint_dir(&config.unit)
-        .join(format!("bin-{}", config.bin));
-    let _ = std::fs::remove_file(stale);
+    // Make cargo recompile the binary crate (its objects are needed even if it is fresh) —
+    // whichever of its units cargo picks: one of another configuration is reported after.
+    let fingerprints = config.profile_path().join(".fingerprint");
+    let prefix = format!("{}-", config.package);
+    for entry in std::fs::read_dir(&fingerprints)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(entry.path().join(format!("bin-{}", config.bin)));
+        }
+    }
 
     let args = command(config, overrides);
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));

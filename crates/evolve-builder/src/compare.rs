@@ -66,11 +66,20 @@ pub fn width(r_type: u32) -> Option<u64> {
     }
 }
 
-/// The bytes a relocation may legitimately change in the linked program: its hole, and the
-/// instruction bytes before it that linker relaxations rewrite.
-fn masked(r: &Reloc) -> (u64, u64) {
+/// The bytes a relocation may legitimately change: its hole, and — in the linked program — the
+/// instruction bytes around it that linker relaxations rewrite.
+fn masked(r: &Reloc, linked: bool) -> (u64, u64) {
     let end = r.offset + width(r.r_type).unwrap_or(4);
+    if !linked {
+        return (r.offset, end);
+    }
     match r.r_type {
+        // General dynamic: `data16 lea x@tlsgd(%rip),%rdi; data16 data16 rex64 call
+        // __tls_get_addr` (16 bytes) becomes an exec or initial-exec sequence.
+        elf::R_X86_64_TLSGD => (r.offset.saturating_sub(4), r.offset + 12),
+        // Local dynamic: `lea x@tlsld(%rip),%rdi; call __tls_get_addr` (12 or 13 bytes)
+        // becomes `mov %fs:0,%rax` padded with prefixes.
+        elf::R_X86_64_TLSLD => (r.offset.saturating_sub(3), r.offset + 9),
         // mov→lea, call/jmp *GOT → direct (the jmp's displacement moves one byte back and a nop
         // follows it).
         elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX => {
@@ -101,6 +110,9 @@ pub fn readable(symbol: &str) -> String {
 /// anonymous data already matched.
 pub struct Comparator<'p> {
     program: &'p Program,
+    /// Anonymous data the rebuilt objects define for each other (promoted `anon.…` symbols):
+    /// name → (object, symbol).
+    anonymous: HashMap<&'p str, (&'p ObjectFile, usize)>,
     /// (object, section, program address) → equal; in progress counts as equal (cycles).
     data_memo: RefCell<HashMap<(usize, usize, u64), bool>>,
     /// (object, section, other object, other section) → equal.
@@ -112,9 +124,29 @@ impl<'p> Comparator<'p> {
     pub fn new(program: &'p Program) -> Comparator<'p> {
         Comparator {
             program,
+            anonymous: HashMap::new(),
             data_memo: RefCell::new(HashMap::new()),
             object_memo: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// A comparator that also knows the anonymous data the rebuilt `objects` define for each
+    /// other: a reference to one is compared by content, wherever it is defined.
+    pub fn with_rebuilt(program: &'p Program, objects: &'p [ObjectFile]) -> Comparator<'p> {
+        let mut comparator = Comparator::new(program);
+        for object in objects {
+            for (index, symbol) in object.symbols.iter().enumerate() {
+                if symbol.section.is_some()
+                    && !symbol.is_local()
+                    && crate::objfile::is_anonymous(&symbol.name)
+                {
+                    comparator
+                        .anonymous
+                        .insert(symbol.name.as_str(), (object, index));
+                }
+            }
+        }
+        comparator
     }
 
     /// Compares function `function` (a symbol of `object`) with the program's code at
@@ -139,8 +171,9 @@ impl<'p> Comparator<'p> {
         let relocations = section.relocations_in(symbol.value, symbol.value + symbol.size);
         if symbol.size != size {
             // Where the code starts to differ (for DWARF to say in what), not only that.
-            let offset = first_unmasked_difference(&code, &running, relocations, symbol.value)
-                .unwrap_or(symbol.size.min(size));
+            let offset =
+                first_unmasked_difference(&code, &running, relocations, symbol.value, true)
+                    .unwrap_or(symbol.size.min(size));
             return differs(
                 offset,
                 format!("its size changed ({size} -> {} bytes)", symbol.size),
@@ -152,12 +185,21 @@ impl<'p> Comparator<'p> {
                 first = Some(Difference { offset, what });
             }
         };
-        if let Some(offset) = first_unmasked_difference(&code, &running, relocations, symbol.value)
+        if let Some(offset) =
+            first_unmasked_difference(&code, &running, relocations, symbol.value, true)
         {
             note(offset, "its instructions differ".into());
         }
+        let mut sequence_end = 0;
         for reloc in relocations {
             let offset = reloc.offset - symbol.value;
+            // The call of a TLS access sequence the linker rewrote as a whole.
+            if offset < sequence_end {
+                continue;
+            }
+            if matches!(reloc.r_type, elf::R_X86_64_TLSGD | elf::R_X86_64_TLSLD) {
+                sequence_end = masked(reloc, true).1 - symbol.value;
+            }
             if let Err(what) = self.hole(object, reloc, offset, &code, &running, address) {
                 note(offset, what);
             }
@@ -184,11 +226,14 @@ impl<'p> Comparator<'p> {
         match reloc.r_type {
             elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 => {
                 let v = read_i32(running, i).ok_or("truncated")?;
+                // The reference is to the hole's instruction end + displacement: the addend
+                // includes that distance, which the piece of a merge section must not.
+                let bias = instruction_end(code, at).map_or(4, |end| (end - at) as i64);
                 self.target(
                     object,
                     reloc.symbol,
                     place.wrapping_add_signed(v - a),
-                    a + 4,
+                    a + bias,
                 )
             }
             elf::R_X86_64_PC64 => {
@@ -276,14 +321,67 @@ impl<'p> Comparator<'p> {
                 }
                 self.thread_local(object, reloc.symbol, v - a - 4)
             }
-            elf::R_X86_64_TLSGD
-            | elf::R_X86_64_TLSLD
-            | elf::R_X86_64_DTPOFF32
-            | elf::R_X86_64_DTPOFF64 => Err(format!(
-                "a general-dynamic TLS access of {} (the linker rewrites the whole sequence in an \
-                 executable)",
-                self.describe(object, reloc.symbol)
-            )),
+            elf::R_X86_64_TLSGD => {
+                let from = i.checked_sub(4).ok_or("truncated")?;
+                let sequence = running.get(from..i + 12).ok_or("truncated")?;
+                const EXEC: [u8; 9] = [0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0];
+                match sequence.split_at(9) {
+                    // → mov %fs:0,%rax; lea x@tpoff(%rax),%rax
+                    (fs, [0x48, 0x8d, 0x80, ..]) if fs == EXEC => {
+                        let tpoff = read_i32(running, i + 8).ok_or("truncated")?;
+                        self.thread_local(object, reloc.symbol, tpoff)
+                    }
+                    // → mov %fs:0,%rax; add x@gottpoff(%rip),%rax
+                    (fs, [0x48, 0x03, 0x05, ..]) if fs == EXEC => {
+                        let disp = read_i32(running, i + 8).ok_or("truncated")?;
+                        let slot = (place + 12).wrapping_add_signed(disp);
+                        match self.program.pointer(slot) {
+                            Some(Pointer::ThreadOffset(name, 0)) => {
+                                self.named(object, reloc.symbol, &name, 0)
+                            }
+                            Some(Pointer::Address(offset)) => {
+                                self.thread_local(object, reloc.symbol, offset as i64)
+                            }
+                            _ => Err("a TLS GOT slot the program does not fill".into()),
+                        }
+                    }
+                    _ => Err("a TLS access the linker rewrote unrecognisably".into()),
+                }
+            }
+            elf::R_X86_64_TLSLD => {
+                // → `mov %fs:0,%rax` behind `data16` prefixes (or nops): the module's block.
+                let from = i.checked_sub(3).ok_or("truncated")?;
+                // `call rel32` (e8): 12 bytes; `call *GOT(%rip)` (ff 15): 13.
+                let len = if code.get(i + 4) == Some(&0xe8) {
+                    12
+                } else {
+                    13
+                };
+                let sequence = running.get(from..from + len).ok_or("truncated")?;
+                let start = sequence
+                    .iter()
+                    .position(|b| *b != 0x66 && *b != 0x90)
+                    .ok_or("a TLS access the linker rewrote unrecognisably")?;
+                let mov = [0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0];
+                if sequence[start..].starts_with(&mov)
+                    && sequence[start + mov.len()..]
+                        .iter()
+                        .all(|b| *b == 0x66 || *b == 0x90)
+                {
+                    Ok(())
+                } else {
+                    Err("a TLS access the linker rewrote unrecognisably".into())
+                }
+            }
+            // A local-dynamic offset, relaxed with its sequence: the thread-pointer offset.
+            elf::R_X86_64_DTPOFF32 => {
+                let v = read_i32(running, i).ok_or("truncated")?;
+                self.thread_local(object, reloc.symbol, v - a)
+            }
+            elf::R_X86_64_DTPOFF64 => {
+                let v = read_i64(running, i).ok_or("truncated")?;
+                self.thread_local(object, reloc.symbol, v - a)
+            }
             other => Err(format!("relocation type {other} is not handled")),
         }
     }
@@ -371,6 +469,14 @@ impl<'p> Comparator<'p> {
         piece: i64,
     ) -> Result<(), String> {
         let target = &object.symbols[symbol];
+        // A merge section's pieces are deduplicated and moved by the linker, their labels
+        // dropped: whatever names them, they are compared by content.
+        if let Some(section) = target.section {
+            if object.sections[section].is_merge() {
+                let offset = (target.value as i64 + piece) as u64;
+                return self.data(object, section, offset, address.wrapping_add_signed(piece));
+            }
+        }
         let name = if target.is_section() {
             let section = target.section.ok_or("a section symbol without section")?;
             match object.symbol_at_start(section) {
@@ -389,19 +495,19 @@ impl<'p> Comparator<'p> {
                         readable(&object.symbols[s].name)
                     ))
                 }
-                _ if object.sections[section].is_merge() => {
-                    return self.data(
-                        object,
-                        section,
-                        piece as u64,
-                        address.wrapping_add_signed(piece),
-                    )
-                }
                 _ => return self.data(object, section, 0, address),
             }
         } else {
             target.name.as_str()
         };
+        if target.section.is_none() {
+            if let Some((other, index)) = self.anonymous.get(name) {
+                let defined = &other.symbols[*index];
+                let section = defined.section.expect("defined");
+                let offset = (defined.value as i64 + piece) as u64;
+                return self.data(other, section, offset, address.wrapping_add_signed(piece));
+            }
+        }
         if self.program.defines(name) {
             if self
                 .program
@@ -412,7 +518,7 @@ impl<'p> Comparator<'p> {
                 return Ok(());
             }
             if let Some(Pointer::Symbol(called, _)) = self.program.plt_target(address) {
-                if called == name {
+                if self.program.canonical(name) == Some(called.as_str()) || called == name {
                     return Ok(());
                 }
             }
@@ -466,20 +572,28 @@ impl<'p> Comparator<'p> {
     ) -> Result<(), String> {
         let sec = &object.sections[section];
         if sec.is_merge() {
-            // One piece: a string (to its NUL) or one constant.
-            let len = if sec.is_strings() {
-                let rest = sec
+            // The piece holding `offset` (a string to its NUL, or one entry), compared whole;
+            // the reference may point inside it.
+            let (piece, len) = if sec.is_strings() {
+                let before = sec
                     .data
-                    .get(offset as usize..)
+                    .get(..offset as usize)
                     .ok_or("outside its section")?;
-                rest.iter()
+                let start = before.iter().rposition(|b| *b == 0).map_or(0, |n| n + 1);
+                let rest = &sec.data[start..];
+                let len = rest
+                    .iter()
                     .position(|b| *b == 0)
-                    .map_or(rest.len(), |n| n + 1) as u64
+                    .map_or(rest.len(), |n| n + 1);
+                (start as u64, len as u64)
             } else {
-                sec.entsize.max(1)
+                let entry = sec.entsize.max(1);
+                (offset / entry * entry, entry)
             };
-            let ours = sec.bytes(offset, len).ok_or("outside its section")?;
-            let theirs = self.program.bytes(address, len);
+            let ours = sec.bytes(piece, len).ok_or("outside its section")?;
+            let theirs = self
+                .program
+                .bytes(address.wrapping_sub(offset - piece), len);
             return if theirs.as_deref() == Some(&ours[..]) {
                 Ok(())
             } else {
@@ -506,7 +620,7 @@ impl<'p> Comparator<'p> {
         let differs = || format!("the constant {} differs", sec.name);
         let ours = sec.bytes(0, sec.size).ok_or_else(differs)?;
         let theirs = self.program.bytes(start, sec.size).ok_or_else(differs)?;
-        if first_unmasked_difference(&ours, &theirs, &sec.relocations, 0).is_some() {
+        if first_unmasked_difference(&ours, &theirs, &sec.relocations, 0, true).is_some() {
             return Err(differs());
         }
         for reloc in &sec.relocations {
@@ -573,8 +687,8 @@ impl<'p> Comparator<'p> {
         };
         let ra = sa.relocations_in(a.value, a.value + a.size);
         if a.size != b.size {
-            let offset =
-                first_unmasked_difference(&ca, &cb, ra, a.value).unwrap_or(a.size.min(b.size));
+            let offset = first_unmasked_difference(&ca, &cb, ra, a.value, false)
+                .unwrap_or(a.size.min(b.size));
             return differs(
                 offset,
                 format!("its size changed ({} -> {} bytes)", b.size, a.size),
@@ -587,7 +701,7 @@ impl<'p> Comparator<'p> {
                 first = Some(Difference { offset, what });
             }
         };
-        if let Some(offset) = first_unmasked_difference(&ca, &cb, ra, a.value) {
+        if let Some(offset) = first_unmasked_difference(&ca, &cb, ra, a.value, false) {
             note(offset, "its instructions differ".into());
         }
         let mut rb_iter = rb.iter().peekable();
@@ -650,7 +764,7 @@ impl<'p> Comparator<'p> {
         let same = x.size == y.size
             && x.bytes(0, x.size).is_some_and(|bx| {
                 y.bytes(0, y.size).is_some_and(|by| {
-                    first_unmasked_difference(&bx, &by, &x.relocations, 0).is_none()
+                    first_unmasked_difference(&bx, &by, &x.relocations, 0, false).is_none()
                 })
             })
             && x.relocations.len() == y.relocations.len()
@@ -705,14 +819,35 @@ enum Target {
     Data(usize, i64),
 }
 
+/// The end of the instruction of `code` (a function's bytes) that covers `offset`.
+fn instruction_end(code: &[u8], offset: u64) -> Option<u64> {
+    let mut decoder = iced_x86::Decoder::new(64, code, iced_x86::DecoderOptions::NONE);
+    let mut instruction = iced_x86::Instruction::default();
+    while decoder.can_decode() {
+        let start = decoder.position() as u64;
+        decoder.decode_out(&mut instruction);
+        let end = decoder.position() as u64;
+        if start <= offset && offset < end {
+            return Some(end);
+        }
+    }
+    None
+}
+
 /// The first offset (relative to `start`) where `a` and `b` differ outside the bytes the
-/// relocations may change.
-fn first_unmasked_difference(a: &[u8], b: &[u8], relocations: &[Reloc], start: u64) -> Option<u64> {
+/// relocations may change (`linked`: `b` is the linked program's code).
+fn first_unmasked_difference(
+    a: &[u8],
+    b: &[u8],
+    relocations: &[Reloc],
+    start: u64,
+    linked: bool,
+) -> Option<u64> {
     let mut masked_until = 0u64;
     let mut holes = relocations
         .iter()
         .map(|r| {
-            let (from, to) = masked(r);
+            let (from, to) = masked(r, linked);
             (from.saturating_sub(start), to.saturating_sub(start))
         })
         .peekable();
@@ -1047,6 +1182,53 @@ mod tests {
         }
     }
 
+    /// A local-dynamic TLS access (`lea x@tlsld(%rip),%rdi; call __tls_get_addr; mov
+    /// x@dtpoff(%rax),%rax`) as the linker rewrites it in an executable: `mov %fs:0,%rax`
+    /// behind `data16` prefixes, and the thread-pointer offset in the load.
+    #[test]
+    fn a_relaxed_local_dynamic_tls_access_is_the_same() {
+        let mut code = vec![0x48, 0x8d, 0x3d, 0, 0, 0, 0, 0xe8, 0, 0, 0, 0];
+        code.extend_from_slice(&[0x48, 0x8b, 0x80, 0, 0, 0, 0, 0xc3]);
+        let obj = object(
+            &code,
+            &[
+                (3, elf::R_X86_64_TLSLD, "x", -4),
+                (8, elf::R_X86_64_PLT32, "__tls_get_addr", -4),
+                (15, elf::R_X86_64_DTPOFF32, "x", 0),
+            ],
+            &[],
+        );
+        let linked = |tpoff: i32| {
+            let mut text = vec![0x66, 0x66, 0x66, 0x64, 0x48, 0x8b, 0x04, 0x25, 0, 0, 0, 0];
+            text.extend_from_slice(&[0x48, 0x8b, 0x80]);
+            text.extend_from_slice(&tpoff.to_le_bytes());
+            text.push(0xc3);
+            text.resize(0x100, 0xcc);
+            // The TLS block is 0x100 bytes: x at offset 0x10 is at -0xf0 from the thread pointer.
+            Program::from_parts(
+                BASE,
+                text,
+                &[
+                    ("f", BASE, 20, Function),
+                    ("x", 0x10, 8, crate::program::SymbolKind::ThreadLocal),
+                ],
+                &[],
+            )
+        };
+        let program = linked(-0xf0);
+        assert_eq!(
+            Comparator::new(&program).with_program(&obj, function(&obj), BASE, 20),
+            Verdict::Same
+        );
+        let program = linked(-0xe8);
+        let Verdict::Differs(d) =
+            Comparator::new(&program).with_program(&obj, function(&obj), BASE, 20)
+        else {
+            panic!("another thread-local taken for x");
+        };
+        assert_eq!(d.offset, 15);
+    }
+
     #[test]
     fn holes_mask_only_their_bytes() {
         let r = Reloc {
@@ -1057,11 +1239,11 @@ mod tests {
         };
         let a = [1, 2, 3, 4, 9, 9, 9, 9, 5];
         let mut b = [1, 2, 3, 4, 0, 0, 0, 0, 5];
-        assert_eq!(first_unmasked_difference(&a, &b, &[r], 0), None);
+        assert_eq!(first_unmasked_difference(&a, &b, &[r], 0, true), None);
         b[8] = 6;
-        assert_eq!(first_unmasked_difference(&a, &b, &[r], 0), Some(8));
+        assert_eq!(first_unmasked_difference(&a, &b, &[r], 0, true), Some(8));
         b[3] = 0;
-        assert_eq!(first_unmasked_difference(&a, &b, &[r], 0), Some(3));
+        assert_eq!(first_unmasked_difference(&a, &b, &[r], 0, true), Some(3));
         let _ = Data;
     }
 }

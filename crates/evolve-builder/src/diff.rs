@@ -95,7 +95,7 @@ pub struct Inputs<'a> {
 pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
     let program = inputs.program;
     let objects = inputs.objects;
-    let comparator = Comparator::new(program);
+    let comparator = Comparator::with_rebuilt(program, objects);
     let mut current: HashMap<&str, Current> = HashMap::new();
     for (p, applied) in inputs.applied.iter().enumerate() {
         for r in &applied.manifest.replaced {
@@ -665,9 +665,15 @@ mod tests {
         assert_eq!(paths.qualify("free", "", "shapes::caller"), "shapes::free");
         assert_eq!(paths.qualify("free", "", "other::caller"), "other::free");
         // Anywhere when there is one of that name.
-        assert_eq!(paths.qualify("unique", "", "elsewhere::caller"), "shapes::unique");
+        assert_eq!(
+            paths.qualify("unique", "", "elsewhere::caller"),
+            "shapes::unique"
+        );
         // No code of its own (fully inlined): named in the caller's module.
-        assert_eq!(paths.qualify("scale<u64>", "", "shapes::caller"), "shapes::scale");
+        assert_eq!(
+            paths.qualify("scale<u64>", "", "shapes::caller"),
+            "shapes::scale"
+        );
         // A closure is named by its environment's type in what encloses it.
         assert_eq!(
             paths.qualify(

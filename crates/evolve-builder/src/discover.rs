@@ -525,17 +525,103 @@ pub fn configuration_difference(
         ));
     }
     if rebuilt_unit != config.unit {
+        let fingerprints = config.profile_path().join(".fingerprint");
+        let differences = closure_differences(&fingerprints, old, rebuilt);
+        let which = if differences.is_empty() {
+            "a dependency was built with other settings".to_string()
+        } else {
+            differences.join("; ")
+        };
         return Some(Error::configuration(
             "dependencies",
             format!(
-                "the rebuild is unit {rebuilt_unit}, the program unit {}: a dependency was \
-                 built with other features (cargo unifies features over the packages it \
-                 builds; build the program alone, `cargo build -p {}`)",
+                "the rebuild is unit {rebuilt_unit}, the program unit {}: {which}. Cargo \
+                 unifies features over the packages one command builds: the program was built \
+                 together with other packages; build it alone (`cargo build -p {}`) and \
+                 restart it, or build the patch with the same packages",
                 config.unit, config.package
             ),
         ));
     }
     None
+}
+
+/// The features of every unit a fingerprint depends on, transitively, by crate name (the first
+/// unit found for a name).
+fn closure_features(fingerprints: &Path, fingerprint: &Value) -> BTreeMap<String, Vec<String>> {
+    let units: Vec<(PathBuf, String)> = std::fs::read_dir(fingerprints)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|dir| {
+            std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    let krate = name.strip_prefix("lib-")?;
+                    (!krate.ends_with(".json")).then(|| {
+                        let content = std::fs::read_to_string(f.path()).unwrap_or_default();
+                        (f.path(), content.trim().to_string())
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    let mut work = vec![fingerprint.clone()];
+    while let Some(current) = work.pop() {
+        for (krate, value) in fingerprint_deps(&current) {
+            if out.contains_key(&krate) {
+                continue;
+            }
+            let wanted: String = value
+                .to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let Some((path, _)) = units.iter().find(|(path, content)| {
+                *content == wanted
+                    && path
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy() == format!("lib-{krate}"))
+            }) else {
+                continue;
+            };
+            let Some(dep) = std::fs::read_to_string(path.with_extension("json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            else {
+                continue;
+            };
+            out.insert(krate, fingerprint_features(&dep, "features"));
+            work.push(dep);
+        }
+    }
+    out
+}
+
+/// The crates whose features differ between two units' dependency closures (at most three).
+fn closure_differences(fingerprints: &Path, old: &Value, rebuilt: &Value) -> Vec<String> {
+    let (before, after) = (
+        closure_features(fingerprints, old),
+        closure_features(fingerprints, rebuilt),
+    );
+    before
+        .iter()
+        .filter_map(|(krate, features)| {
+            let now = after.get(krate)?;
+            (now != features).then(|| {
+                format!(
+                    "`{krate}` has features [{}] in the program, [{}] in the rebuild",
+                    features.join(", "),
+                    now.join(", ")
+                )
+            })
+        })
+        .take(3)
+        .collect()
 }
 
 #[cfg(test)]

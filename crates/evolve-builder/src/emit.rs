@@ -69,6 +69,8 @@ struct Builder<'a> {
     new_statics: Vec<NewStatic>,
     new_tls: Vec<String>,
     statics: HashMap<String, u64>,
+    /// Anonymous data the objects define for each other: name → (object, symbol).
+    anonymous: HashMap<String, (usize, usize)>,
 }
 
 /// Assembles the patch object of `diff` (see the module docs).
@@ -100,6 +102,22 @@ pub fn assemble(objects: &[ObjectFile], program: &Program, diff: &Diff) -> Resul
         new_statics: Vec::new(),
         new_tls: Vec::new(),
         statics: HashMap::new(),
+        anonymous: objects
+            .iter()
+            .enumerate()
+            .flat_map(|(o, object)| {
+                object
+                    .symbols
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| {
+                        s.section.is_some()
+                            && !s.is_local()
+                            && crate::objfile::is_anonymous(&s.name)
+                    })
+                    .map(move |(i, s)| (s.name.clone(), (o, i)))
+            })
+            .collect(),
     };
     for carried in &diff.carried {
         builder.function(carried)?;
@@ -198,7 +216,7 @@ impl Builder<'_> {
             value: symbol.value,
             size: symbol.size,
             kind: object::SymbolKind::Text,
-            scope: write::SymbolScope::Linkage,
+            scope: write::SymbolScope::Dynamic,
             weak: false,
             section: write::SymbolSection::Section(copy),
             flags: object::SymbolFlags::None,
@@ -353,6 +371,16 @@ impl Builder<'_> {
                 Ok((self.out.section_symbol(copy), addend + target.value as i64))
             }
             None => {
+                // Anonymous data another unit of the rebuild defines: copied from there.
+                if crate::objfile::is_anonymous(&name) {
+                    if let Some(&(d, index)) = self.anonymous.get(&name) {
+                        let defined = &self.objects[d].symbols[index];
+                        let value = defined.value as i64;
+                        let section = defined.section.expect("defined");
+                        let copy = self.copy(d, section);
+                        return Ok((self.out.section_symbol(copy), addend + value));
+                    }
+                }
                 if let Some(&(ao, af)) = self.added.get(&name) {
                     if !self.program.defines(&name) {
                         self.function_symbol(ao, af)?;
@@ -388,8 +416,12 @@ impl Builder<'_> {
     /// Whether a static (or constant) of the object binds to the program's: the program has it
     /// and it is not a read-only static whose contents changed.
     fn bound_to_program(&self, o: usize, symbol: usize) -> bool {
-        let name = &self.objects[o].symbols[symbol].name;
-        self.program.defines(name) && !self.diff.changed_constants.contains(name)
+        let s = &self.objects[o].symbols[symbol];
+        // Only statics have an identity to share; anonymous constants are copied (the
+        // program's of the same name may hold what the edit changed).
+        s.is_static()
+            && self.program.defines(&s.name)
+            && !self.diff.changed_constants.contains(&s.name)
     }
 
     /// Records a static the patch defines (a new one, or a changed constant's copy).
@@ -412,7 +444,7 @@ impl Builder<'_> {
         let scope = if changed_constant {
             write::SymbolScope::Compilation
         } else {
-            write::SymbolScope::Linkage
+            write::SymbolScope::Dynamic
         };
         let id = self.out.add_symbol(write::Symbol {
             name: s.name.clone().into_bytes(),
@@ -439,20 +471,26 @@ impl Builder<'_> {
         if s.st_type == elf::STT_OBJECT {
             self.statics.insert(s.name.clone(), s.size);
         }
-        if let Some(id) = self.undefined.get(&s.name) {
+        // The program's own name (a promoted `X.llvm.N` may carry another N in the rebuild).
+        let name = self
+            .program
+            .canonical(&s.name)
+            .unwrap_or(&s.name)
+            .to_string();
+        if let Some(id) = self.undefined.get(&name) {
             return *id;
         }
         let id = self.out.add_symbol(write::Symbol {
-            name: s.name.clone().into_bytes(),
+            name: name.clone().into_bytes(),
             value: 0,
             size: 0,
             kind: symbol_kind(s.st_type),
-            scope: write::SymbolScope::Linkage,
+            scope: write::SymbolScope::Dynamic,
             weak: false,
             section: write::SymbolSection::Undefined,
             flags: object::SymbolFlags::None,
         });
-        self.undefined.insert(s.name.clone(), id);
+        self.undefined.insert(name, id);
         id
     }
 

@@ -182,7 +182,7 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     let built_at = std::fs::metadata(&base_file)
         .and_then(|m| m.modified())
         .map_err(|e| Error::io(&base_file, e))?;
-    let program = program::Program::read(&base_file)?;
+    let mut program = program::Program::read(&base_file)?;
     let applied = options
         .applied
         .iter()
@@ -206,6 +206,14 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
         return Err(error);
     }
     let started = Instant::now();
+    program.restrict_promoted(
+        rebuilt
+            .objects
+            .iter()
+            .flat_map(|o| o.symbols.iter())
+            .filter(|s| s.section.is_some())
+            .map(|s| s.name.as_str()),
+    );
     let diff = diff::diff(&diff::Inputs {
         program: &program,
         objects: &rebuilt.objects,

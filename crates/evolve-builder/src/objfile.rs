@@ -81,7 +81,7 @@ impl Section {
 
     /// `len` bytes at `offset` (zeros for `.bss`).
     pub fn bytes(&self, offset: u64, len: u64) -> Option<std::borrow::Cow<'_, [u8]>> {
-        if offset + len > self.size {
+        if offset.checked_add(len)? > self.size {
             return None;
         }
         if self.sh_type == elf::SHT_NOBITS {
@@ -98,6 +98,13 @@ impl Section {
         let to = self.relocations.partition_point(|r| r.offset < end);
         &self.relocations[from..to]
     }
+}
+
+/// Whether `name` is one the compiler gave anonymous data: an assembler label (`.L…`) or an
+/// allocation rustc named when LLVM promoted it out of its unit (`anon.<hash>.<n>`,
+/// `alloc_<hash>`, with a `.llvm.<n>` suffix).
+pub fn is_anonymous(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with("anon.") || name.starts_with("alloc_")
 }
 
 /// A symbol.
@@ -132,9 +139,11 @@ impl Symbol {
     /// matters: one of every static), as opposed to anonymous data the compiler named for the
     /// assembler (`.L…` labels; most anonymous constants have no symbol at all).
     pub fn is_static(&self) -> bool {
+        // rustc names anonymous allocations `anon.<hash>.<n>` / `alloc_<hash>` when LLVM
+        // promotes them out of their unit (`….llvm.<n>`).
         matches!(self.st_type, elf::STT_OBJECT | elf::STT_TLS)
             && !self.name.is_empty()
-            && !self.name.starts_with('.')
+            && !is_anonymous(&self.name)
     }
 
     /// Whether it is local (`STB_LOCAL`).

@@ -77,6 +77,8 @@ pub struct Program {
     data: Vec<u8>,
     segments: Vec<Segment>,
     symbols: HashMap<String, Vec<Definition>>,
+    /// Promoted names (`X.llvm.N`) by `X`.
+    promoted: HashMap<String, Vec<String>>,
     imports: std::collections::HashSet<String>,
     pointers: HashMap<u64, Pointer>,
     plt: Vec<(u64, u64)>,
@@ -175,6 +177,7 @@ impl Program {
                     local: symbol.st_bind() == elf::STB_LOCAL,
                 });
         }
+        let promoted = promoted_names(symbols.keys());
         let mut pointers = HashMap::new();
         let dynamic = file.elf_dynamic_symbol_table();
         if let Some(relocations) = file.dynamic_relocations() {
@@ -215,6 +218,7 @@ impl Program {
             data,
             segments,
             symbols,
+            promoted,
             imports,
             pointers,
             plt,
@@ -223,13 +227,50 @@ impl Program {
     }
 
     /// The definitions of `name` (several for a local symbol instantiated in several units).
+    ///
+    /// A name LLVM promoted out of its codegen unit (`X.llvm.<module hash>`, ThinLTO within a
+    /// crate) carries a hash of the unit's contents, which an edit elsewhere in the unit
+    /// changes: such a name matches the program's one promoted name of the same `X` (kpatch
+    /// ignores gcc's `.NNN` suffixes the same way).
     pub fn definitions(&self, name: &str) -> &[Definition] {
-        self.symbols.get(name).map_or(&[], Vec::as_slice)
+        self.canonical(name)
+            .and_then(|n| self.symbols.get(n))
+            .map_or(&[], Vec::as_slice)
     }
 
-    /// Whether the program defines `name`.
+    /// Whether the program defines `name` (see [`Program::definitions`]).
     pub fn defines(&self, name: &str) -> bool {
-        self.symbols.contains_key(name)
+        self.canonical(name).is_some()
+    }
+
+    /// Keeps the promoted-name matching of [`Program::definitions`] to names the rebuild
+    /// promoted once: when it promoted several copies of `X` (one per codegen unit), which one
+    /// the program kept is not known by name.
+    pub fn restrict_promoted<'a>(&mut self, rebuilt: impl Iterator<Item = &'a str>) {
+        let mut seen: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+        for name in rebuilt {
+            if let Some(base) = strip_llvm_suffix(name) {
+                seen.entry(base).or_default().insert(name);
+            }
+        }
+        for (base, names) in seen {
+            if names.len() > 1 {
+                self.promoted.remove(base);
+            }
+        }
+    }
+
+    /// The program's name for `name`: itself, or the program's promoted name of the same
+    /// symbol (see [`Program::definitions`]).
+    pub fn canonical<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        if self.symbols.contains_key(name) {
+            return Some(name);
+        }
+        let base = strip_llvm_suffix(name)?;
+        match self.promoted.get(base).map(Vec::as_slice) {
+            Some([only]) => Some(only.as_str()),
+            _ => None,
+        }
     }
 
     /// Whether the program imports `name` from a library it needs (`memcpy`,
@@ -250,10 +291,12 @@ impl Program {
 
     /// `len` bytes at `address`, as mapped (zeros past a segment's file size).
     pub fn bytes(&self, address: u64, len: u64) -> Option<std::borrow::Cow<'_, [u8]>> {
-        let segment = self
-            .segments
-            .iter()
-            .find(|s| address >= s.address && address + len <= s.address + s.memory_size)?;
+        let segment = self.segments.iter().find(|s| {
+            address >= s.address
+                && address
+                    .checked_add(len)
+                    .is_some_and(|end| end <= s.address + s.memory_size)
+        })?;
         let start = address - segment.address;
         if start + len <= segment.file_size {
             let from = segment.file_offset + start as usize;
@@ -336,7 +379,9 @@ impl Program {
                 local: true,
             });
         }
+        let promoted = promoted_names(map.keys());
         Program {
+            promoted,
             build_id: "00".into(),
             rustc_comment: None,
             pie: true,
@@ -354,4 +399,23 @@ impl Program {
             tls_block: Some((0x100, 16)),
         }
     }
+}
+
+/// `X` of a name LLVM promoted out of its unit (`X.llvm.<digits>`).
+pub fn strip_llvm_suffix(name: &str) -> Option<&str> {
+    let (base, hash) = name.rsplit_once(".llvm.")?;
+    (!hash.is_empty() && hash.bytes().all(|b| b.is_ascii_digit())).then_some(base)
+}
+
+fn promoted_names<'a>(names: impl Iterator<Item = &'a String>) -> HashMap<String, Vec<String>> {
+    let mut promoted: HashMap<String, Vec<String>> = HashMap::new();
+    for name in names {
+        if let Some(base) = strip_llvm_suffix(name) {
+            promoted
+                .entry(base.to_string())
+                .or_default()
+                .push(name.clone());
+        }
+    }
+    promoted
 }
