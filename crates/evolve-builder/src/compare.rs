@@ -302,7 +302,7 @@ impl<'p> Comparator<'p> {
                 let v = read_i32(running, i).ok_or("truncated")?;
                 if same_prefix(from) {
                     return match self.program.pointer(place.wrapping_add_signed(v - a)) {
-                        Some(Pointer::ThreadOffset(name, addend)) if addend == 0 => {
+                        Some(Pointer::ThreadOffset(name, 0)) => {
                             self.named(object, reloc.symbol, &name, 0)
                         }
                         Some(Pointer::Address(offset)) => {

@@ -574,7 +574,7 @@ impl Paths {
             let env = format!("::{{closure_env#{n}}}");
             if let Some(at) = parent.find(&env) {
                 let start = parent[..at]
-                    .rfind(|c: char| c == '<' || c == ' ' || c == ',' || c == '(')
+                    .rfind(['<', ' ', ',', '('])
                     .map_or(0, |i| i + 1);
                 return format!("{}::{{{{closure}}}}", &parent[start..at]);
             }
