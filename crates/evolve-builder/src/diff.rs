@@ -209,7 +209,7 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
         }
         for f in object.functions() {
             let name = object.symbols[f].name.as_str();
-            let verdict = match current.get(name) {
+            let verdict = match current.get(program.canonical(name).unwrap_or(name)) {
                 Some((p, s)) => {
                     let patch = &inputs.applied[*p];
                     let verdict = comparator.with_object(object, f, &patch.object, *s);
@@ -403,7 +403,11 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
         }
         diff.carried.push(Carried {
             function: (o, f),
-            symbol: symbol.name.clone(),
+            // The program's name for it (the rebuild may have promoted it under another hash).
+            symbol: program
+                .canonical(&symbol.name)
+                .unwrap_or(&symbol.name)
+                .to_string(),
             name,
             reason,
             detail: Some(format!("at +{:#x}: {}", difference.offset, difference.what)),

@@ -205,7 +205,7 @@ impl Builder<'_> {
         let section = symbol.section.expect("carried functions are defined");
         let copy = self.copy(o, section);
         let name = match carried.replaces {
-            Some(_) => format!("{NEW_PREFIX}{}", symbol.name),
+            Some(_) => format!("{NEW_PREFIX}{}", carried.symbol),
             None => symbol.name.clone(),
         };
         if self.defined.contains_key(&name) {
