@@ -71,3 +71,19 @@ fn a_program_built_with_lto_is_refused() {
     );
     assert!(!fixture.output("lto").exists());
 }
+
+/// Flags rustc was given through `RUSTFLAGS` change code without changing symbol names: a
+/// rebuild without them is another unit, refused as such.
+#[test]
+fn a_rebuild_with_other_rustflags_is_refused() {
+    let flags = [("RUSTFLAGS", "--cfg evolve_fixture_flag")];
+    let fixture = Fixture::with_env("builder-flags", &flags);
+    fixture.edit(&[("x * 3 + 1 // free v1", "x * 4 + 1 // free v2")]);
+    let error = fixture.build("flags").unwrap_err();
+    assert!(
+        matches!(error.kind(), ErrorKind::Configuration { cause, .. } if cause == "flags"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("evolve_fixture_flag"), "{error}");
+    assert!(!fixture.output("flags").exists());
+}
