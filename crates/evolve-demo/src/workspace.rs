@@ -90,6 +90,14 @@ impl KvWorkspace {
         Ok(binary)
     }
 
+    /// Rebuilds the server (release profile, Evolve flavor) after an edit: the user's
+    /// incremental `cargo build --release`.
+    pub fn rebuild(&self) -> Result<()> {
+        let mut cargo = self.cargo("build");
+        cargo.args(["-p", "kv-server"]);
+        run(&mut cargo, "rebuilding the kv server")
+    }
+
     fn cargo(&self, command: &str) -> Command {
         let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cargo
