@@ -2,7 +2,7 @@
 //! revert it, several rounds; medians of the phases `ApplyReport` measures.
 //!
 //! The functions live in `evolve-bench-hot`, linked into the bench. The patch is built once, by
-//! `evolve_hot::builder::build_patch`, from the same source against this running process
+//! `evolve_builder::so::build_patch`, from the same source against this running process
 //! (`Base::Pid(std::process::id())`, the workspace this bench was built from, its profile and
 //! target directory, found from `std::env::current_exe()`), compiled with
 //! `EVOLVE_BENCH_VARIANT=2`: every function of the patch returns a different constant (symbol
@@ -14,9 +14,9 @@
 //! reference constants, labelled as such.
 
 use crate::stats::{median, round3};
-use evolve::hot::builder::{build_patch, Base, BuildOptions};
 use evolve::hot::patch::{apply, revert, Revert};
 use evolve_bench_hot::{expected, FUNCTIONS, VARIANT};
+use evolve_builder::so::{build_patch, Base, BuildOptions};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

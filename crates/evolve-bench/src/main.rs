@@ -7,6 +7,7 @@
 mod apply_latency;
 mod async_call;
 mod attach;
+mod build_patch_time;
 mod call_overhead;
 mod demo;
 mod kv_live_update;
@@ -62,6 +63,9 @@ enum Scenario {
     ThreadCreate(thread_create::Args),
     /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
     ApplyLatency(apply_latency::Args),
+    /// Hot update: build a patch of a one-line change (format 2), against an incremental
+    /// `cargo build --release` of the same change (`--runs`).
+    BuildPatchTime(build_patch_time::Args),
     /// N successive patches of one function under continuous calls, with reclamation.
     Reclaim(reclaim::Args),
     /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
@@ -102,6 +106,7 @@ fn main() {
         Scenario::AsyncCallOverhead(args) => async_call::run(args),
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),
+        Scenario::BuildPatchTime(args) => build_patch_time::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
         Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),

@@ -123,6 +123,38 @@ fn every_command_against_a_running_process() {
     assert_eq!(built["functions"].as_array().unwrap().len(), 1, "{built}");
     assert!(output.exists());
 
+    // build-patch --dry-run: the same edit compared function by function (format 2), the
+    // configuration discovered, nothing written.
+    let dry = evolve_with(
+        &dir,
+        &[
+            "build-patch",
+            "--manifest-path",
+            fixture.dir.join("Cargo.toml").to_str().unwrap(),
+            "--pid",
+            pid,
+            "--output",
+            fixture.dir.join("dry.o").to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ],
+        |c| {
+            c.env("CARGO_TARGET_DIR", &fixture.target);
+        },
+    )
+    .expect_json();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert!(dry["output"].is_null(), "{dry}");
+    assert!(!fixture.dir.join("dry.o").exists());
+    let carried = dry["carried"].as_array().unwrap();
+    assert_eq!(carried.len(), 1, "{dry}");
+    assert!(
+        carried[0]["name"].as_str().unwrap().contains("price"),
+        "{dry}"
+    );
+    assert_eq!(carried[0]["reason"], "changed", "{dry}");
+    assert_eq!(dry["configuration"]["bin"], "ctlhost", "{dry}");
+
     // apply, revert (last), apply --atomic --trial, revert FUNCTION
     let applied = evolve(&dir, &["apply", pid, output.to_str().unwrap(), "--json"]).expect_json();
     assert_eq!(applied["patch"], "v2");

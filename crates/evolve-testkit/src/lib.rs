@@ -77,6 +77,22 @@ impl Workspace {
     /// crates, with `@EVOLVE@` standing for the repository's `crates` directory — afresh to
     /// `scratch()/<name>` with the repository's lockfile, and builds it.
     pub fn build(fixture: &Path, name: &str) -> Workspace {
+        Workspace::build_with(fixture, name, &[])
+    }
+
+    /// [`Workspace::build`] with extra environment for cargo (e.g. `CARGO_PROFILE_RELEASE_LTO`).
+    pub fn build_with(fixture: &Path, name: &str, env: &[(&str, &str)]) -> Workspace {
+        Workspace::build_in(fixture, name, env, scratch().join("target"))
+    }
+
+    /// [`Workspace::build_with`] into a target directory of its own (`<copy>/target`): for
+    /// fixtures without dependencies whose tests run in parallel and need each copy's
+    /// `target/release/<bin>` to stay theirs.
+    pub fn build_isolated(fixture: &Path, name: &str, env: &[(&str, &str)]) -> Workspace {
+        Workspace::build_in(fixture, name, env, scratch().join(name).join("target"))
+    }
+
+    fn build_in(fixture: &Path, name: &str, env: &[(&str, &str)], target: PathBuf) -> Workspace {
         let dir = scratch().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         copy_substituting(fixture, &dir);
@@ -85,14 +101,12 @@ impl Workspace {
         // The same dependency versions as the repository: shared, already-built artifacts.
         std::fs::copy(repository().join("Cargo.lock"), dir.join("Cargo.lock"))
             .expect("the repository has a Cargo.lock");
-        let workspace = Workspace {
-            dir,
-            target: scratch().join("target"),
-        };
+        let workspace = Workspace { dir, target };
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["build", "--release", "--quiet", "--manifest-path"])
             .arg(workspace.dir.join("Cargo.toml"))
             .env("CARGO_TARGET_DIR", &workspace.target)
+            .envs(env.iter().copied())
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the fixture {name} failed");

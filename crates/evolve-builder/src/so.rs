@@ -1,4 +1,6 @@
-//! The patch builder: from the edited source of a running program's crate, a thin patch.
+//! Format 1: from the edited source of a running program's crate, a thin patch of its
+//! `#[evolve::hot]` functions as a shared object (`.so`), applied by `evolve_hot::patch::apply`.
+//! It stays until the apply of format-2 objects ([`crate::build_patch`]) lands.
 //!
 //! 1. **Base.** Read the running binary — by path, or by pid through `/proc/PID/exe`, which
 //!    still reaches the file a process was started from after it is replaced on disk — for its
@@ -17,37 +19,21 @@
 //!    linked in as the exported symbol `evolve_patch_manifest`, with a placeholder digest.
 //! 5. **Seal**: the linked object is checked the way apply will check it (loading it must run
 //!    none of its code: [`evolve_code::dylib::PatchFile::check_loadable`]), its SHA-256 computed
-//!    with the manifest zeroed ([`crate::manifest::content_digest`]) and written into the
+//!    with the manifest zeroed ([`evolve_hot::manifest::content_digest`]) and written into the
 //!    manifest in place (same length), and only then is the output written.
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{
+use evolve_code::dylib::{read_regular_file, PatchFile};
+use evolve_hot::manifest::{
     content_digest, hex, ChangedStatic, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL,
 };
-use evolve_code::dylib::{read_regular_file, PatchFile};
+use evolve_hot::{Error, ErrorKind, Result};
 use object::{Object, ObjectSymbol, SymbolKind};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Which binary the patch is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Base {
-    /// A binary file.
-    Path(PathBuf),
-    /// A running process (its binary through `/proc/PID/exe`).
-    Pid(u32),
-}
-
-impl Base {
-    fn file(&self) -> PathBuf {
-        match self {
-            Base::Path(p) => p.clone(),
-            Base::Pid(pid) => PathBuf::from(format!("/proc/{pid}/exe")),
-        }
-    }
-}
+pub use crate::Base;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -298,7 +284,10 @@ fn path_without_hash(symbol: &str) -> String {
 /// of the program's value. It is recognised by its path when that names exactly one of the
 /// program's statics that no static of the patch matches by symbol; several such candidates
 /// cannot be told apart, and the patch's statics of that path are taken as new.
-fn changed_statics(running: &HashMap<String, u64>, patch: &[(String, u64)]) -> Vec<ChangedStatic> {
+pub(crate) fn changed_statics(
+    running: &HashMap<String, u64>,
+    patch: &[(String, u64)],
+) -> Vec<ChangedStatic> {
     let in_patch: HashSet<&str> = patch.iter().map(|(name, _)| name.as_str()).collect();
     let mut renamed: HashMap<String, Vec<(&String, u64)>> = HashMap::new();
     for (name, size) in running {
