@@ -107,8 +107,8 @@ pub(crate) fn entry_bytes(
             // Past the function's end: only padding may lie under the rest of the jump.
             if code.len() < SITE_LEN {
                 return Err(format!(
-                    "it is {size} bytes long, shorter than the 5-byte jmp, and the next symbol \
-                     starts {} bytes after its entry",
+                    "it is shorter than the 5-byte jmp ({size} bytes) and the next symbol starts \
+                     {} bytes after its entry",
                     code.len()
                 ));
             }
@@ -118,8 +118,8 @@ pub(crate) fn entry_bytes(
                 && covered + insn.len() <= code.len();
             if !padding {
                 return Err(format!(
-                    "it is {size} bytes long, shorter than the 5-byte jmp, and is followed by \
-                     `{}` at offset {covered}, not padding (int3 or nop)",
+                    "it is shorter than the 5-byte jmp ({size} bytes) and is followed by `{}` at \
+                     offset {covered}, not padding (int3 or nop)",
                     if insn.is_invalid() {
                         "undecodable bytes".to_owned()
                     } else {
@@ -141,11 +141,9 @@ pub(crate) fn entry_bytes(
             ));
         }
         let end = covered + insn.len();
-        if matches!(
-            insn.flow_control(),
-            FlowControl::Call | FlowControl::IndirectCall
-        ) && end < SITE_LEN
-        {
+        // A `call`'s return address is on the stack, where a stopped thread's PC does not
+        // show it (a `syscall` resumes at its PC, which the stop-the-world check sees).
+        if insn.mnemonic() == Mnemonic::Call && end < SITE_LEN {
             return Err(format!(
                 "`{}` at offset {covered} returns to offset {end}, inside the 5 bytes the jmp \
                  replaces",
@@ -231,10 +229,7 @@ mod tests {
         // Followed by another function's code: refused.
         let next = [0x31, 0xc0, 0xc3, 0x48, 0x89, 0xf8, 0xc3];
         let e = check(&next, 3).unwrap_err();
-        assert!(
-            e.contains("3 bytes long") && e.contains("not padding"),
-            "{e}"
-        );
+        assert!(e.contains("(3 bytes)") && e.contains("not padding"), "{e}");
         // The next symbol starts at once.
         let e = check(&[0xc3, 0xcc], 1).unwrap_err();
         assert!(e.contains("next symbol starts 2 bytes"), "{e}");

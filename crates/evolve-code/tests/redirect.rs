@@ -10,10 +10,11 @@ mod common;
 use common::patch::{mangled, remove_scratch, rust_object, threads, with_manifest};
 use evolve_code::loader::{LoadedPatch, ProgramResolver};
 use evolve_code::redirect::{self, Function, Redirect, References, Retarget};
-use evolve_code::{Batch, ErrorKind, PatchSite, SiteInsn};
+use evolve_code::{Batch, Counter, Detour, DetourHooks, Error, ErrorKind, SiteInsn};
 use iced_x86::{Code, Decoder, DecoderOptions};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::sync::{Mutex, MutexGuard};
 
 // ---- The program's side. ------------------------------------------------------------------
@@ -63,10 +64,30 @@ fn call_plain_f3(x: u64) -> u64 {
     evolve_plain::v1::f3(black_box(x)).wrapping_add(7)
 }
 
-/// A function redirected under a probe.
+/// Keeps `evolve-plain`'s own direct callers (a `call rel32` of every function) linked in.
+#[used]
+static KEEP: fn(u64) -> u64 = evolve_plain::sum_direct;
+
+/// A function redirected under a probe, and its versions (in this binary: a typed redirect).
 #[inline(never)]
 fn probe_target(x: u64) -> u64 {
     black_box(x).wrapping_mul(11).wrapping_add(1)
+}
+
+#[inline(never)]
+fn probe_target_v2(x: u64) -> u64 {
+    black_box(x).wrapping_mul(11).wrapping_add(2)
+}
+
+#[inline(never)]
+fn probe_target_v3(x: u64) -> u64 {
+    black_box(x).wrapping_mul(11).wrapping_add(3)
+}
+
+/// Probed before any redirect.
+#[inline(never)]
+fn probed_first(x: u64) -> u64 {
+    black_box(x).wrapping_mul(13).wrapping_add(1)
 }
 
 #[inline(never)]
@@ -136,6 +157,18 @@ std::arch::global_asm!(
     "mov rax, rsi",
     "ret",
     ".size evolve_redirect_branch_inside, .-evolve_redirect_branch_inside",
+    // Two names for one function (as the compiler's function merging makes).
+    ".p2align 4, 0xcc",
+    ".globl evolve_redirect_alias_a",
+    ".type evolve_redirect_alias_a,@function",
+    ".globl evolve_redirect_alias_b",
+    ".type evolve_redirect_alias_b,@function",
+    "evolve_redirect_alias_a:",
+    "evolve_redirect_alias_b:",
+    "lea rax, [rdi + rsi]",
+    "ret",
+    ".size evolve_redirect_alias_a, .-evolve_redirect_alias_a",
+    ".size evolve_redirect_alias_b, .-evolve_redirect_alias_b",
     ".p2align 4, 0xcc",
     ".popsection",
 );
@@ -146,6 +179,7 @@ unsafe extern "C" {
     safe fn evolve_redirect_padded(x: u64) -> u64;
     safe fn evolve_redirect_loop_entry(n: u64, r: u64) -> u64;
     safe fn evolve_redirect_branch_inside(n: u64, r: u64) -> u64;
+    safe fn evolve_redirect_alias_a(n: u64, r: u64) -> u64;
 }
 
 /// Stand-ins with the hand-written functions' signatures.
@@ -266,6 +300,11 @@ fn paths() -> Vec<Path> {
             name: "GOT (calls another)",
             call: Box::new(call_plain_f3),
             expected: plain(3),
+        },
+        Path {
+            name: "tail call in another crate",
+            call: Box::new(|x| evolve_plain::call_direct(2, x)),
+            expected: |v, x| evolve_plain::expected(2, v, x),
         },
     ]
 }
@@ -588,4 +627,415 @@ fn every_path_runs_each_version_in_turn_and_the_bytes_come_back_exactly() {
 /// What `direct_target`'s version `v` returns.
 fn direct_target_version(v: u64, x: u64) -> u64 {
     x.wrapping_mul(3).wrapping_add(v)
+}
+
+type Unary = fn(u64) -> u64;
+
+/// `result` is a `NotRedirectable` refusal of `function` whose reason contains `reason`.
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, Error>, function: &str, reason: &str) {
+    let e = result.expect_err("refused");
+    match e.kind() {
+        ErrorKind::NotRedirectable {
+            function: f,
+            reason: r,
+            ..
+        } => {
+            assert!(f.contains(function), "{e}");
+            assert!(r.contains(reason), "{e}");
+            assert!(e.to_string().contains("nothing was changed"), "{e}");
+        }
+        other => panic!("expected NotRedirectable, got {other:?}: {e}"),
+    }
+}
+
+fn hooks() -> DetourHooks {
+    DetourHooks {
+        counter: Arc::new(Counter::new()),
+        slow: Arc::new(AtomicBool::new(false)),
+        on_entry: Arc::new(|_| {}),
+    }
+}
+
+#[test]
+fn refusals_name_the_function_and_change_nothing() {
+    let _serial = serial();
+    let fixture = |name: &str| Function::in_executable(name).unwrap();
+    let tiny = fixture("evolve_redirect_tiny");
+    let loop_entry = fixture("evolve_redirect_loop_entry");
+    let inside = fixture("evolve_redirect_branch_inside");
+    let alias = fixture("evolve_redirect_alias_a");
+    let unary = Function::from_fn(pointer_target as Unary).unwrap();
+    let unary_v2 = Function::from_fn(probe_target_v2 as Unary).unwrap();
+    // SAFETY: the stand-ins have the fixtures' signatures and are never called by them here
+    // (every redirect below is refused).
+    let (to_tiny, to_loop, to_inside, to_alias) = unsafe {
+        (
+            Function::from_fn(nothing as extern "C" fn())
+                .unwrap()
+                .vouched_version_of(&tiny),
+            Function::from_fn(second as extern "C" fn(u64, u64) -> u64)
+                .unwrap()
+                .vouched_version_of(&loop_entry),
+            Function::from_fn(second as extern "C" fn(u64, u64) -> u64)
+                .unwrap()
+                .vouched_version_of(&inside),
+            Function::from_fn(second as extern "C" fn(u64, u64) -> u64)
+                .unwrap()
+                .vouched_version_of(&alias),
+        )
+    };
+    let all = [&tiny, &loop_entry, &inside, &alias, &unary];
+    let before = snapshot(&all.map(Function::clone), &[]);
+
+    assert_refused(
+        redirect::install(&[(&tiny, &to_tiny)]),
+        "evolve_redirect_tiny",
+        "shorter than the 5-byte jmp (1 bytes) and the next symbol starts 1 bytes after",
+    );
+    assert_refused(
+        redirect::install(&[(&loop_entry, &to_loop)]),
+        "evolve_redirect_loop_entry",
+        "branches to the entry: the entry is a loop target",
+    );
+    assert_refused(
+        redirect::install(&[(&inside, &to_inside)]),
+        "evolve_redirect_branch_inside",
+        "branches to offset 1, inside the",
+    );
+    assert_refused(
+        redirect::install(&[(&alias, &to_alias)]),
+        "evolve_redirect_alias_a",
+        "shares its address with `evolve_redirect_alias_b`",
+    );
+    // One good pair does not carry a bad one: nothing of the batch is written.
+    assert_refused(
+        redirect::install(&[(&unary, &unary_v2), (&loop_entry, &to_loop)]),
+        "evolve_redirect_loop_entry",
+        "loop target",
+    );
+    assert!(Redirect::of(&unary).is_none());
+    // Versions of other functions, and a function to itself.
+    let e = redirect::install(&[(&loop_entry, &unary_v2)]).unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::InvalidArgument { reason } if reason.contains("not a version")),
+        "{e}"
+    );
+    let e = redirect::install(&[(&unary, &unary)]).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidArgument { .. }), "{e}");
+    assert_unchanged(&before);
+
+    // Already redirected: retarget that redirect instead; a cycle is refused.
+    let installed = redirect::install(&[(&unary, &unary_v2)]).unwrap();
+    assert_refused(
+        redirect::install(&[(&unary, &unary_v2)]),
+        "pointer_target",
+        "already redirected",
+    );
+    let e = redirect::install(&[(&unary_v2, &unary)]).unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::InvalidArgument { reason } if reason.contains("leads back")),
+        "{e}"
+    );
+    let mut batch = Batch::new();
+    let e = installed.redirects[0]
+        .retarget_in(&mut batch, &unary_v2, &unary)
+        .unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidArgument { .. }), "{e}");
+    assert!(batch.is_empty());
+    redirect::remove(&installed.redirects).unwrap();
+    let e = redirect::remove(&installed.redirects).unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::InvalidArgument { .. }), "{e}");
+    assert_unchanged(&before);
+    // The hand-written functions still run as written.
+    evolve_redirect_tiny();
+    assert_eq!(evolve_redirect_loop_entry(3, 42), 42);
+    assert_eq!(evolve_redirect_branch_inside(3, 43), 43);
+    assert_eq!(evolve_redirect_alias_a(40, 2), 42);
+}
+
+#[test]
+fn a_short_function_followed_by_padding_is_redirected_and_restored() {
+    let _serial = serial();
+    let padded = Function::in_executable("evolve_redirect_padded").unwrap();
+    assert_eq!(padded.size(), 4);
+    // SAFETY: `padded_v2` has the signature of `evolve_redirect_padded`.
+    let v2 = unsafe {
+        Function::from_fn(padded_v2 as extern "C" fn(u64) -> u64)
+            .unwrap()
+            .vouched_version_of(&padded)
+    };
+    let before = read(padded.address(), 16);
+    assert_eq!(before[4..], [0xcc; 12]);
+    let call: extern "C" fn(u64) -> u64 = black_box(evolve_redirect_padded);
+    assert_eq!(call(5), 5);
+    let installed = redirect::install(&[(&padded, &v2)]).unwrap();
+    assert_eq!(call(5), 105);
+    let now = read(padded.address(), 16);
+    assert_eq!(now[0], 0xe9);
+    assert_eq!(now[5..], before[5..], "only the 5 bytes of the jmp changed");
+    redirect::remove(&installed.redirects).unwrap();
+    assert_eq!(read(padded.address(), 16), before);
+    assert_eq!(call(5), 5);
+}
+
+/// Reads `/proc/self/task/<tid>/syscall`: the system call a thread is blocked in and its PC.
+fn blocked_in(tid: i32) -> Option<(i64, usize)> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let number = fields.first()?.parse().ok()?;
+    let pc = usize::from_str_radix(fields.last()?.trim_start_matches("0x"), 16).ok()?;
+    Some((number, pc))
+}
+
+#[test]
+fn a_thread_parked_inside_the_replaced_bytes_refuses_the_redirect_naming_it() {
+    let _serial = serial();
+    let f = Function::in_executable("evolve_redirect_blocking_read").unwrap();
+    // SAFETY: `never_read` has the signature of `evolve_redirect_blocking_read`.
+    let stand_in = unsafe {
+        Function::from_fn(never_read as extern "C" fn(i32, *mut u8, usize) -> isize)
+            .unwrap()
+            .vouched_version_of(&f)
+    };
+    let before = read(f.address(), 16);
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) fills the two descriptors.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        // SAFETY: gettid has no arguments.
+        tx.send(unsafe { libc::syscall(libc::SYS_gettid) } as i32)
+            .unwrap();
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into `byte`.
+        unsafe { evolve_redirect_blocking_read(fds[0], &mut byte, 1) }
+    });
+    let tid = rx.recv().unwrap();
+    // Wait until it is blocked in read(2), whose `syscall` instruction is at entry + 2.
+    let mut waited = 0;
+    while blocked_in(tid) != Some((0, f.address() + 4)) {
+        assert!(
+            waited < 10_000,
+            "the reader never blocked: {:?}",
+            blocked_in(tid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
+    }
+    let e = redirect::install(&[(&f, &stand_in)]).unwrap_err();
+    match e.kind() {
+        ErrorKind::ThreadInside {
+            function,
+            tid: t,
+            pc,
+            attempts,
+            ..
+        } => {
+            assert_eq!(function, "evolve_redirect_blocking_read");
+            assert_eq!(*t, tid, "{e}");
+            // Interrupted and restarted: it resumes at the `syscall` itself.
+            assert_eq!(*pc, f.address() + 2, "{e}");
+            assert_eq!(*attempts, redirect::MAX_ATTEMPTS);
+            assert!(e.to_string().contains(&format!("thread {tid}")), "{e}");
+        }
+        other => panic!("expected ThreadInside, got {other:?}: {e}"),
+    }
+    assert_eq!(read(f.address(), 16), before);
+    assert!(Redirect::of(&f).is_none());
+    // Let it go: it read its byte through the original code.
+    // SAFETY: writes one byte from a valid buffer.
+    assert_eq!(unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) }, 1);
+    assert_eq!(reader.join().unwrap(), 1);
+    // With nobody inside, the same redirect goes through, and comes out exactly.
+    let installed = redirect::install(&[(&f, &stand_in)]).unwrap();
+    assert_eq!(installed.stops.stops, 1);
+    redirect::remove(&installed.redirects).unwrap();
+    assert_eq!(read(f.address(), 16), before);
+    // SAFETY: closing our own descriptors.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}
+
+/// Writes `value` into the GOT slot `slot` behind the engine's back.
+fn write_slot_behind_the_back(slot: usize, value: usize) {
+    let page = slot & !4095;
+    // SAFETY: the slot's page is this binary's RELRO (read-only) data, made writable only for
+    // this aligned store and read-only again; the value written is a function of the slot's
+    // type, or its original value.
+    unsafe {
+        assert_eq!(
+            libc::mprotect(page as *mut _, 4096, libc::PROT_READ | libc::PROT_WRITE),
+            0
+        );
+        std::ptr::write_volatile(slot as *mut usize, value);
+        assert_eq!(libc::mprotect(page as *mut _, 4096, libc::PROT_READ), 0);
+    }
+}
+
+#[test]
+fn a_reference_changed_behind_the_batch_refuses_it_whole_and_changes_nothing() {
+    let _serial = serial();
+    let v2_patch = load(&with_manifest(&rust_object(&patch_source(2))));
+    let v3_patch = load(&with_manifest(&rust_object(&patch_source(3))));
+    // One batch for two functions: `direct_target` (direct calls here and in the patches) and
+    // `evolve_plain::v1::f2` (calls through this binary's GOT).
+    let program = [REPLACED[0], REPLACED[3]].map(|p| Function::in_executable(p).unwrap());
+    let v2 = program
+        .each_ref()
+        .map(|f| Function::replacement(&v2_patch, f.symbol()).unwrap());
+    let v3 = program
+        .each_ref()
+        .map(|f| Function::replacement(&v3_patch, f.symbol()).unwrap());
+    let pairs: Vec<(&Function, &Function)> = program.iter().zip(&v2).collect();
+    let installed = redirect::install(&pairs).unwrap();
+    let refs = program
+        .each_ref()
+        .map(|f| References::find(f, &[&v2_patch, &v3_patch]).unwrap());
+    assert!(
+        refs[0].code_sites().len() >= 5,
+        "{}",
+        refs[0].code_sites().len()
+    );
+    assert!(!refs[1].got_slots().is_empty());
+    let before = snapshot(&[], &refs);
+    let batch = || {
+        let mut batch = Retarget::new();
+        for i in 0..2 {
+            batch.retarget(&refs[i], &program[i], &v2[i]).unwrap();
+        }
+        batch
+    };
+    let paths = paths();
+
+    while_called(&paths, 3, || {
+        // A code reference retargeted by someone else (the last one: the earlier ones of the
+        // batch are planned first, and must not be written either).
+        let site = *refs[0].code_sites().last().unwrap();
+        let other = match site.current() {
+            SiteInsn::Call(_) => SiteInsn::Call(v3[0].address()),
+            SiteInsn::Jmp(_) => SiteInsn::Jmp(v3[0].address()),
+            SiteInsn::Nop => unreachable!(),
+        };
+        site.retarget(site.current(), other).unwrap();
+        let e = batch().apply().unwrap_err();
+        assert!(
+            matches!(e.kind(), ErrorKind::UnexpectedInstruction { address, .. } if *address == site.address()),
+            "{e}"
+        );
+        let rest: Vec<(usize, Vec<u8>)> = before
+            .iter()
+            .filter(|(a, _)| *a != site.address())
+            .cloned()
+            .collect();
+        assert_unchanged(&rest);
+        site.restore().unwrap();
+        assert_unchanged(&before);
+
+        // A GOT slot written behind the engine's back.
+        let slot = refs[1].got_slots()[0];
+        write_slot_behind_the_back(slot, v3[1].address());
+        let e = batch().apply().unwrap_err();
+        match e.kind() {
+            ErrorKind::UnexpectedSlot {
+                slot: s,
+                expected,
+                found,
+            } => {
+                assert_eq!(
+                    (*s, *expected, *found),
+                    (slot, program[1].address(), v3[1].address())
+                );
+            }
+            other => panic!("expected UnexpectedSlot, got {other:?}: {e}"),
+        }
+        assert_eq!(word(slot), v3[1].address());
+        write_slot_behind_the_back(slot, program[1].address());
+        assert_unchanged(&before);
+
+        // With the view right again, the same batch goes through, and back.
+        batch().apply().unwrap();
+        assert_references_reach(&refs[0], &v2[0]);
+        assert_references_reach(&refs[1], &v2[1]);
+        let mut back = Retarget::new();
+        back.restore(&refs[0]).restore(&refs[1]);
+        back.apply().unwrap();
+        assert_unchanged(&before);
+    });
+    redirect::remove(&installed.redirects).unwrap();
+    all_return(&paths, 1);
+}
+
+#[test]
+fn a_probe_placed_on_a_redirected_entry_follows_it() {
+    let _serial = serial();
+    let f = Function::from_fn(probe_target as Unary).unwrap();
+    let v2 = Function::from_fn(probe_target_v2 as Unary).unwrap();
+    let v3 = Function::from_fn(probe_target_v3 as Unary).unwrap();
+    let before = read(f.address(), f.size());
+    let call: Unary = black_box(probe_target);
+
+    // Probe first: the redirect refuses the probed entry.
+    let first = Function::from_fn(probed_first as Unary).unwrap();
+    let first_v2 = Function::from_fn(probe_target_v2 as Unary).unwrap();
+    let probe = Detour::install(first.address(), first.size(), hooks()).unwrap();
+    assert_refused(
+        redirect::install(&[(&first, &first_v2)]),
+        "probed_first",
+        "a probe's detour is installed on its entry",
+    );
+    probe.remove().unwrap();
+
+    // Redirect first, probe after: the probe follows the redirect.
+    let installed = redirect::install(&[(&f, &v2)]).unwrap();
+    let refs = References::find(&f, &[]).unwrap();
+    assert!(
+        !refs.code_sites().is_empty(),
+        "call_probe_target calls it directly"
+    );
+    Retarget::new()
+        .retarget(&refs, &f, &v2)
+        .unwrap()
+        .apply()
+        .unwrap();
+    let h = hooks();
+    let probe = Detour::install(f.address(), f.size(), h.clone()).unwrap();
+    assert!(probe.through_stub());
+    assert_eq!(call(2), 24);
+    assert_eq!(call_probe_target(2), 25);
+    assert_eq!(
+        h.counter.get(),
+        2,
+        "direct calls pass the probe while it is there"
+    );
+    // Newer versions under the probe: the entry's target moves, the references too.
+    let mut batch = Batch::new();
+    installed.redirects[0]
+        .retarget_in(&mut batch, &v2, &v3)
+        .unwrap();
+    batch.apply().unwrap();
+    Retarget::new()
+        .retarget(&refs, &v2, &v3)
+        .unwrap()
+        .apply()
+        .unwrap();
+    assert_eq!(call(2), 25);
+    assert_eq!(call_probe_target(2), 26);
+    assert_eq!(h.counter.get(), 4);
+    // A redirect under a probe stays until the probe goes.
+    assert_refused(
+        redirect::remove(&installed.redirects),
+        "probe_target",
+        "a probe is routed through its redirected entry",
+    );
+    probe.remove().unwrap();
+    assert_eq!(call_probe_target(2), 26);
+    assert_eq!(h.counter.get(), 4);
+    assert_references_reach(&refs, &v3);
+    Retarget::new().restore(&refs).apply().unwrap();
+    redirect::remove(&installed.redirects).unwrap();
+    assert_eq!(read(f.address(), f.size()), before);
+    assert_eq!(call(2), 23);
+    assert_eq!(call_probe_target(2), 24);
 }
