@@ -254,7 +254,8 @@ pub fn branch_sites_to(target: usize) -> Result<Vec<BranchSite>> {
 
 /// The slots of the main executable's `.got` that hold `value` now, in address order: where
 /// its code loads the address of a function it calls through the GOT (`call
-/// *f@GOTPCREL(%rip)`, which rustc emits for calls into other crates and `ld` does not relax).
+/// *f@GOTPCREL(%rip)`, which rustc emits for calls of other crates' and of public functions,
+/// and `ld` does not relax).
 ///
 /// # Errors
 /// As [`executable`].
@@ -269,6 +270,26 @@ pub fn branch_sites_to(target: usize) -> Result<Vec<BranchSite>> {
 /// # Ok::<(), evolve_code::error::Error>(())
 /// ```
 pub fn got_slots_holding(value: usize) -> Result<Vec<usize>> {
+    Ok(got_entries()?
+        .into_iter()
+        .filter(|&(_, v)| v == value)
+        .map(|(slot, _)| slot)
+        .collect())
+}
+
+/// Every slot of the main executable's `.got` with the value it holds now, in address order
+/// (empty if it has no `.got`).
+///
+/// # Errors
+/// As [`executable`].
+///
+/// # Example
+/// ```
+/// let entries = evolve_code::inspect::got_entries()?;
+/// assert!(entries.windows(2).all(|w| w[0].0 + 8 == w[1].0));
+/// # Ok::<(), evolve_code::error::Error>(())
+/// ```
+pub fn got_entries() -> Result<Vec<(usize, usize)>> {
     let exe = executable()?;
     let Some(got) = exe.got() else {
         return Ok(Vec::new());
@@ -280,8 +301,10 @@ pub fn got_slots_holding(value: usize) -> Result<Vec<usize>> {
         bytes
             .chunks_exact(8)
             .enumerate()
-            .filter(|(_, word)| usize::from_le_bytes((*word).try_into().expect("8 bytes")) == value)
-            .map(|(i, _)| got.start + 8 * i)
+            .map(|(i, word)| {
+                let value = usize::from_le_bytes(word.try_into().expect("8 bytes"));
+                (got.start + 8 * i, value)
+            })
             .collect()
     });
     Ok(found.unwrap_or_default())

@@ -171,7 +171,7 @@ impl Redirect {
 }
 
 /// Refuses a jump from `entry` to `target` when `target` leads back to `entry` through
-/// installed redirects (or the `(entry, target)` pairs of the batch being installed).
+/// installed redirects (or the `(entry, target)` pairs, sorted, of the batch being installed).
 fn check_no_cycle(
     registry: &Registry,
     entry: usize,
@@ -193,7 +193,10 @@ fn check_no_cycle(
                 .ok()
                 .and_then(|s| s.current().target())
         } else {
-            batch.iter().find(|(e, _)| *e == at).map(|(_, t)| *t)
+            batch
+                .binary_search_by_key(&at, |(e, _)| *e)
+                .ok()
+                .map(|i| batch[i].1)
         };
         match next {
             Some(n) => at = n,
@@ -372,10 +375,12 @@ pub fn install(pairs: &[(&Function, &Function)]) -> Result<Installed> {
 fn plan_install(registry: &Registry, pairs: &[(&Function, &Function)]) -> Result<Vec<Planned>> {
     let maps = memory::mappings()?;
     let mut seen = HashSet::with_capacity(pairs.len());
-    let batch: Vec<(usize, usize)> = pairs
+    // Sorted by entry, for the cycle check.
+    let mut batch: Vec<(usize, usize)> = pairs
         .iter()
         .map(|(f, v)| (f.address(), v.address()))
         .collect();
+    batch.sort_unstable();
     let mut plans = Vec::with_capacity(pairs.len());
     for &(function, version) in pairs {
         let entry = function.address();

@@ -163,20 +163,20 @@ impl Function {
 
     fn of_executable(exe: &Image, symbol: &Symbol, lineage: Lineage) -> Function {
         let address = symbol.address;
-        let next = {
-            let all = exe.symbols();
-            let i = all.partition_point(|s| s.address <= address);
-            all.get(i).map(|s| s.address)
-        };
+        // Symbols are sorted by address: those at this address, and the next one.
+        let all = exe.symbols();
+        let here = all.partition_point(|s| s.address < address)
+            ..all.partition_point(|s| s.address <= address);
+        let next = all.get(here.end).map(|s| s.address);
         let end_of_code = exe
             .exec_ranges()
             .iter()
             .find(|r| r.contains(&address))
             .map_or(address + symbol.size, |r| r.end);
         let limit = next.map_or(end_of_code, |n| n.min(end_of_code));
-        let aliases = exe
-            .functions()
-            .filter(|s| s.address == address && s.size > 0 && s.name != symbol.name)
+        let aliases = all[here]
+            .iter()
+            .filter(|s| s.kind == SymbolKind::Function && s.size > 0 && s.name != symbol.name)
             .map(|s| s.demangled.clone())
             .collect();
         Function {

@@ -12,6 +12,7 @@ use crate::overwrite;
 use crate::site::{PatchSite, SiteInsn};
 use crate::sys::memory;
 use crate::write::{self, Batch, BatchReport};
+use std::collections::HashMap;
 
 /// A direct branch to the function.
 #[derive(Debug, Clone, Copy)]
@@ -65,26 +66,50 @@ impl References {
     /// Finds and registers every reference to `function` as the code holds them now: in the
     /// executable if `function` is the executable's, and in each of `patches`. Sites inside the
     /// bytes an installed redirect replaced are left out (nothing executes them); so install
-    /// entry redirects before finding references.
+    /// entry redirects before finding references. [`References::find_many`] does it for many
+    /// functions at once, reading everything once.
     ///
     /// # Errors
     /// [`ErrorKind::NotRedirectable`] if another function shares `function`'s address (some of
     /// the calls there would be the other's); the errors of [`inspect::branch_sites_to`] and
     /// [`PatchSite::register`].
     pub fn find(function: &Function, patches: &[&LoadedPatch]) -> Result<References> {
-        function.check_not_aliased()?;
-        let target = function.address();
-        let skip = replaced_ranges();
+        Ok(References::find_many(&[function], patches)?
+            .pop()
+            .expect("one function, one set"))
+    }
+
+    /// [`References::find`] for each of `functions`, in order: the executable's GOT, the
+    /// installed redirects and each patch's code are read once for all of them.
+    ///
+    /// # Errors
+    /// As [`References::find`]; nothing is registered for a function after the first error
+    /// (the functions before it keep their registered sites, which still hold their
+    /// original bytes).
+    pub fn find_many(functions: &[&Function], patches: &[&LoadedPatch]) -> Result<Vec<References>> {
+        for f in functions {
+            f.check_not_aliased()?;
+        }
+        let mut skip = replaced_ranges();
+        skip.sort_unstable_by_key(|(entry, _)| entry.get());
         let skipped = |site: usize| {
-            skip.iter()
-                .any(|(entry, covered)| (entry.get()..entry.get() + covered).contains(&site))
+            let i = skip.partition_point(|(entry, _)| entry.get() <= site);
+            i > 0 && site < skip[i - 1].0.get() + skip[i - 1].1
         };
         let exe = inspect::executable()?;
-        let in_executable = exe.exec_ranges().iter().any(|r| r.contains(&target));
-        let mut sites: Vec<(Hidden, BranchKind)> = Vec::new();
-        if in_executable {
-            for b in inspect::branch_sites_to(target)? {
-                sites.push((Hidden::new(b.address), b.kind));
+        let in_executable = |target: usize| exe.exec_ranges().iter().any(|r| r.contains(&target));
+        let wanted: HashMap<Hidden, usize> = functions
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (Hidden::new(f.address()), i))
+            .collect();
+        // Code sites by function, from the executable's index and each patch's code.
+        let mut sites: Vec<Vec<(Hidden, BranchKind)>> = vec![Vec::new(); functions.len()];
+        for (i, f) in functions.iter().enumerate() {
+            if in_executable(f.address()) {
+                for b in inspect::branch_sites_to(f.address())? {
+                    sites[i].push((Hidden::new(b.address), b.kind));
+                }
             }
         }
         if !patches.is_empty() {
@@ -97,51 +122,62 @@ impl References {
                     }
                     let code = overwrite::read_code(&maps, start, end - start)?;
                     let found = inspect::direct_branches(&code, start);
-                    sites.extend(
-                        found
-                            .iter()
-                            .filter(|b| b.target == target)
-                            .map(|b| (Hidden::new(b.address), b.kind)),
-                    );
+                    for b in &found {
+                        if let Some(&i) = wanted.get(&Hidden::new(b.target)) {
+                            sites[i].push((Hidden::new(b.address), b.kind));
+                        }
+                    }
                     crate::hidden::scrub_plain(found);
                 }
             }
         }
-        sites.sort_unstable_by_key(|(s, _)| s.get());
-        sites.dedup_by_key(|(s, _)| *s);
-        let mut code = Vec::with_capacity(sites.len());
-        for (site, kind) in sites {
-            if skipped(site.get()) {
-                continue;
+        // GOT slots by function (the executable's functions only: its GOT never held patch
+        // code, except where a retarget put it).
+        let mut slots: Vec<Vec<SlotReference>> = vec![Vec::new(); functions.len()];
+        if functions.iter().any(|f| in_executable(f.address())) {
+            let entries = inspect::got_entries()?;
+            for &(slot, value) in &entries {
+                if let Some(&i) = wanted.get(&Hidden::new(value)) {
+                    if in_executable(value) {
+                        slots[i].push(SlotReference {
+                            slot: Hidden::new(slot),
+                            original: Hidden::new(value),
+                        });
+                    }
+                }
             }
-            // SAFETY: the site branches to `function` (decoded just now), so its callers call
-            // a function of `function`'s lineage; a `Retarget` only ever makes it branch to
-            // another version of that lineage or puts its original bytes back. The executable
-            // stays mapped; a patch's sites are forgotten by the engine when it is unloaded.
-            unsafe { PatchSite::register(site.get())? };
-            // While a probe is routed through the function's entry, this branch keeps calling
-            // the entry (see `crate::write::follow`), so the probe sees its calls.
-            write::follow(site.get(), target);
-            code.push(CodeReference { site, kind });
+            crate::hidden::scrub_plain(entries);
         }
-        let slots = if in_executable {
-            inspect::got_slots_holding(target)?
-                .into_iter()
-                .map(|slot| SlotReference {
-                    slot: Hidden::new(slot),
-                    original: Hidden::new(target),
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(References {
-            lineage: function.lineage().clone(),
-            shown: function.name().to_owned(),
-            function: Hidden::new(target),
-            code,
-            slots,
-        })
+        let mut out = Vec::with_capacity(functions.len());
+        for ((f, mut sites), slots) in functions.iter().zip(sites).zip(slots) {
+            let target = f.address();
+            sites.sort_unstable_by_key(|(s, _)| s.get());
+            sites.dedup_by_key(|(s, _)| *s);
+            let mut code = Vec::with_capacity(sites.len());
+            for (site, kind) in sites {
+                if skipped(site.get()) {
+                    continue;
+                }
+                // SAFETY: the site branches to `f` (decoded just now), so its callers call a
+                // function of `f`'s lineage; a `Retarget` only ever makes it branch to another
+                // version of that lineage or puts its original bytes back. The executable
+                // stays mapped; a patch's sites are forgotten by the engine when it is
+                // unloaded.
+                unsafe { PatchSite::register(site.get())? };
+                // While a probe is routed through the function's entry, this branch keeps
+                // calling the entry (see `crate::write::follow`), so the probe sees its calls.
+                write::follow(site.get(), target);
+                code.push(CodeReference { site, kind });
+            }
+            out.push(References {
+                lineage: f.lineage().clone(),
+                shown: f.name().to_owned(),
+                function: Hidden::new(target),
+                code,
+                slots,
+            });
+        }
+        Ok(out)
     }
 
     /// Adds the references `other` found (for instance in a patch loaded later) to these.

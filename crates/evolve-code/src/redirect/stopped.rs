@@ -7,7 +7,7 @@
 //! addresses, PCs saved in signal frames), [`Stopped::resumable_in`] asks it that instead, and
 //! nothing else in the redirects changes.
 
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::world::stop_the_world_threads;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -36,12 +36,28 @@ impl Stopped<'_> {
     }
 }
 
+/// Stops that time out (a thread did not park: on an overloaded machine it may not get a CPU
+/// within the world's deadline) are tried this many times more before the error is returned.
+const TIMEOUT_RETRIES: usize = 3;
+
 /// Stops every other thread, runs `f` (which must not allocate nor take a lock another thread
-/// may hold), resumes them. Returns what `f` returned and how long the call took, from before
+/// may hold), resumes them. Returns what `f` returned and how long the stop took, from before
 /// the first thread was signalled to after the last was told to resume: an upper bound of the
-/// pause any thread saw.
-pub(super) fn with_world_stopped<R>(f: impl FnOnce(&Stopped<'_>) -> R) -> Result<(R, Duration)> {
-    let started = Instant::now();
-    let result = stop_the_world_threads(|tids, pcs| f(&Stopped { tids, pcs }))?;
-    Ok((result, started.elapsed()))
+/// pause any thread saw. A stop that times out ran nothing and is tried again (up to
+/// [`TIMEOUT_RETRIES`] times).
+pub(super) fn with_world_stopped<R>(mut f: impl FnMut(&Stopped<'_>) -> R) -> Result<(R, Duration)> {
+    let mut retries = 0;
+    loop {
+        let started = Instant::now();
+        match stop_the_world_threads(|tids, pcs| f(&Stopped { tids, pcs })) {
+            Ok(result) => return Ok((result, started.elapsed())),
+            Err(e)
+                if matches!(e.kind(), ErrorKind::Unsupported { .. })
+                    && retries < TIMEOUT_RETRIES =>
+            {
+                retries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
