@@ -12,6 +12,8 @@
 //!
 //! There is no PSU or Ginseng to run here: their published figures are quoted in the record as
 //! reference constants, labelled as such.
+//!
+//! `--unprepared` measures unprepared functions instead: see [`crate::apply_unprepared`].
 
 use crate::stats::{median, round3};
 use evolve::hot::patch::{apply, revert, Revert};
@@ -33,6 +35,13 @@ pub struct Args {
     /// Where to write the patch (default: a scratch directory, removed afterwards).
     #[arg(long)]
     pub patch_dir: Option<PathBuf>,
+    /// Unprepared functions instead (the engine level): `evolve-plain`'s 1000 plain functions
+    /// redirected through entry jumps and reference retargeting (see `apply_unprepared`).
+    #[arg(long)]
+    pub unprepared: bool,
+    /// With `--unprepared`: threads calling the functions during every apply and revert.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
     /// Accepted for uniformity: the output is always JSON.
     #[arg(long)]
     pub json: bool,
@@ -83,6 +92,9 @@ fn check(variant: u64) -> Result<(), String> {
 
 /// Runs the scenario and returns its JSON record.
 pub fn run(args: &Args) -> Result<Value, String> {
+    if args.unprepared {
+        return crate::apply_unprepared::run(args.functions, args.rounds, args.threads);
+    }
     if args.functions != FUNCTIONS.len() {
         return Err(format!(
             "the bench links {} hot functions (evolve-bench-hot); --functions {} is not available",
@@ -240,6 +252,8 @@ mod tests {
             functions: 3,
             rounds: 1,
             patch_dir: None,
+            unprepared: false,
+            threads: 0,
             json: true
         })
         .is_err());
@@ -253,6 +267,8 @@ mod tests {
             functions: 1000,
             rounds: 2,
             patch_dir: None,
+            unprepared: false,
+            threads: 0,
             json: true,
         })
         .unwrap();

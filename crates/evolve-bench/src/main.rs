@@ -5,6 +5,7 @@
 //! engine at work.
 
 mod apply_latency;
+mod apply_unprepared;
 mod async_call;
 mod attach;
 mod build_patch_time;
@@ -54,14 +55,17 @@ enum Scenario {
     /// a direct call of the function (`--iters`, `--runs`).
     MultiverseFnptr(Raw),
     /// Hot update: a call through a hot function's stub, against a direct call and a PSU-style
-    /// trampoline (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu` for callgrind).
+    /// trampoline; an unprepared function never patched, and one patched with its call site
+    /// retargeted (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu|unpatched|patched`
+    /// for callgrind).
     CallOverhead(call_overhead::Args),
     /// Hot update: a `#[evolve::hot] async fn` awaited to its end, against the same plain
     /// `async fn` (`--iters`, `--runs`).
     AsyncCallOverhead(async_call::Args),
     /// Hot update: thread create+join with Evolve active, against a process without it.
     ThreadCreate(thread_create::Args),
-    /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
+    /// Hot update: build a patch of 1000 hot functions against this process, apply and revert;
+    /// with `--unprepared`, redirect 1000 unprepared functions (entry jumps and references).
     ApplyLatency(apply_latency::Args),
     /// Hot update: build a patch of a one-line change (format 2), against an incremental
     /// `cargo build --release` of the same change (`--runs`).

@@ -18,7 +18,9 @@
 //! - [`loader`] loads patch objects (ELF relocatable objects) within ±2 GiB of the executable
 //!   and binds them to the program's own symbols, locals included;
 //! - [`inspect`] reads the process's own ELF images: symbols, function ranges, build id, and
-//!   every `call rel32` that targets a function.
+//!   every `call rel32` that targets a function;
+//! - [`redirect`] switches an unprepared function to another version and back: a `jmp` over
+//!   its entry written with the world stopped, and its direct calls and GOT slots retargeted.
 //!
 //! All `unsafe` of Evolve lives in this crate, each block with the reason it holds.
 //!
@@ -70,8 +72,10 @@ mod hidden;
 pub mod inspect;
 pub mod loader;
 mod near;
+mod overwrite;
 mod primitive;
 mod published;
+pub mod redirect;
 pub mod scan;
 pub mod shadow;
 mod site;

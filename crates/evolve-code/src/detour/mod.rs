@@ -660,6 +660,23 @@ impl Drop for Detour {
     }
 }
 
+/// Whether a probe's detour is installed on `function` (its entry holds a jump to a
+/// trampoline, or its stub is routed through one): [`crate::redirect`] refuses to redirect
+/// such an entry, and to remove a redirect a probe is routed through.
+pub(crate) fn is_detoured(function: usize) -> bool {
+    DETOURED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|d| d.contains(&function))
+}
+
+/// The bytes at `function`'s entry changed (a redirect was installed or removed): its decoded
+/// entry is stale.
+pub(crate) fn entry_changed(function: usize) {
+    forget_decoded(function);
+}
+
 fn forget(function: usize) {
     if let Some(d) = DETOURED.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
         d.remove(&function);

@@ -249,18 +249,40 @@ impl Writer {
 
     /// Makes `address..address + len` (`len >= SITE_LEN`) writable, keeping it executable.
     pub(crate) fn open_code_window(&mut self, address: usize, len: usize) -> Result<CodeWindow> {
+        self.open_code_window_over(&[(address, len)])
+    }
+
+    /// Makes every range `(address, len)` of `ranges` (`len >= SITE_LEN`, non-empty) writable,
+    /// keeping them executable: one `mprotect` per run of pages of one mapping, as a batch.
+    pub(crate) fn open_code_window_over(
+        &mut self,
+        ranges: &[(usize, usize)],
+    ) -> Result<CodeWindow> {
         membarrier::ensure_registered()?;
-        let len = len.max(SITE_LEN);
-        let window = self.open_window(
+        let page = memory::page_size();
+        let window = self.open_window(ranges.iter().flat_map(|&(address, len)| {
+            let len = len.max(SITE_LEN);
             (address..address + len)
-                .step_by(memory::page_size())
-                .chain([address + len - SITE_LEN]),
-        )?;
+                .step_by(page)
+                .chain([address + len - SITE_LEN])
+        }))?;
         if window.via_proc_mem {
             // Open the file now: the write must not allocate while the world is stopped.
+            let address = ranges.first().expect("a range").0;
             window.write(address, &super::read_site(address))?;
         }
         Ok(CodeWindow(window))
+    }
+
+    /// The bytes the engine recorded at the registered site `address` (what it last wrote, or
+    /// found when registering); `None` if it is not a site.
+    pub(crate) fn recorded_bytes(&self, address: usize) -> Option<[u8; SITE_LEN]> {
+        self.sites.get(&Hidden::new(address)).map(|s| s.bytes)
+    }
+
+    /// Whether writes go through `/proc/self/mem` (see the module docs).
+    pub(crate) fn via_proc_mem(&self) -> bool {
+        self.via_proc_mem
     }
 }
 

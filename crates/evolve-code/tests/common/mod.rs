@@ -1,8 +1,10 @@
 //! Shared fixtures of the engine's integration tests: generated call sites, text sites, and a
-//! hammer that calls through sites from many threads while another retargets them.
+//! hammer that calls through sites from many threads while another retargets them; patch
+//! objects built as the builder does ([`patch`]).
 #![allow(dead_code, unsafe_code)]
 
 pub mod faults;
+pub mod patch;
 
 use evolve_code::{Batch, NearBlock, PatchSite, Placement, SiteInsn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
