@@ -21,11 +21,13 @@
 //! Then, from a shell: `evolve ps`, `evolve status <pid>`, `evolve apply <pid> fix.so`,
 //! `evolve probe <pid> add 'my_crate::handle_*' --latency`.
 
+mod canary;
 pub mod client;
 mod dispatch;
 pub mod journal;
 pub mod paths;
 mod probes;
+mod trust;
 pub mod protocol;
 pub mod server;
 

@@ -100,6 +100,13 @@ pub enum Command {
         #[command(subcommand)]
         action: ProbeAction,
     },
+    /// Make an ed25519 signing key pair for patches (NAME.key, NAME.pub).
+    Keygen(crate::fleet::KeygenArgs),
+    /// The fleet's node daemon: registers this machine in etcd and applies the rollouts that
+    /// select its processes.
+    Node(crate::fleet::NodeArgs),
+    /// Fleet rollouts on etcd: rollout, status, pause, resume, abort, history, controller.
+    Fleet(crate::fleet::FleetArgs),
     /// A live view of a process's functions, versions, call counts and probes (q to quit).
     Top {
         #[command(flatten)]
@@ -246,6 +253,9 @@ pub struct BuildPatch {
     /// Build the package without its default features, as the program's build did.
     #[arg(long)]
     pub no_default_features: bool,
+    /// Sign the patch with this secret key (from `evolve keygen`): writes PATCH.sig.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, or a number of seconds.

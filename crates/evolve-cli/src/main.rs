@@ -7,6 +7,7 @@
 
 mod commands;
 mod flags;
+mod fleet;
 mod probe;
 mod progress;
 mod resolve;

@@ -29,6 +29,7 @@
 //! ```
 
 pub mod builder;
+pub mod canary;
 mod error;
 pub mod manifest;
 pub mod patch;
@@ -42,6 +43,7 @@ pub use safepoint::safe_point;
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::canary::{CanaryRoute, CANARY_ROUTES};
     pub use evolve_code::stub::{StubEntry, STUBS};
     pub use linkme;
 }
