@@ -247,7 +247,11 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
                         format!(
                             "{} {}: new {}/{} errors/calls, old {}/{}",
                             c.patch,
-                            if c.promoted == Some(true) { "promoted" } else { "rolled back" },
+                            if c.promoted == Some(true) {
+                                "promoted"
+                            } else {
+                                "rolled back"
+                            },
                             c.new_errors,
                             c.new_calls,
                             c.old_errors,

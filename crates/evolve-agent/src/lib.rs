@@ -27,9 +27,9 @@ mod dispatch;
 pub mod journal;
 pub mod paths;
 mod probes;
-mod trust;
 pub mod protocol;
 pub mod server;
+mod trust;
 
 pub use server::Agent;
 

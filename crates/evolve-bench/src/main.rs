@@ -7,6 +7,7 @@
 mod apply_latency;
 mod call_overhead;
 mod demo;
+mod fleet;
 mod kv_live_update;
 mod multiverse_commit;
 mod multiverse_fnptr;
@@ -62,6 +63,9 @@ enum Scenario {
     /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
     /// patch applied and reverted continuously while the benchmark runs.
     KvLiveUpdate(kv_live_update::Args),
+    /// Fleet: a rollout (canary, 10 %, 50 %, 100 %, no bake) to N simulated nodes against a real
+    /// etcd started for the run: time until every node applied, etcd requests per node step.
+    Fleet(fleet::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -96,6 +100,7 @@ fn main() {
         Scenario::Reclaim(args) => reclaim::run(args),
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
+        Scenario::Fleet(args) => fleet::run(args),
     };
     if let Ok(record) = &result {
         if !matches!(

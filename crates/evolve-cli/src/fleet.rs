@@ -222,9 +222,9 @@ fn parse_percent(text: &str) -> Result<f64, String> {
 }
 
 fn parse_probe_gate(text: &str) -> Result<ProbeGate, String> {
-    let (pattern, max) = text
-        .split_once("<=")
-        .ok_or_else(|| format!("{text:?}: expected PATTERN<=N, e.g. 'kv_core::stats::count_error<=0'"))?;
+    let (pattern, max) = text.split_once("<=").ok_or_else(|| {
+        format!("{text:?}: expected PATTERN<=N, e.g. 'kv_core::stats::count_error<=0'")
+    })?;
     Ok(ProbeGate {
         pattern: pattern.trim().to_string(),
         max_calls: max
@@ -243,7 +243,11 @@ fn parse_in_process(text: &str) -> Result<InProcessCanary, String> {
         "calls" => CanarySplit::Calls,
         "threads" => CanarySplit::Threads,
         "connections" => CanarySplit::Connections,
-        other => return Err(format!("{other:?}: the split is calls, threads or connections")),
+        other => {
+            return Err(format!(
+                "{other:?}: the split is calls, threads or connections"
+            ))
+        }
     };
     let fraction = parse_percent(fraction)? / 100.0;
     if fraction >= 1.0 {
@@ -374,14 +378,19 @@ pub fn fleet(json: bool, args: FleetArgs) -> Result<()> {
             FleetAction::Resume(o) => operate(json, &store, o, Operator::Resume).await,
             FleetAction::Abort(o) => operate(json, &store, o, Operator::Abort).await,
             FleetAction::History => history(json, &store).await,
-            FleetAction::Controller(c) => run_controller(json, &store, &c.serve, None).await.map(|_| ()),
+            FleetAction::Controller(c) => run_controller(json, &store, &c.serve, None)
+                .await
+                .map(|_| ()),
         }
     })
 }
 
 async fn serve(store: &Store, serve: &ServeArgs) -> Result<(ArtifactStore, SocketAddr)> {
     let artifacts = ArtifactStore::open(
-        &serve.store.clone().unwrap_or_else(|| cache_dir("artifacts")),
+        &serve
+            .store
+            .clone()
+            .unwrap_or_else(|| cache_dir("artifacts")),
     )?;
     let addr = evolve_fleet::web::spawn(serve.serve, store.clone(), artifacts.clone())
         .await
@@ -403,7 +412,10 @@ async fn run_controller(
     if !json {
         eprintln!("controller {name}: page and artifacts on http://{addr}/");
     } else {
-        println!("{}", serde_json::json!({"controller": name, "serving": format!("http://{addr}")}));
+        println!(
+            "{}",
+            serde_json::json!({"controller": name, "serving": format!("http://{addr}")})
+        );
     }
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -471,7 +483,13 @@ async fn roll_out(json: bool, store: &Store, args: RolloutArgs) -> Result<()> {
     let signature = SignatureFile::read_for(&args.patch)?;
     let (artifacts, addr) = if args.detach {
         (
-            ArtifactStore::open(&args.serve.store.clone().unwrap_or_else(|| cache_dir("artifacts")))?,
+            ArtifactStore::open(
+                &args
+                    .serve
+                    .store
+                    .clone()
+                    .unwrap_or_else(|| cache_dir("artifacts")),
+            )?,
             None,
         )
     } else {
@@ -531,16 +549,29 @@ async fn roll_out(json: bool, store: &Store, args: RolloutArgs) -> Result<()> {
     };
     let state = controller::create(store, &spec, &who()).await?;
     if json {
-        println!("{}", serde_json::json!({"rollout": spec.id, "phase": state.phase, "sha256": spec.artifact.sha256}));
+        println!(
+            "{}",
+            serde_json::json!({"rollout": spec.id, "phase": state.phase, "sha256": spec.artifact.sha256})
+        );
     } else {
         println!(
             "rollout {} of {} (sha256:{}{}) to {}: {}",
             spec.id,
             spec.artifact.name,
             sha256.short(),
-            spec.artifact.signature.as_ref().map_or(", unsigned".to_string(), |s| format!(", signed by {}", s.key_name)),
+            spec.artifact
+                .signature
+                .as_ref()
+                .map_or(", unsigned".to_string(), |s| format!(
+                    ", signed by {}",
+                    s.key_name
+                )),
             spec.selector.describe(),
-            state.transitions.last().map(|t| t.why.clone()).unwrap_or_default()
+            state
+                .transitions
+                .last()
+                .map(|t| t.why.clone())
+                .unwrap_or_default()
         );
     }
     if args.detach {
@@ -572,13 +603,19 @@ async fn operate(json: bool, store: &Store, args: OperatorArgs, command: Operato
     )
     .await?;
     if json {
-        println!("{}", serde_json::json!({"rollout": loaded.spec.id, "phase": loaded.state.phase, "revision": loaded.state_revision, "reason": loaded.state.reason}));
+        println!(
+            "{}",
+            serde_json::json!({"rollout": loaded.spec.id, "phase": loaded.state.phase, "revision": loaded.state_revision, "reason": loaded.state.reason})
+        );
     } else {
         println!(
             "rollout {} is {}{}",
             loaded.spec.id,
             loaded.state.phase,
-            loaded.state.reason.map_or(String::new(), |r| format!(": {r}"))
+            loaded
+                .state
+                .reason
+                .map_or(String::new(), |r| format!(": {r}"))
         );
     }
     Ok(())
@@ -605,7 +642,10 @@ async fn history(json: bool, store: &Store) -> Result<()> {
             l.spec.artifact.name,
             l.spec.step_name(l.state.step),
             l.spec.created_by,
-            l.state.reason.as_ref().map_or(String::new(), |r| format!("\n    {r}"))
+            l.state
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!("\n    {r}"))
         );
         for t in &l.state.transitions {
             println!("    {} {} — {} ({})", fmt_ms(t.at_ms), t.phase, t.why, t.by);
@@ -616,7 +656,13 @@ async fn history(json: bool, store: &Store) -> Result<()> {
 
 fn fmt_ms(ms: u64) -> String {
     let s = ms / 1000;
-    format!("{:02}:{:02}:{:02}.{:03}", (s / 3600) % 24, (s / 60) % 60, s % 60, ms % 1000)
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
 }
 
 async fn status(json: bool, store: &Store, id: Option<&str>, watch: bool) -> Result<()> {
@@ -654,7 +700,13 @@ pub fn print_status(status: &RolloutStatus) {
         "patch {} sha256:{} {}",
         spec.artifact.name,
         spec.artifact.sha256.short(),
-        spec.artifact.signature.as_ref().map_or("unsigned".to_string(), |s| format!("signed by {}", s.key_name))
+        spec.artifact
+            .signature
+            .as_ref()
+            .map_or("unsigned".to_string(), |s| format!(
+                "signed by {}",
+                s.key_name
+            ))
     );
     if let Some(reason) = &state.reason {
         println!("reason: {reason}");
@@ -692,13 +744,10 @@ pub fn print_status(status: &RolloutStatus) {
             .report
             .as_ref()
             .and_then(|r| r.processes.iter().find_map(|p| p.cause.clone()));
-        by_state
-            .entry(standing)
-            .or_default()
-            .push(match cause {
-                Some(c) => format!("{} ({c})", row.name),
-                None => row.name.clone(),
-            });
+        by_state.entry(standing).or_default().push(match cause {
+            Some(c) => format!("{} ({c})", row.name),
+            None => row.name.clone(),
+        });
     }
     for (standing, nodes) in by_state {
         println!("  {standing:<12} {}", nodes.join(", "));

@@ -46,7 +46,10 @@ pub async fn rollouts(store: &Store) -> Result<Vec<Loaded>> {
                 specs.insert(id.to_string(), entry.json::<RolloutSpec>()?);
             }
             Some((id, "state")) => {
-                states.insert(id.to_string(), (entry.json::<RolloutState>()?, entry.mod_revision));
+                states.insert(
+                    id.to_string(),
+                    (entry.json::<RolloutState>()?, entry.mod_revision),
+                );
             }
             _ => {}
         }
@@ -113,7 +116,11 @@ pub async fn reports(store: &Store, id: &str) -> Result<BTreeMap<String, NodeRep
 /// Writes a new rollout: its spec, its first state (the canary admitted) and its members.
 /// Refused while another rollout is running or paused.
 pub async fn create(store: &Store, spec: &RolloutSpec, by: &str) -> Result<RolloutState> {
-    if let Some(active) = rollouts(store).await?.iter().find(|l| !l.state.phase.is_final()) {
+    if let Some(active) = rollouts(store)
+        .await?
+        .iter()
+        .find(|l| !l.state.phase.is_final())
+    {
         return Err(Error::invalid(format!(
             "rollout {} is {} ({}): finish, or abort it first",
             active.spec.id,
@@ -137,15 +144,27 @@ pub async fn create(store: &Store, spec: &RolloutSpec, by: &str) -> Result<Rollo
             &[(keys.spec(&spec.id), 0)],
             None,
             vec![
-                (keys.spec(&spec.id), serde_json::to_vec(spec).expect("serializes")),
-                (keys.state(&spec.id), serde_json::to_vec(&state).expect("serializes")),
-                (keys.members(&spec.id), serde_json::to_vec(&members).expect("serializes")),
+                (
+                    keys.spec(&spec.id),
+                    serde_json::to_vec(spec).expect("serializes"),
+                ),
+                (
+                    keys.state(&spec.id),
+                    serde_json::to_vec(&state).expect("serializes"),
+                ),
+                (
+                    keys.members(&spec.id),
+                    serde_json::to_vec(&members).expect("serializes"),
+                ),
             ],
         )
         .await?;
     match written {
         Ok(_) => Ok(state),
-        Err(Conflict) => Err(Error::invalid(format!("rollout {} exists already", spec.id))),
+        Err(Conflict) => Err(Error::invalid(format!(
+            "rollout {} exists already",
+            spec.id
+        ))),
     }
 }
 
@@ -273,21 +292,27 @@ pub async fn run(
             leader = campaign(store, &options.name, lease) => leader,
         };
         let Ok((leader_key, leader_revision)) = leader else {
+            // etcd's request timeout ends a long campaign: withdraw this candidacy at once
+            // (no stale candidate ahead of the next one) and campaign again.
             keeper.abort();
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = store.revoke(lease).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
         tracing::info!("controller {} leads", options.name);
-        let mut events = store.watch(&format!("{}/", store.keys().prefix()), 0).await?;
+        let mut events = store
+            .watch(&format!("{}/", store.keys().prefix()), 0)
+            .await?;
         let result = loop {
-            let wake = match lead_once(store, options, &leader_key, leader_revision, &mut on_step).await {
-                Ok(Ok(wake)) => wake,
-                Ok(Err(phase)) => break Some(phase),
-                Err(e) => {
-                    tracing::warn!("controller {}: {e}", options.name);
-                    Some(now_ms() + 500)
-                }
-            };
+            let wake =
+                match lead_once(store, options, &leader_key, leader_revision, &mut on_step).await {
+                    Ok(Ok(wake)) => wake,
+                    Ok(Err(phase)) => break Some(phase),
+                    Err(e) => {
+                        tracing::warn!("controller {}: {e}", options.name);
+                        Some(now_ms() + 500)
+                    }
+                };
             let sleep_ms = wake.map_or(1000, |w| w.saturating_sub(now_ms()).clamp(1, 1000));
             tokio::select! {
                 _ = stop.changed() => break None,
@@ -330,7 +355,10 @@ async fn lead_once(
 ) -> Result<std::result::Result<Option<u64>, Phase>> {
     let all = rollouts(store).await?;
     if let Some(until) = &options.until {
-        if let Some(done) = all.iter().find(|l| &l.spec.id == until && l.state.phase.is_final()) {
+        if let Some(done) = all
+            .iter()
+            .find(|l| &l.spec.id == until && l.state.phase.is_final())
+        {
             return Ok(Err(done.state.phase));
         }
     }

@@ -108,7 +108,10 @@ pub fn tally(view: &View<'_>) -> Tally {
     members.extend(
         positions
             .iter()
-            .filter(|(p, _)| view.state.admits(*p) || view.state.phase == Phase::Aborted && *p <= view.state.admit)
+            .filter(|(p, _)| {
+                view.state.admits(*p)
+                    || view.state.phase == Phase::Aborted && *p <= view.state.admit
+            })
             .map(|(_, n)| n.to_string()),
     );
     let mut tally = Tally {
@@ -465,8 +468,17 @@ mod tests {
         assert_eq!(members.len(), 1);
         let mut admitted = vec![];
         for _ in 0..4 {
-            let Decision::Write { state: next, members: m } =
-                run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 10)
+            let Decision::Write {
+                state: next,
+                members: m,
+            } = run(
+                &spec,
+                &state,
+                &nodes,
+                &members,
+                |_| Some(ProcessState::Healthy),
+                10,
+            )
             else {
                 panic!("a converged step advances")
             };
@@ -483,9 +495,14 @@ mod tests {
         let spec = spec(1, 0);
         let nodes = nodes(20);
         let (state, members) = initial_state(&spec, &nodes, 0, "test");
-        let Decision::Write { state, .. } =
-            run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Failed), 10)
-        else {
+        let Decision::Write { state, .. } = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Failed),
+            10,
+        ) else {
             panic!("a failed canary aborts")
         };
         assert_eq!(state.phase, Phase::Aborted);
@@ -498,7 +515,12 @@ mod tests {
         let nodes = nodes(5);
         let (state, members) = initial_state(&spec, &nodes, 0, "test");
         let d = run(&spec, &state, &nodes, &members, |_| None, 59_999);
-        assert_eq!(d, Decision::Wait { wake_ms: Some(60_000) });
+        assert_eq!(
+            d,
+            Decision::Wait {
+                wake_ms: Some(60_000)
+            }
+        );
         let Decision::Write { state, .. } = run(&spec, &state, &nodes, &members, |_| None, 60_000)
         else {
             panic!("the deadline aborts")
@@ -513,44 +535,73 @@ mod tests {
         let mut nodes = nodes(20);
         let (mut state, mut members) = initial_state(&spec, &nodes, 0, "test");
         // Canary, then wave 1 (2 nodes).
-        let Decision::Write { state: s, members: m } =
-            run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 1)
+        let Decision::Write {
+            state: s,
+            members: m,
+        } = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            1,
+        )
         else {
             panic!()
         };
         (state, members) = (s, m);
         assert_eq!(state.step, 1);
         // One member of wave 1 dies: within the budget of 1, the wave completes.
-        let victim = members
-            .iter()
-            .find(|m| !m.is_empty())
-            .cloned()
-            .unwrap();
+        let victim = members.iter().find(|m| !m.is_empty()).cloned().unwrap();
         nodes.remove(&victim);
-        let Decision::Write { state: s, members: m } =
-            run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 2)
+        let Decision::Write {
+            state: s,
+            members: m,
+        } = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            2,
+        )
         else {
             panic!("within budget the wave goes on")
         };
         (state, members) = (s, m);
         assert_eq!(state.step, 2);
         // A second loss exceeds 2 × 1? No: budget at step 2 is 2. A third one pauses.
-        let others: Vec<String> = members.iter().filter(|m| **m != victim).take(2).cloned().collect();
+        let others: Vec<String> = members
+            .iter()
+            .filter(|m| **m != victim)
+            .take(2)
+            .cloned()
+            .collect();
         for o in &others {
             nodes.remove(o);
         }
-        let Decision::Write { state: s, .. } =
-            run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 3)
-        else {
+        let Decision::Write { state: s, .. } = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            3,
+        ) else {
             panic!("beyond the budget it pauses")
         };
         assert_eq!(s.phase, Phase::Paused);
         assert!(s.auto_paused);
         // They return: it resumes by itself.
         let all = super::tests::nodes(20);
-        let Decision::Write { state: s, .. } =
-            run(&spec, &s, &all, &members, |_| Some(ProcessState::Healthy), 4)
-        else {
+        let Decision::Write { state: s, .. } = run(
+            &spec,
+            &s,
+            &all,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            4,
+        ) else {
             panic!("resumes")
         };
         assert_eq!(s.phase, Phase::Running);
@@ -561,18 +612,40 @@ mod tests {
         let spec = spec(0, 5_000);
         let nodes = nodes(4);
         let (state, members) = initial_state(&spec, &nodes, 0, "test");
-        let Decision::Write { state, .. } =
-            run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 100)
-        else {
+        let Decision::Write { state, .. } = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            100,
+        ) else {
             panic!()
         };
         assert_eq!(state.converged_ms, Some(100));
         assert_eq!(state.step, 0);
-        let d = run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 200);
-        assert_eq!(d, Decision::Wait { wake_ms: Some(5_100) });
-        let Decision::Write { state, .. } =
-            run(&spec, &state, &nodes, &members, |_| Some(ProcessState::Healthy), 5_100)
-        else {
+        let d = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            200,
+        );
+        assert_eq!(
+            d,
+            Decision::Wait {
+                wake_ms: Some(5_100)
+            }
+        );
+        let Decision::Write { state, .. } = run(
+            &spec,
+            &state,
+            &nodes,
+            &members,
+            |_| Some(ProcessState::Healthy),
+            5_100,
+        ) else {
             panic!()
         };
         assert_eq!(state.step, 1);

@@ -90,7 +90,11 @@ impl std::fmt::Display for Error {
             ErrorKind::NotFound { what } => write!(f, "{what} not found"),
             ErrorKind::Invalid { reason } => f.write_str(reason),
             ErrorKind::Artifact { sha256, reason } => {
-                write!(f, "artifact sha256:{}: {reason}", &sha256[..sha256.len().min(12)])
+                write!(
+                    f,
+                    "artifact sha256:{}: {reason}",
+                    &sha256[..sha256.len().min(12)]
+                )
             }
             ErrorKind::Io { path, message } => write!(f, "{path}: {message}"),
         }

@@ -38,9 +38,11 @@ pub trait Host: Send + Sync + 'static {
 }
 
 /// The processes of this machine whose agents listen in `socket_dir`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AgentHost {
     socket_dir: PathBuf,
+    /// What is known of each process (its executable is read once, not at every scan).
+    known: Mutex<BTreeMap<u32, ProcessInfo>>,
 }
 
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,6 +61,7 @@ impl AgentHost {
     pub fn new(socket_dir: &Path) -> AgentHost {
         AgentHost {
             socket_dir: socket_dir.to_path_buf(),
+            known: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -73,16 +76,28 @@ impl AgentHost {
 
 impl Host for AgentHost {
     fn processes(&self) -> Vec<ProcessInfo> {
-        evolve_agent::paths::list_sockets(&self.socket_dir)
+        let found: Vec<u32> = evolve_agent::paths::list_sockets(&self.socket_dir)
             .into_iter()
             .filter(|found| !found.process_gone)
-            .filter_map(|found| {
-                let hello = self.call(found.pid, &Request::Hello).ok()?;
-                Some(ProcessInfo {
-                    pid: found.pid,
+            .map(|found| found.pid)
+            .collect();
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.retain(|pid, _| found.contains(pid));
+        found
+            .into_iter()
+            .filter_map(|pid| {
+                if let Some(info) = known.get(&pid) {
+                    return Some(info.clone());
+                }
+                // A process answers once its agent serves: only then is it listed.
+                let hello = self.call(pid, &Request::Hello).ok()?;
+                let info = ProcessInfo {
+                    pid,
                     program: hello["program"].as_str().unwrap_or_default().to_string(),
-                    build_id: build_id_of(found.pid),
-                })
+                    build_id: build_id_of(pid),
+                };
+                known.insert(pid, info.clone());
+                Some(info)
             })
             .collect()
     }
@@ -113,9 +128,12 @@ impl Host for AgentHost {
 
     fn is_applied(&self, pid: u32, name: &str) -> Option<bool> {
         let status = self.call(pid, &Request::Status).ok()?;
-        Some(status["patches"].as_array()?.iter().any(|p| {
-            p["name"].as_str() == Some(name) && p["reverted_at"].is_null()
-        }))
+        Some(
+            status["patches"]
+                .as_array()?
+                .iter()
+                .any(|p| p["name"].as_str() == Some(name) && p["reverted_at"].is_null()),
+        )
     }
 
     fn probe_add(&self, pid: u32, pattern: &str) -> Result<Vec<u64>, String> {
@@ -233,7 +251,9 @@ pub fn run_health_command(pid: u32, command: &str, env: &[(String, String)]) -> 
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("health command `{command}` did not finish within 30 s"));
+                return Err(format!(
+                    "health command `{command}` did not finish within 30 s"
+                ));
             }
         }
     }
@@ -274,7 +294,10 @@ impl Host for SimHost {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        self.applied.lock().expect("not poisoned").insert(name.clone(), true);
+        self.applied
+            .lock()
+            .expect("not poisoned")
+            .insert(name.clone(), true);
         self.log.lock().expect("not poisoned").push(name);
         Ok(())
     }
@@ -288,7 +311,14 @@ impl Host for SimHost {
     }
 
     fn is_applied(&self, _pid: u32, name: &str) -> Option<bool> {
-        Some(*self.applied.lock().expect("not poisoned").get(name).unwrap_or(&false))
+        Some(
+            *self
+                .applied
+                .lock()
+                .expect("not poisoned")
+                .get(name)
+                .unwrap_or(&false),
+        )
     }
 
     fn probe_add(&self, _pid: u32, _pattern: &str) -> Result<Vec<u64>, String> {

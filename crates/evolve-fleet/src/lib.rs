@@ -41,6 +41,7 @@ pub mod decide;
 mod error;
 pub mod host;
 pub mod keys;
+pub mod local_etcd;
 pub mod model;
 pub mod node;
 pub mod store;

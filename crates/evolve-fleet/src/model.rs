@@ -186,7 +186,10 @@ impl RolloutSpec {
     pub fn step_name(&self, step: usize) -> String {
         match step {
             0 => format!("canary ({} node{})", self.canary, plural(self.canary)),
-            s => format!("wave {s} ({}%)", self.waves.get(s - 1).copied().unwrap_or(100.0)),
+            s => format!(
+                "wave {s} ({}%)",
+                self.waves.get(s - 1).copied().unwrap_or(100.0)
+            ),
         }
     }
 

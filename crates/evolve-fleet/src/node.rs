@@ -165,10 +165,17 @@ impl Node {
         self.lease = self.store.grant(self.shared.options.lease_ttl_s).await?;
         let key = self.store.keys().node(&self.shared.options.name);
         self.store
-            .put(&key, serde_json::to_vec(&self.info()).expect("serializes"), Some(self.lease))
+            .put(
+                &key,
+                serde_json::to_vec(&self.info()).expect("serializes"),
+                Some(self.lease),
+            )
             .await?;
-        let reports: Vec<(String, NodeReport)> =
-            self.reported.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let reports: Vec<(String, NodeReport)> = self
+            .reported
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (rollout, report) in reports {
             self.write_report(&rollout, report).await?;
         }
@@ -178,7 +185,11 @@ impl Node {
     async fn write_report(&mut self, rollout: &str, report: NodeReport) -> Result<()> {
         let key = self.store.keys().report(rollout, &self.shared.options.name);
         self.store
-            .put(&key, serde_json::to_vec(&report).expect("serializes"), Some(self.lease))
+            .put(
+                &key,
+                serde_json::to_vec(&report).expect("serializes"),
+                Some(self.lease),
+            )
             .await?;
         self.stats
             .reports
@@ -205,18 +216,13 @@ impl Node {
                 let Some((id, what)) = keys.parse_desired(&entry.key) else {
                     return;
                 };
-                let desired = self
-                    .rollouts
-                    .entry(id.to_string())
-                    .or_insert(Desired {
-                        spec: None,
-                        state: None,
-                    });
+                let desired = self.rollouts.entry(id.to_string()).or_insert(Desired {
+                    spec: None,
+                    state: None,
+                });
                 match what {
                     "spec" => desired.spec = entry.json().ok(),
-                    "state" => {
-                        desired.state = entry.json().ok().map(|s| (s, entry.mod_revision))
-                    }
+                    "state" => desired.state = entry.json().ok().map(|s| (s, entry.mod_revision)),
                     _ => {}
                 }
             }
@@ -252,8 +258,13 @@ impl Node {
             }
         }
         self.reconcile().await;
-        let mut watch = self.store.watch(&self.store.keys().desired(), self.revision + 1).await.ok();
-        let keep_alive_every = Duration::from_millis(self.shared.options.lease_ttl_s as u64 * 1000 / 3);
+        let mut watch = self
+            .store
+            .watch(&self.store.keys().desired(), self.revision + 1)
+            .await
+            .ok();
+        let keep_alive_every =
+            Duration::from_millis(self.shared.options.lease_ttl_s as u64 * 1000 / 3);
         let mut keep_alive = tokio::time::interval(keep_alive_every);
         let mut scan = tokio::time::interval(self.shared.options.scan_interval);
         let mut lease_lost = false;
@@ -392,10 +403,11 @@ impl Node {
                         // Patched before this node (re)started? Only the agent knows.
                         let host = self.shared.host.clone();
                         let (pid, patch) = (process.pid, spec.patch_name());
-                        let applied = tokio::task::spawn_blocking(move || host.is_applied(pid, &patch))
-                            .await
-                            .ok()
-                            .flatten();
+                        let applied =
+                            tokio::task::spawn_blocking(move || host.is_applied(pid, &patch))
+                                .await
+                                .ok()
+                                .flatten();
                         if applied == Some(true) {
                             let outcome = self.revert(&spec, process.pid).await;
                             self.records.insert(key, outcome);
@@ -427,9 +439,10 @@ impl Node {
                 state_revision,
                 at_ms: now_ms(),
             };
-            let unchanged = self.reported.get(&spec.id).is_some_and(|old| {
-                old.state == report.state && old.processes == report.processes
-            });
+            let unchanged = self
+                .reported
+                .get(&spec.id)
+                .is_some_and(|old| old.state == report.state && old.processes == report.processes);
             if !unchanged {
                 self.reported.insert(spec.id.clone(), report.clone());
                 if let Err(e) = self.write_report(&spec.id, report).await {
@@ -507,7 +520,10 @@ async fn pipeline(shared: &Shared, spec: &RolloutSpec, pid: u32) -> (ProcessStat
         Ok(())
     })();
     if let Err(e) = staged {
-        return (ProcessState::Failed, Some(format!("staging {}: {e}", patch.display())));
+        return (
+            ProcessState::Failed,
+            Some(format!("staging {}: {e}", patch.display())),
+        );
     }
     let host = shared.host.clone();
     let gates = spec.gates.clone();
@@ -523,9 +539,11 @@ async fn pipeline(shared: &Shared, spec: &RolloutSpec, pid: u32) -> (ProcessStat
             },
             None => Vec::new(),
         };
-        let applied = match &gates.in_process_canary {
-            Some(canary) => host.canary(pid, &patch, canary).map(Some),
-            None => host.apply(pid, &patch, gates.trial_ms).map(|_| None),
+        // A node that restarted finds the patch already active: it only checks the gates.
+        let applied = match (&gates.in_process_canary, host.is_applied(pid, &patch_name)) {
+            (_, Some(true)) => Ok(None),
+            (Some(canary), _) => host.canary(pid, &patch, canary).map(Some),
+            (None, _) => host.apply(pid, &patch, gates.trial_ms).map(|_| None),
         };
         if let Err(cause) = applied {
             host.probe_remove(pid, &probes);
@@ -550,7 +568,10 @@ async fn pipeline(shared: &Shared, spec: &RolloutSpec, pid: u32) -> (ProcessStat
             }
         }
         host.probe_remove(pid, &probes);
-        if failure.is_none() && gates.trial_ms.is_some() && host.is_applied(pid, &patch_name) == Some(false) {
+        if failure.is_none()
+            && gates.trial_ms.is_some()
+            && host.is_applied(pid, &patch_name) == Some(false)
+        {
             failure = Some(
                 "trial rollback: the patch panicked during its trial and the agent reverted it"
                     .into(),

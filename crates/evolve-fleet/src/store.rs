@@ -130,7 +130,10 @@ impl Store {
             .await
             .map_err(|e| Error::etcd(format!("list {prefix}"), e))?;
         let revision = response.header().map_or(0, |h| h.revision());
-        Ok((response.kvs().iter().map(Entry::from_kv).collect(), revision))
+        Ok((
+            response.kvs().iter().map(Entry::from_kv).collect(),
+            revision,
+        ))
     }
 
     /// Every key under `prefix` as it was at `revision` (history; fails once compacted).

@@ -57,7 +57,9 @@ async fn artifact(State(served): State<Served>, Path(sha): Path<String>) -> Resp
         return (StatusCode::BAD_REQUEST, "not a SHA-256 digest").into_response();
     };
     match served.artifacts.read(&digest) {
-        Some(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Some(bytes) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
         None => (StatusCode::NOT_FOUND, "no such artifact").into_response(),
     }
 }
@@ -141,12 +143,19 @@ pub fn render(status: &RolloutStatus) -> String {
         spec.artifact
             .signature
             .as_ref()
-            .map_or(", unsigned".to_string(), |s| format!(", signed by {}", escape(&s.key_name))),
+            .map_or(", unsigned".to_string(), |s| format!(
+                ", signed by {}",
+                escape(&s.key_name)
+            )),
         escape(&spec.selector.describe()),
         escape(status.leader.as_deref().unwrap_or("none")),
     );
     if let Some(reason) = &state.reason {
-        out += &format!("<p id=\"reason\" class=\"{}\">{}</p>", state.phase, escape(reason));
+        out += &format!(
+            "<p id=\"reason\" class=\"{}\">{}</p>",
+            state.phase,
+            escape(reason)
+        );
     }
     out += "<h3>waves</h3><table id=\"waves\"><tr><th>step</th><th>status</th></tr>";
     for step in 0..spec.steps() {

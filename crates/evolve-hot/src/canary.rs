@@ -365,7 +365,9 @@ pub fn start(path: impl AsRef<Path>, options: &CanaryOptions) -> Result<CanaryRe
                 .iter()
                 .find(|r| {
                     r.id == entry.id()
-                        && [&r.old, &r.new, &r.router].iter().all(|e| e.id() == entry.id())
+                        && [&r.old, &r.new, &r.router]
+                            .iter()
+                            .all(|e| e.id() == entry.id())
                 })
                 .ok_or_else(|| {
                     refused(format!(
@@ -419,8 +421,11 @@ pub fn start(path: impl AsRef<Path>, options: &CanaryOptions) -> Result<CanaryRe
     // Then every function's stub to its router, in one batch.
     let mut to_routers = Batch::new();
     for r in &routed {
-        r.stub
-            .retarget_in(&mut to_routers, r.old.address(), r.route.router.implementation())?;
+        r.stub.retarget_in(
+            &mut to_routers,
+            r.old.address(),
+            r.route.router.implementation(),
+        )?;
     }
     if let Err(e) = to_routers.apply() {
         SPLIT.store(NONE, Relaxed);
@@ -505,4 +510,57 @@ pub fn finish(promote: bool, max_ratio: f64) -> Result<CanaryOutcome> {
         }
     })?;
     Ok(CanaryOutcome { reading, applied })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The thread split under many threads: each thread keeps its side for the whole canary,
+    /// and about the fraction of threads is on the new side; a new canary draws again.
+    #[test]
+    fn each_thread_keeps_its_side_and_the_fraction_holds() {
+        let threads: usize = std::env::var("EVOLVE_STRESS_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(4)
+            .max(4)
+            * 50;
+        PERMILLE.store(300, Relaxed);
+        GENERATION.fetch_add(1, Relaxed);
+        let sides: Vec<bool> = (0..threads)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    let first = thread_is_new();
+                    for _ in 0..1000 {
+                        assert_eq!(thread_is_new(), first, "a thread changed sides");
+                    }
+                    first
+                })
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        let share = sides.iter().filter(|&&s| s).count() as f64 / threads as f64;
+        assert!(
+            (0.15..0.45).contains(&share),
+            "{share} of {threads} threads"
+        );
+    }
+
+    #[test]
+    fn a_reading_passes_only_with_calls_and_no_worse_errors() {
+        let reading = |new_calls, new_errors, old_calls, old_errors| CanaryReading {
+            patch: "p".into(),
+            split: Split::Calls,
+            fraction: 0.1,
+            new_calls,
+            old_calls,
+            new_errors,
+            old_errors,
+        };
+        assert!(reading(100, 0, 900, 0).passes(1.0));
+        assert!(!reading(100, 1, 900, 0).passes(2.0));
+        assert!(reading(100, 2, 900, 9).passes(2.0));
+        assert!(!reading(0, 0, 900, 0).passes(2.0), "nothing learned");
+    }
 }

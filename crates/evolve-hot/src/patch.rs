@@ -513,7 +513,11 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
 }
 
 /// Step 4 of an apply: binds a loaded patch (see the module docs).
-pub(crate) fn bind(state: &mut State, loaded: Loaded, options: &ApplyOptions) -> Result<ApplyReport> {
+pub(crate) fn bind(
+    state: &mut State,
+    loaded: Loaded,
+    options: &ApplyOptions,
+) -> Result<ApplyReport> {
     let Loaded {
         path,
         plan,

@@ -182,7 +182,11 @@ impl TrustedKeys {
                 source: self.source.clone(),
             });
         };
-        let key_id = signature.key.get(..16).unwrap_or(&signature.key).to_string();
+        let key_id = signature
+            .key
+            .get(..16)
+            .unwrap_or(&signature.key)
+            .to_string();
         let Some(key) = self.keys.iter().find(|k| k.to_hex() == signature.key) else {
             return Err(Refusal::UntrustedKey {
                 key_name: signature.key_name.clone(),
@@ -288,7 +292,10 @@ mod tests {
         forged.signature = "00".repeat(64);
         forged.write_for(&patch).unwrap();
         let bad = trusted.check_file(&patch).unwrap_err().to_string();
-        assert!(bad.contains("does not verify") && bad.contains("ops"), "{bad}");
+        assert!(
+            bad.contains("does not verify") && bad.contains("ops"),
+            "{bad}"
+        );
     }
 
     #[test]
@@ -299,10 +306,16 @@ mod tests {
         let mode = std::fs::metadata(&secret).unwrap().permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
-        assert!(key.save(dir.path()).is_err(), "an existing key is not overwritten");
+        assert!(
+            key.save(dir.path()).is_err(),
+            "an existing key is not overwritten"
+        );
         let loaded = SecretKey::load(&secret).unwrap();
         assert_eq!(loaded.public(), key.public());
-        assert!(SecretKey::load(&public).unwrap_err().to_string().contains("public key"));
+        assert!(SecretKey::load(&public)
+            .unwrap_err()
+            .to_string()
+            .contains("public key"));
         assert!(TrustedKeys::load(dir.path()).unwrap().keys().len() == 1);
         assert!(SecretKey::generate("two words").is_err());
     }
