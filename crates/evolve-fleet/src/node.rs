@@ -78,6 +78,8 @@ struct Outcome {
     pid: u32,
     state: ProcessState,
     cause: Option<String>,
+    /// False for progress (applied, gates being checked): the pipeline goes on.
+    settled: bool,
 }
 
 /// Shared by the node's tasks.
@@ -335,7 +337,7 @@ impl Node {
     }
 
     fn finish(&mut self, outcome: Outcome) {
-        if outcome.state == ProcessState::Healthy || outcome.state == ProcessState::Applied {
+        if outcome.state == ProcessState::Healthy {
             self.stats
                 .applied
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -345,7 +347,8 @@ impl Node {
             Record {
                 state: outcome.state,
                 cause: outcome.cause,
-                in_flight: false,
+                // Progress (applied, gates being checked): the pipeline still owns the process.
+                in_flight: !outcome.settled,
             },
         );
     }
@@ -416,11 +419,15 @@ impl Node {
                     _ => {}
                 }
             }
-            // The report: every selected process with a record.
+            // The report: every selected process past staging (fetching and verifying are not
+            // reported: with no check window, one write per process and step).
             let processes: Vec<ProcessReport> = selected
                 .iter()
                 .filter_map(|p| {
-                    let r = self.records.get(&(spec.id.clone(), p.pid))?;
+                    let r = self
+                        .records
+                        .get(&(spec.id.clone(), p.pid))
+                        .filter(|r| r.state != ProcessState::Staged)?;
                     Some(ProcessReport {
                         pid: p.pid,
                         state: r.state,
@@ -480,13 +487,14 @@ impl Node {
         let shared = self.shared.clone();
         let sender = self.outcomes.0.clone();
         tokio::spawn(async move {
-            let (state, cause) = pipeline(&shared, &spec, pid).await;
+            let (state, cause) = pipeline(&shared, &spec, pid, sender.clone()).await;
             let _ = sender
                 .send(Outcome {
                     rollout: spec.id.clone(),
                     pid,
                     state,
                     cause,
+                    settled: true,
                 })
                 .await;
         });
@@ -494,7 +502,12 @@ impl Node {
 }
 
 /// Fetch, verify, apply (or canary), watch the gates, revert on failure.
-async fn pipeline(shared: &Shared, spec: &RolloutSpec, pid: u32) -> (ProcessState, Option<String>) {
+async fn pipeline(
+    shared: &Shared,
+    spec: &RolloutSpec,
+    pid: u32,
+    progress: mpsc::Sender<Outcome>,
+) -> (ProcessState, Option<String>) {
     let options = &shared.options;
     let fetched = fetch(&spec.artifact, &shared.cache, options.trusted.as_ref()).await;
     let file = match fetched {
@@ -545,12 +558,24 @@ async fn pipeline(shared: &Shared, spec: &RolloutSpec, pid: u32) -> (ProcessStat
             (Some(canary), _) => host.canary(pid, &patch, canary).map(Some),
             (None, _) => host.apply(pid, &patch, gates.trial_ms).map(|_| None),
         };
-        if let Err(cause) = applied {
-            host.probe_remove(pid, &probes);
-            return (ProcessState::Failed, Some(cause));
-        }
+        let canary_summary = match applied {
+            Ok(summary) => summary,
+            Err(cause) => {
+                host.probe_remove(pid, &probes);
+                return (ProcessState::Failed, Some(cause));
+            }
+        };
         let before = host.probe_read(pid, &probes).unwrap_or(0);
-        std::thread::sleep(Duration::from_millis(gates.check_ms));
+        if gates.check_ms > 0 {
+            let _ = progress.blocking_send(Outcome {
+                rollout: spec_id.clone(),
+                pid,
+                state: ProcessState::Applied,
+                cause: canary_summary.clone(),
+                settled: false,
+            });
+            std::thread::sleep(Duration::from_millis(gates.check_ms));
+        }
         let mut failure = None;
         if let Some(gate) = &gates.probe {
             match host.probe_read(pid, &probes) {
@@ -587,7 +612,7 @@ async fn pipeline(shared: &Shared, spec: &RolloutSpec, pid: u32) -> (ProcessStat
             }
         }
         match failure {
-            None => (ProcessState::Healthy, None),
+            None => (ProcessState::Healthy, canary_summary),
             Some(cause) => {
                 // Leave the process as it was before the rollout reached it.
                 if host.is_applied(pid, &patch_name) != Some(false) {

@@ -221,13 +221,23 @@ impl Side {
 impl Drop for Side {
     #[inline]
     fn drop(&mut self) {
-        IN_CALL.with(|c| c.set(self.previous));
+        __leave(self.previous);
     }
+}
+
+// The routers of a patch are compiled into the patch: they must call these functions in the
+// program, never inline them (the thread-locals they touch are the program's, and private).
+
+/// Called when a routed call returns: the thread's side goes back to what it was.
+#[doc(hidden)]
+#[inline(never)]
+pub fn __leave(previous: u8) {
+    IN_CALL.with(|c| c.set(previous));
 }
 
 /// Called by every router: picks this call's side and counts it.
 #[doc(hidden)]
-#[inline]
+#[inline(never)]
 pub fn __enter(_route: &'static CanaryRoute) -> Side {
     let new = match SPLIT.load(Relaxed) {
         1 => TICKS.with(|t| {
