@@ -27,8 +27,6 @@ fn spawn_rollout(
         patch.to_str().unwrap(),
         "--canary",
         "1",
-        "--bake",
-        "0",
         "--check",
         "500ms",
         "--step-deadline",
@@ -104,7 +102,14 @@ fn a_fleet_rides_out_dead_nodes_dead_controllers_and_a_compacted_etcd() {
         &url,
         &fix,
         &store_dir,
-        &["--waves", "50%,100%", "--failure-budget", "1"],
+        &[
+            "--waves",
+            "50%,100%",
+            "--failure-budget",
+            "1",
+            "--bake",
+            "0",
+        ],
     );
     let id = first_line(&mut controller)["rollout"]
         .as_str()
@@ -127,6 +132,16 @@ fn a_fleet_rides_out_dead_nodes_dead_controllers_and_a_compacted_etcd() {
     assert!(
         wait_exit(&mut controller, "the rollout"),
         "lost within the budget: it completes"
+    );
+    wait_for(
+        "the dead node's lease to expire",
+        Duration::from_secs(30),
+        || {
+            !runtime
+                .block_on(evolve_fleet::controller::nodes(&store))
+                .unwrap()
+                .contains_key(&victim)
+        },
     );
     let status = runtime
         .block_on(evolve_fleet::controller::status(&store, Some(&id)))
@@ -268,8 +283,32 @@ fn a_fleet_rides_out_dead_nodes_dead_controllers_and_a_compacted_etcd() {
         let _ = c.wait();
     }
 
-    // 3. The nodes are away (stopped) while etcd restarts, the rollout is aborted and the
-    //    history compacted: they re-list and obey the abort.
+    // 3. A third rollout (the fix again, on top: versions stack) stops after its canary for a
+    //    long bake. The nodes are then away (stopped) while etcd restarts, the rollout is
+    //    aborted and the history compacted: they re-list and obey the abort.
+    let mut third = spawn_rollout(
+        &url,
+        &fix,
+        &store_dir,
+        &["--waves", "50%,100%", "--bake", "120s"],
+    );
+    let id3 = first_line(&mut third)["rollout"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("the third canary", Duration::from_secs(60), || {
+        runtime
+            .block_on(evolve_fleet::controller::reports(&store, &id3))
+            .unwrap()
+            .values()
+            .any(|r| r.state == ProcessState::Healthy)
+    });
+    let canary: Vec<String> = fleet
+        .iter()
+        .filter(|m| m.version() == "1.0.1")
+        .map(|m| m.name.clone())
+        .collect();
+    assert_eq!(canary.len(), 1, "only the canary runs the third patch");
     let pids: Vec<i32> = fleet
         .iter()
         .map(|m| m.node.as_ref().unwrap().id() as i32)
@@ -289,7 +328,7 @@ fn a_fleet_rides_out_dead_nodes_dead_controllers_and_a_compacted_etcd() {
         "--etcd",
         &url,
         "abort",
-        &id2,
+        &id3,
         "--reason",
         "test abort while away",
     ]);
@@ -298,25 +337,28 @@ fn a_fleet_rides_out_dead_nodes_dead_controllers_and_a_compacted_etcd() {
         "{}",
         String::from_utf8_lossy(&aborted.stderr)
     );
-    // More history, then compact all of it.
+    // Compact everything the nodes have not seen.
     let (_, revision) = runtime
         .block_on(store.list(&store.keys().desired()))
         .unwrap();
     runtime.block_on(store.compact(revision)).unwrap();
     signal("-CONT");
-    wait_for("every node to revert", Duration::from_secs(60), || {
-        fleet.iter().all(|m| m.version() == "1.0.1")
+    wait_for("the canary to revert", Duration::from_secs(60), || {
+        fleet.iter().all(|m| m.version() == "1.1.0")
     });
     wait_for(
-        "every report to say reverted",
+        "the canary's report to say reverted",
         Duration::from_secs(60),
         || {
-            let reports = runtime
-                .block_on(evolve_fleet::controller::reports(&store, &id2))
-                .unwrap();
-            reports.len() == 8 && reports.values().all(|r| r.state == ProcessState::Reverted)
+            runtime
+                .block_on(evolve_fleet::controller::reports(&store, &id3))
+                .unwrap()
+                .get(&canary[0])
+                .is_some_and(|r| r.state == ProcessState::Reverted)
         },
     );
+    let _ = third.kill();
+    let _ = third.wait();
 
     for machine in &mut fleet {
         let (requests, wrong, dropped) = machine.finish_load();
