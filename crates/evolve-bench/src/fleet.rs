@@ -12,7 +12,7 @@
 //! - `all_applied_s`: from the rollout's creation to every node applied (goal ≤ 10);
 //! - `etcd_requests_per_node_step`: requests the nodes sent to etcd in that time (reports,
 //!   lease keep-alives, watches re-created, lists), per node and per step a node took (one:
-//!   not applied → applied);
+//!   not applied → applied); `report_writes_per_node_step`: of which report writes;
 //! - the baseline in the same run, `baseline_one_put_per_node_s`: every node writing one
 //!   report, concurrently, through the same connections — the least any rollout needs — and
 //!   the ratio `all_applied_s / baseline`.
@@ -52,6 +52,7 @@ struct Sample {
     all_applied_s: f64,
     completed_s: f64,
     requests_per_node_step: f64,
+    reports_per_node_step: f64,
     baseline_s: f64,
     controller_requests: u64,
 }
@@ -168,6 +169,7 @@ async fn one_run(args: &Args, run: usize) -> Result<Sample, String> {
         },
     };
     let requests_before: u64 = stores.iter().map(Store::requests).sum();
+    let reports_before: u64 = stats.iter().map(|s| s.reports.load(Relaxed)).sum();
     let start = Instant::now();
     controller::create(&controller_store, &spec, "evolve-bench")
         .await
@@ -194,6 +196,7 @@ async fn one_run(args: &Args, run: usize) -> Result<Sample, String> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let requests: u64 = stores.iter().map(Store::requests).sum::<u64>() - requests_before;
+    let reports: u64 = stats.iter().map(|s| s.reports.load(Relaxed)).sum::<u64>() - reports_before;
     let phase = controller_task
         .await
         .map_err(|e| e.to_string())?
@@ -231,6 +234,7 @@ async fn one_run(args: &Args, run: usize) -> Result<Sample, String> {
         all_applied_s: all_applied.as_secs_f64(),
         completed_s: completed.as_secs_f64(),
         requests_per_node_step: requests as f64 / args.nodes as f64,
+        reports_per_node_step: reports as f64 / args.nodes as f64,
         baseline_s: baseline.as_secs_f64(),
         controller_requests: controller_store.requests(),
     })
@@ -252,6 +256,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let mut completed: Vec<f64> = samples.iter().map(|s| s.completed_s).collect();
     let mut requests: Vec<f64> = samples.iter().map(|s| s.requests_per_node_step).collect();
     let mut baseline: Vec<f64> = samples.iter().map(|s| s.baseline_s).collect();
+    let mut reports: Vec<f64> = samples.iter().map(|s| s.reports_per_node_step).collect();
     let mut ratios: Vec<f64> = samples
         .iter()
         .map(|s| s.all_applied_s / s.baseline_s)
@@ -266,6 +271,8 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "all_applied_s_runs": samples.iter().map(|s| round3(s.all_applied_s)).collect::<Vec<_>>(),
         "rollout_completed_s": round3(median(&mut completed)),
         "etcd_requests_per_node_step": round3(median(&mut requests)),
+        "report_writes_per_node_step": round3(median(&mut reports)),
+        "etcd_data": "tmpfs (/dev/shm) when present",
         "controller_requests": samples.iter().map(|s| s.controller_requests).collect::<Vec<_>>(),
         "baseline_one_put_per_node_s": round3(median(&mut baseline)),
         "ratio_to_baseline": round3(median(&mut ratios)),
