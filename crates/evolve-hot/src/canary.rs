@@ -161,6 +161,20 @@ thread_local! {
     /// (generation, new?) of this thread's draw.
     static THREAD_SIDE: Cell<(u64, bool)> = const { Cell::new((0, false)) };
     static CONNECTION: Cell<Option<u64>> = const { Cell::new(None) };
+    /// This thread's number (0: not given yet). Addresses would not do: a new thread often
+    /// gets the stack and thread-locals of one that ended.
+    static THREAD_NUMBER: Cell<u64> = const { Cell::new(0) };
+}
+
+static THREADS: AtomicU64 = AtomicU64::new(0);
+
+fn thread_number() -> u64 {
+    THREAD_NUMBER.with(|n| {
+        if n.get() == 0 {
+            n.set(THREADS.fetch_add(1, Relaxed) + 1);
+        }
+        n.get()
+    })
 }
 
 fn split_code(split: Split) -> u8 {
@@ -189,8 +203,7 @@ fn thread_is_new() -> bool {
         if seen == generation {
             return new;
         }
-        // This thread's identity: the address of its own thread-local.
-        let new = drawn(side as *const _ as u64);
+        let new = drawn(thread_number());
         side.set((generation, new));
         new
     })
@@ -243,7 +256,7 @@ pub fn __enter(_route: &'static CanaryRoute) -> Side {
         1 => TICKS.with(|t| {
             let n = t.get().wrapping_add(1);
             t.set(n);
-            drawn(n.wrapping_add(t as *const _ as u64))
+            drawn(n.wrapping_add(thread_number() << 32))
         }),
         2 => thread_is_new(),
         3 => CONNECTION.with(|c| c.get()).is_some_and(drawn),
@@ -538,18 +551,19 @@ mod tests {
             * 50;
         PERMILLE.store(300, Relaxed);
         GENERATION.fetch_add(1, Relaxed);
-        let sides: Vec<bool> = (0..threads)
+        let handles: Vec<_> = (0..threads)
             .map(|_| {
                 std::thread::spawn(|| {
                     let first = thread_is_new();
                     for _ in 0..1000 {
                         assert_eq!(thread_is_new(), first, "a thread changed sides");
+                        std::hint::spin_loop();
                     }
                     first
                 })
             })
-            .map(|h| h.join().unwrap())
             .collect();
+        let sides: Vec<bool> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let share = sides.iter().filter(|&&s| s).count() as f64 / threads as f64;
         assert!(
             (0.15..0.45).contains(&share),
