@@ -163,6 +163,19 @@ fn a_signed_patch_reaches_twenty_nodes_in_waves_and_survives_a_server_restart() 
     assert_eq!(admitted(&states[1].1), 2);
     assert_eq!(admitted(&states[2].1), 10);
 
+    // The terminal views.
+    let shown = evolve(&["fleet", "--etcd", &etcd.url(), "status", &id]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("completed") && text.contains("20 selected: 20 healthy"), "{text}");
+    let watched = evolve(&["fleet", "--etcd", &etcd.url(), "status", "--watch", "--json"]);
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&watched.stdout).lines().last().unwrap())
+            .unwrap();
+    assert_eq!(last["state"]["phase"], "completed", "--watch ends with the rollout");
+    let history = evolve(&["fleet", "--etcd", &etcd.url(), "history", "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    assert_eq!(history["rollouts"][0]["spec"]["id"], id.as_str());
+
     // The operators' page, served by a controller, in headless Chromium.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
