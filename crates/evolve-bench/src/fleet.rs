@@ -186,12 +186,36 @@ async fn one_run(args: &Args, run: usize) -> Result<Sample, String> {
             async move { controller::run(&store, &options, |_| {}, controller_stop).await },
         )
     };
+    let mut shown = Instant::now();
     let all_applied = loop {
-        if stats.iter().all(|s| s.applied.load(Relaxed) >= 1) {
+        let applied = stats
+            .iter()
+            .filter(|s| s.applied.load(Relaxed) >= 1)
+            .count();
+        if applied == args.nodes {
             break start.elapsed();
         }
+        let state = || async {
+            controller::rollout(&controller_store, Some(&spec.id))
+                .await
+                .map(|l| format!("{} {}", l.state.phase, spec.step_name(l.state.step)))
+                .unwrap_or_else(|e| e.to_string())
+        };
+        if shown.elapsed() > Duration::from_secs(5) {
+            eprintln!(
+                "fleet: {applied} of {} nodes applied after {:.1} s; rollout {}",
+                args.nodes,
+                start.elapsed().as_secs_f64(),
+                state().await
+            );
+            shown = Instant::now();
+        }
         if start.elapsed() > Duration::from_secs(300) {
-            return Err("not every node applied within 300 s".into());
+            return Err(format!(
+                "{applied} of {} nodes applied within 300 s; rollout {}",
+                args.nodes,
+                state().await
+            ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };

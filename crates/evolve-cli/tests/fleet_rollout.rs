@@ -166,12 +166,29 @@ fn a_signed_patch_reaches_twenty_nodes_in_waves_and_survives_a_server_restart() 
     // The terminal views.
     let shown = evolve(&["fleet", "--etcd", &etcd.url(), "status", &id]);
     let text = String::from_utf8_lossy(&shown.stdout);
-    assert!(text.contains("completed") && text.contains("20 selected: 20 healthy"), "{text}");
-    let watched = evolve(&["fleet", "--etcd", &etcd.url(), "status", "--watch", "--json"]);
-    let last: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&watched.stdout).lines().last().unwrap())
-            .unwrap();
-    assert_eq!(last["state"]["phase"], "completed", "--watch ends with the rollout");
+    assert!(
+        text.contains("completed") && text.contains("20 selected: 20 healthy"),
+        "{text}"
+    );
+    let watched = evolve(&[
+        "fleet",
+        "--etcd",
+        &etcd.url(),
+        "status",
+        "--watch",
+        "--json",
+    ]);
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&watched.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        last["state"]["phase"], "completed",
+        "--watch ends with the rollout"
+    );
     let history = evolve(&["fleet", "--etcd", &etcd.url(), "history", "--json"]);
     let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
     assert_eq!(history["rollouts"][0]["spec"]["id"], id.as_str());

@@ -24,7 +24,9 @@
 //! # Sides
 //!
 //! - [`Split::Calls`]: each call is drawn (a scrambled per-thread counter, so every thread sends
-//!   the fraction); errors count for the side of the call they happen in.
+//!   the fraction); errors count for the side of the call they happen in (an error noticed
+//!   after the call returned is not attributed: use the thread or connection split when the
+//!   program checks results outside the changed functions).
 //! - [`Split::Threads`]: each thread is drawn once per canary and stays on its side; errors
 //!   count for the thread's side, inside routed calls or not (a server that counts errors after
 //!   the handler returns is measured too).
