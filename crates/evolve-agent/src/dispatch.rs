@@ -223,6 +223,52 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
         Request::Detach { revert } => {
             crate::attached::detach(context, client, revert).map(|d| to_value(&d))
         }
+        Request::CanaryStart {
+            path,
+            split,
+            fraction,
+            errors,
+        } => {
+            let result = crate::canary::start(&path, &split, fraction, &errors);
+            context.journal.record(
+                client,
+                "canary_start",
+                format!("{path} {split} {fraction} errors [{errors}]"),
+                result
+                    .as_ref()
+                    .map(|c| format!("canary of {}", c.patch))
+                    .map_err(|e| e.1.clone()),
+            );
+            result.map(|c| to_value(&c))
+        }
+        Request::CanaryRead => crate::canary::read().map(|c| to_value(&c)),
+        Request::CanaryFinish { max_ratio } => {
+            let result = crate::canary::finish(max_ratio);
+            context.journal.record(
+                client,
+                "canary_finish",
+                format!("max ratio {max_ratio}"),
+                result
+                    .as_ref()
+                    .map(|c| {
+                        format!(
+                            "{} {}: new {}/{} errors/calls, old {}/{}",
+                            c.patch,
+                            if c.promoted == Some(true) {
+                                "promoted"
+                            } else {
+                                "rolled back"
+                            },
+                            c.new_errors,
+                            c.new_calls,
+                            c.old_errors,
+                            c.old_calls
+                        )
+                    })
+                    .map_err(|e| e.1.clone()),
+            );
+            result.map(|c| to_value(&c))
+        }
     }
 }
 
@@ -360,6 +406,7 @@ fn apply(
             format!("patch path {path:?} is relative: the agent needs an absolute path"),
         ));
     }
+    crate::trust::check(std::path::Path::new(path)).map_err(|e| (ErrorKind::Failed, e))?;
     let mut options = ApplyOptions {
         atomic,
         trial: trial_ms.map(Duration::from_millis),

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attached;
+mod canary;
 pub mod client;
 mod dispatch;
 pub mod journal;
@@ -30,6 +31,7 @@ pub mod paths;
 mod probes;
 pub mod protocol;
 pub mod server;
+mod trust;
 
 pub use server::Agent;
 

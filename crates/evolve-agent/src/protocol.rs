@@ -35,6 +35,9 @@
 //! | `probe_rm` | exactly one of `probe` (an id), `pattern` (a probe's pattern, or a glob over function names), `all: true` | [`ProbeList`]: the probes removed |
 //! | `probe_read` | `probe`? (an id; none = every probe) | [`ProbeReadings`] |
 //! | `detach` | `revert` (bool) | [`Detached`]: an attached agent removes its probes (refusing while patches are applied, unless `revert`) and stops |
+//! | `canary_start` | `path`, `split` (`calls`, `threads` or `connections`), `fraction` (0-1), `errors` (the functions whose calls count as errors) | [`CanaryInfo`]: the new version serves that fraction |
+//! | `canary_read` | — | [`CanaryInfo`]: calls and errors per version so far |
+//! | `canary_finish` | `max_ratio` | [`CanaryInfo`]: promoted (the new version serves everything, as after `apply`) if its error rate is at most `max_ratio` times the old one's, else rolled back |
 //!
 //! For example `{"v":1,"id":7,"op":"probe_add","pattern":"kv::*","kind":"when","expr":"arg1 >= 4096"}`
 //! or `{"v":1,"op":"probe_rm","all":true}`. A probe's id travels as `probe` (the envelope's `id`
@@ -159,6 +162,25 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         probe: Option<u64>,
     },
+    /// Start an in-process canary: the patch's version serves a fraction of the work.
+    CanaryStart {
+        /// The patch (absolute).
+        path: String,
+        /// `calls`, `threads` or `connections`.
+        split: String,
+        /// The fraction the new version serves, 0 < f < 1.
+        fraction: f64,
+        /// The functions (name or glob) whose calls count as errors.
+        errors: String,
+    },
+    /// The running canary's calls and errors per version.
+    CanaryRead,
+    /// End the canary: promote the new version, or roll it back if its error rate exceeds
+    /// `max_ratio` times the old one's.
+    CanaryFinish {
+        /// How much worse the new version may be.
+        max_ratio: f64,
+    },
 }
 
 impl Request {
@@ -179,6 +201,9 @@ impl Request {
         "probe_rm",
         "probe_read",
         "detach",
+        "canary_start",
+        "canary_read",
+        "canary_finish",
     ];
 
     /// Its `op` name.
@@ -199,6 +224,9 @@ impl Request {
             Request::ProbeRm { .. } => "probe_rm",
             Request::ProbeRead { .. } => "probe_read",
             Request::Detach { .. } => "detach",
+            Request::CanaryStart { .. } => "canary_start",
+            Request::CanaryRead => "canary_read",
+            Request::CanaryFinish { .. } => "canary_finish",
         }
     }
 
@@ -748,4 +776,25 @@ pub struct ProbeReadings {
     pub at_ms: u64,
     /// One per probe, by id.
     pub readings: Vec<ProbeReport>,
+}
+
+/// An in-process canary, as `canary_start`, `canary_read` and `canary_finish` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryInfo {
+    /// The patch on canary.
+    pub patch: String,
+    /// `calls`, `threads` or `connections`.
+    pub split: String,
+    /// The fraction the new version serves.
+    pub fraction: f64,
+    /// Calls routed to the new version.
+    pub new_calls: u64,
+    /// Calls routed to the old version.
+    pub old_calls: u64,
+    /// Errors counted on the new version's side.
+    pub new_errors: u64,
+    /// Errors counted on the old version's side.
+    pub old_errors: u64,
+    /// After `canary_finish`: whether the new version now serves everything.
+    pub promoted: Option<bool>,
 }

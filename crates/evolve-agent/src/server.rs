@@ -77,6 +77,7 @@ impl Drop for Agent {
 
 /// Starts the agent on `dir/<pid>.sock`.
 pub fn start_in(dir: &Path) -> io::Result<Agent> {
+    crate::trust::load();
     paths::prepare_dir(dir)?;
     let pid = std::process::id();
     let socket = paths::socket_path(dir, pid);

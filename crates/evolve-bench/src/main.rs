@@ -11,6 +11,7 @@ mod attach;
 mod build_patch_time;
 mod call_overhead;
 mod demo;
+mod fleet;
 mod kv_live_update;
 mod multiverse_commit;
 mod multiverse_fnptr;
@@ -78,6 +79,9 @@ enum Scenario {
     /// Attach: stop time and end-to-end time of `evolve attach` to a C process with N threads,
     /// against stopping every thread (`--threads`, `--runs`).
     Attach(attach::Args),
+    /// Fleet: a rollout (canary, 10 %, 50 %, 100 %, no bake) to N simulated nodes against a real
+    /// etcd started for the run: time until every node applied, etcd requests per node step.
+    Fleet(fleet::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -115,6 +119,7 @@ fn main() {
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
         Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
+        Scenario::Fleet(args) => fleet::run(args),
     };
     if let Ok(record) = &result {
         if !matches!(

@@ -35,6 +35,9 @@ pub fn run(cli: Cli) -> Result<()> {
             print(json, &f, || show_functions(&f))
         }
         Command::BuildPatch(options) => build_patch(json, socket, options),
+        Command::Keygen(args) => crate::fleet::keygen(json, args),
+        Command::Node(args) => crate::fleet::node(args),
+        Command::Fleet(args) => crate::fleet::fleet(json, args),
         Command::Apply {
             target,
             patch,
@@ -508,8 +511,14 @@ fn build_hot_patch(json: bool, base: evolve_builder::Base, o: BuildPatch) -> Res
     let result = build_patch(&options);
     drop(progress);
     let report = result.context("building the patch")?;
+    let signature = match &o.sign {
+        Some(key) => Some(crate::fleet::sign(&report.output, key).context("signing the patch")?),
+        None => None,
+    };
     let out = json!({
         "output": report.output.display().to_string(),
+        "signed_by": signature.as_ref().map(|s| s.key_name.clone()),
+        "sha256": signature.as_ref().map(|s| s.sha256.to_string()),
         "functions": report.manifest.functions.iter().map(|f| f.id.clone()).collect::<Vec<_>>(),
         "warnings": report.warnings,
         "compile_seconds": report.compile_seconds,
@@ -521,6 +530,14 @@ fn build_hot_patch(json: bool, base: evolve_builder::Base, o: BuildPatch) -> Res
             report.manifest.functions.len(),
             report.compile_seconds
         );
+        if let Some(signature) = &signature {
+            outln!(
+                "  signed by key {} (sha256:{}): {}",
+                signature.key_name,
+                signature.sha256.short(),
+                evolve_fleet::trust::SignatureFile::path_for(&report.output).display()
+            );
+        }
         for w in &report.warnings {
             outln!("  warning: {w}");
         }

@@ -25,6 +25,8 @@ pub struct Cli {
 }
 
 /// The commands.
+// Parsed once per run: the size of the largest variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List evolve-enabled processes (and stale sockets of dead ones).
@@ -117,6 +119,13 @@ pub enum Command {
         #[arg(long)]
         revert: bool,
     },
+    /// Make an ed25519 signing key pair for patches (NAME.key, NAME.pub).
+    Keygen(crate::fleet::KeygenArgs),
+    /// The fleet's node daemon: registers this machine in etcd and applies the rollouts that
+    /// select its processes.
+    Node(crate::fleet::NodeArgs),
+    /// Fleet rollouts on etcd: rollout, status, pause, resume, abort, history, controller.
+    Fleet(crate::fleet::FleetArgs),
     /// A live view of a process's functions, versions, call counts and probes (q to quit).
     Top {
         #[command(flatten)]
@@ -282,6 +291,9 @@ pub struct BuildPatch {
     /// The program's build had no default features (default: discovered).
     #[arg(long)]
     pub no_default_features: bool,
+    /// Sign the patch with this secret key (from `evolve keygen`): writes PATCH.sig.
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, or a number of seconds.

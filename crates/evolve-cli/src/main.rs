@@ -9,6 +9,7 @@
 mod attach;
 mod commands;
 mod flags;
+mod fleet;
 mod probe;
 mod progress;
 mod resolve;

@@ -167,6 +167,12 @@ pub struct Load {
 impl Load {
     /// Starts `clients` threads against `addr`.
     pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        Load::start_paced(addr, clients, Duration::ZERO)
+    }
+
+    /// Like [`Load::start`], each client resting `pause` after each round of three requests: a
+    /// light load, for many servers on one machine.
+    pub fn start_paced(addr: SocketAddr, clients: usize, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(LoadCounters::default());
         let threads = (0..clients)
@@ -174,7 +180,7 @@ impl Load {
                 let (stop, counters) = (stop.clone(), counters.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Relaxed) {
-                        if client_session(addr, id, &stop, &counters).is_err() {
+                        if client_session(addr, id, pause, &stop, &counters).is_err() {
                             counters.dropped.fetch_add(1, Relaxed);
                             std::thread::sleep(Duration::from_millis(10));
                         }
@@ -202,6 +208,7 @@ impl Load {
 fn client_session(
     addr: SocketAddr,
     id: usize,
+    pause: Duration,
     stop: &AtomicBool,
     counters: &LoadCounters,
 ) -> io::Result<()> {
@@ -223,6 +230,9 @@ fn client_session(
         counters.requests.fetch_add(3, Relaxed);
         if !ok {
             counters.wrong.fetch_add(1, Relaxed);
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
         }
     }
     Ok(())

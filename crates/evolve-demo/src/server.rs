@@ -25,7 +25,17 @@ impl Server {
     /// Starts `binary` on a free port of 127.0.0.1 and waits until it listens. `socket_dir`:
     /// where its agent puts its socket (default: the user's usual directory).
     pub fn start(binary: &Path, socket_dir: Option<&Path>) -> Result<Server> {
+        Server::start_with(binary, socket_dir, &[])
+    }
+
+    /// [`Server::start`] with more environment variables (e.g. `EVOLVE_TRUSTED_KEYS`).
+    pub fn start_with(
+        binary: &Path,
+        socket_dir: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> Result<Server> {
         let mut command = Command::new(binary);
+        command.envs(env.iter().copied());
         command
             .args(["--port", "0"])
             .stdout(Stdio::piped())

@@ -26,6 +26,8 @@
 
 mod async_fn;
 
+mod canary;
+
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::{format_ident, quote, ToTokens};
@@ -423,7 +425,10 @@ fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
     let entry = format_ident!("__EVOLVE_HOT_ENTRY_{}", p.id.to_uppercase());
     let (param_types, output) = (&p.param_types, &p.output);
     let (id, fingerprint, display) = (&p.id, p.fingerprint, &p.display);
+    let canary = canary::routing_items(p, &implementation);
     quote! {
+        #canary
+
         #[doc(hidden)]
         #[unsafe(naked)]
         #[allow(improper_ctypes_definitions, unsafe_code)]

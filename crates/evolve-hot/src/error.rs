@@ -96,6 +96,11 @@ pub enum ErrorKind {
         /// The threads that did not arrive, and where they were.
         blockers: Vec<String>,
     },
+    /// An in-process canary could not start or end.
+    Canary {
+        /// Why.
+        reason: String,
+    },
     /// The engine refused a change.
     Engine(evolve_code::Error),
 }
@@ -180,6 +185,7 @@ impl fmt::Display for Error {
                 "threads did not reach a safe point within {waited_ms} ms: {}",
                 blockers.join("; ")
             ),
+            ErrorKind::Canary { reason } => write!(f, "canary: {reason}"),
             ErrorKind::Engine(e) => write!(f, "{e}"),
         }
     }

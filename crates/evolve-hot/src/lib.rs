@@ -30,6 +30,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod canary;
 mod error;
 pub mod manifest;
 pub mod patch;
@@ -43,6 +44,7 @@ pub use safepoint::safe_point;
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::canary::{CanaryRoute, CANARY_ROUTES};
     pub use evolve_code::stub::{StubEntry, STUBS};
     pub use evolve_code::InteriorMutable;
     pub use linkme;

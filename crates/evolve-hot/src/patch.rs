@@ -467,9 +467,26 @@ pub fn apply(path: impl AsRef<Path>) -> Result<ApplyReport> {
     apply_with(path, &ApplyOptions::default())
 }
 
-/// Applies the patch at `path` with `options` (atomically at a safe point, on trial).
-pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<ApplyReport> {
-    let path = path.as_ref();
+/// A patch read, verified and loaded, not bound yet (see [`apply_with`] and `crate::canary`).
+pub(crate) struct Loaded {
+    pub(crate) path: PathBuf,
+    plan: Plan,
+    pub(crate) object: PatchObject,
+    start: Instant,
+    load_start: Instant,
+    verify_ms: f64,
+}
+
+impl Loaded {
+    /// The changed functions: (entry, the patch's fingerprint, through an adaptor).
+    pub(crate) fn changes(&self) -> &[(&'static StubEntry, u64, bool)] {
+        &self.plan.changes
+    }
+}
+
+/// Steps 1-3 of an apply: read, verify, load (nothing in the process changes).
+pub(crate) fn load(path: &Path) -> Result<Loaded> {
+    crate::canary::refuse_while_running()?;
     let start = Instant::now();
     let (file, manifest) = read_patch(path)?;
     let plan = verify(&manifest, path)?;
@@ -485,7 +502,70 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
         }
         _ => Error::from(e),
     })?;
-    with_state(|state| {
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        plan,
+        object,
+        start,
+        load_start,
+        verify_ms,
+    })
+}
+
+/// The code callers of `entry` reach now (its newest version).
+pub(crate) fn current_code(state: &mut State, entry: &'static StubEntry) -> Result<(Stub, Code)> {
+    let function = state.function(entry)?;
+    Ok((
+        function.stub,
+        function.versions.last().expect("base version").code,
+    ))
+}
+
+/// Records a loaded patch that was never bound (a canary rolled back) as reverted, so that
+/// reclamation unloads it once no thread can be in its code.
+pub(crate) fn retire(state: &mut State, loaded: Loaded) {
+    let name = unique_name(state, &loaded.path);
+    let functions = loaded
+        .plan
+        .changes
+        .iter()
+        .map(|c| c.0.name().to_string())
+        .collect();
+    state.patches.push(Applied {
+        record: PatchRecord {
+            name,
+            path: loaded.path,
+            applied_at: now(),
+            reverted_at: Some(now()),
+            unloaded_at: None,
+            functions,
+        },
+        object: loaded.object,
+    });
+}
+
+/// Applies the patch at `path` with `options` (atomically at a safe point, on trial).
+pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<ApplyReport> {
+    let loaded = load(path.as_ref())?;
+    with_state(|state| bind(state, loaded, options))
+}
+
+/// Step 4 of an apply: binds a loaded patch (see the module docs).
+pub(crate) fn bind(
+    state: &mut State,
+    loaded: Loaded,
+    options: &ApplyOptions,
+) -> Result<ApplyReport> {
+    let Loaded {
+        path,
+        plan,
+        object,
+        start,
+        load_start,
+        verify_ms,
+    } = loaded;
+    let path = path.as_path();
+    {
         let mut batch = Batch::new();
         let mut new_versions = Vec::new();
         for &(entry, fingerprint, adapted) in &plan.changes {
@@ -572,7 +652,7 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
             apply_ms,
             total_ms: ms(start),
         })
-    })
+    }
 }
 
 /// What to revert.
@@ -593,6 +673,7 @@ pub enum Revert {
 
 /// Reverts a patch or a function; returns the functions whose code changed.
 pub fn revert(what: Revert) -> Result<Vec<String>> {
+    crate::canary::refuse_while_running()?;
     with_state(|state| {
         let mut batch = Batch::new();
         let mut changed = Vec::new();

@@ -39,7 +39,9 @@ pub fn count_command() {
     }
 }
 
-/// Counts one error reply.
+/// Counts one error reply. Never inlined: it is the probe point for error replies
+/// (`evolve probe PID add kv_core::stats::count_error --count`, a fleet rollout's probe gate).
+#[inline(never)]
 pub fn count_error() {
     ERROR_REPLIES.fetch_add(1, Relaxed);
 }
