@@ -18,7 +18,9 @@
 //! - [`loader`] loads patch objects (ELF relocatable objects) within ±2 GiB of the executable
 //!   and binds them to the program's own symbols, locals included;
 //! - [`inspect`] reads the process's own ELF images: symbols, function ranges, build id, and
-//!   every `call rel32` that targets a function.
+//!   every `call rel32` that targets a function;
+//! - [`PaddedFunction`] redirects a C function prepared with compiler-reserved entry padding
+//!   (`evolve.h`), through [`ForeignCode`] handles the C side vouches for ([`padded`]).
 //!
 //! All `unsafe` of Evolve lives in this crate, each block with the reason it holds.
 //!
@@ -64,10 +66,12 @@ pub mod error;
 mod fault;
 mod fncell;
 mod fnsite;
+mod foreign;
 mod hidden;
 pub mod inspect;
 pub mod loader;
 mod near;
+pub mod padded;
 mod published;
 pub mod scan;
 pub mod shadow;
@@ -87,8 +91,10 @@ pub use detour::{
 pub use error::{Error, ErrorKind, Result};
 pub use fncell::FnCell;
 pub use fnsite::{FnPtr, FnSite, Placement};
+pub use foreign::{ForeignCode, ForeignVariable};
 pub use hidden::{scrub, scrub_spare, Hidden};
 pub use near::NearBlock;
+pub use padded::{EntryBatch, PaddedFunction};
 pub use published::Published;
 pub use site::{PatchSite, SiteInsn};
 pub use springboard::springboard_count;
