@@ -83,7 +83,7 @@
 //!
 //! # Safety
 //!
-//! [`PaddedFunction::prepare`] is `unsafe`: its caller vouches that the function was compiled
+//! [`PaddedFunction::declare`] is `unsafe`: its caller vouches that the function was compiled
 //! with the padding above. Everything after that is checked: the bytes are verified before the
 //! first write, the slot is written through the engine's patch-site protocol, and gates through
 //! [`crate::write`]'s single-instruction replacement. The unsafe code of this module reads the
@@ -166,9 +166,12 @@ fn prepared() -> std::sync::MutexGuard<'static, HashMap<usize, State>> {
     PREPARED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A C function compiled with entry padding, ready to be redirected (see the module docs).
+/// A C function compiled with entry padding, to be redirected (see the module docs).
 ///
-/// Handles are cheap clones; the engine keeps the function's state.
+/// A handle is a copy of the function's address and signature identity, made by the unsafe
+/// [`PaddedFunction::declare`]; the engine keeps the function's state. Nothing is read or
+/// written until the function is prepared, by [`PaddedFunction::prepare`] or its first
+/// redirection.
 ///
 /// # Example
 ///
@@ -189,29 +192,21 @@ fn prepared() -> std::sync::MutexGuard<'static, HashMap<usize, State>> {
 /// # fn main() {
 /// let identity = 1; // stands for the C type `unsigned (void)`
 /// // SAFETY: `padded_example` has the padding above; both functions return a u32.
-/// let (f, new) = unsafe {
-///     (ForeignCode::new(padded_example as usize, identity), ForeignCode::new(two as usize, identity))
+/// let (padded, new) = unsafe {
+///     (
+///         PaddedFunction::declare(ForeignCode::new(padded_example as usize, identity)),
+///         ForeignCode::new(two as usize, identity),
+///     )
 /// };
-/// // SAFETY: laid out by the global_asm! above.
-/// let padded = unsafe { PaddedFunction::prepare(f) }.unwrap();
 /// padded.redirect(new).unwrap();
 /// assert_eq!(unsafe { padded_example() }, 2);
 /// padded.restore().unwrap();
 /// assert_eq!(unsafe { padded_example() }, 1);
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PaddedFunction {
-    padded: Arc<Padded>,
-}
-
-impl std::fmt::Debug for PaddedFunction {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PaddedFunction")
-            .field("entry", &format_args!("{:#x}", self.padded.entry))
-            .field("target", &self.target().map(|t| format!("{t:#x}")))
-            .finish()
-    }
+    code: ForeignCode,
 }
 
 /// Reads the `N` bytes at `address`, after checking they lie in one readable, executable mapping.
@@ -227,16 +222,7 @@ fn read_code<const N: usize>(address: usize) -> Result<[u8; N]> {
 }
 
 impl PaddedFunction {
-    /// Prepares the function `function` for redirection: checks its padding, turns the slot's
-    /// five one-byte NOPs into one 5-byte NOP (the first time), and finds its direct call sites
-    /// in the executable. Idempotent: preparing a function again returns the same handle.
-    ///
-    /// # Errors
-    /// [`ErrorKind::NotPadded`] if the bytes around the entry are not the padding of
-    /// `patchable_function_entry(7, 5)` in a state the engine left it in (naming what was
-    /// found); [`ErrorKind::SignatureMismatch`] if the function was prepared before with another
-    /// identity; [`ErrorKind::NotExecutable`] if it is not code; the errors of
-    /// [`DirectCalls::find`]. Nothing is written when an error is returned.
+    /// The padded function `function`. Reads and writes nothing (see [`PaddedFunction::prepare`]).
     ///
     /// # Safety
     ///
@@ -244,7 +230,26 @@ impl PaddedFunction {
     /// `__attribute__((patchable_function_entry(7, 5)))`, callable as every [`ForeignCode`] of
     /// `function`'s signature identity, in code that stays mapped for the life of the process;
     /// the five bytes before it are its padding, which no code branches to.
-    pub unsafe fn prepare(function: ForeignCode) -> Result<PaddedFunction> {
+    pub const unsafe fn declare(function: ForeignCode) -> PaddedFunction {
+        PaddedFunction { code: function }
+    }
+
+    /// Prepares the function for redirection, once: checks its padding, turns the slot's five
+    /// one-byte NOPs into one 5-byte NOP, and finds its direct call sites in the executable
+    /// (the first preparation in the process decodes the executable's code once).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotPadded`] if the bytes around the entry are not the padding of
+    /// `patchable_function_entry(7, 5)` in a state the engine left it in (naming what was
+    /// found); [`ErrorKind::SignatureMismatch`] if the function was prepared before with another
+    /// identity; [`ErrorKind::NotExecutable`] if it is not code; the errors of
+    /// [`DirectCalls::find`]. Nothing is written when an error is returned.
+    pub fn prepare(&self) -> Result<()> {
+        self.padded().map(|_| ())
+    }
+
+    fn padded(&self) -> Result<Arc<Padded>> {
+        let function = self.code;
         let entry = function.address();
         let mut prepared = prepared();
         if let Some(state) = prepared.get(&entry) {
@@ -255,13 +260,11 @@ impl PaddedFunction {
                     found: function.signature(),
                 }));
             }
-            return Ok(PaddedFunction {
-                padded: state.padded.clone(),
-            });
+            return Ok(state.padded.clone());
         }
-        let slot = entry
-            .checked_sub(SITE_LEN)
-            .ok_or(ErrorKind::NotExecutable { address: entry })?;
+        let slot = entry.checked_sub(SITE_LEN).ok_or(ErrorKind::NotExecutable {
+            address: entry,
+        })?;
         let bytes: [u8; LAYOUT_LEN] = read_code(slot)?;
         let endbr = bytes[SITE_LEN..SITE_LEN + 4] == ENDBR64;
         let gate_offset = SITE_LEN + if endbr { ENDBR64.len() } else { 0 };
@@ -276,8 +279,7 @@ impl PaddedFunction {
         let gate = [bytes[gate_offset], bytes[gate_offset + 1]];
         if gate != CLOSED {
             let to_slot = gate[0] == JMP_REL8
-                && (entry + gate_offset - SITE_LEN + 2) as isize + gate[1] as i8 as isize
-                    == slot as isize;
+                && (slot + gate_offset + 2) as isize + gate[1] as i8 as isize == slot as isize;
             return Err(refuse(if to_slot {
                 "its gate is already open, redirected by code Evolve does not know of (another \
                  copy of the library?)"
@@ -305,13 +307,13 @@ impl PaddedFunction {
         // SAFETY: the slot is reached only through the function's gate, by callers of the
         // function (module docs); every instruction written there later is a jump to code of
         // the function's signature identity (checked by `redirect_in`) or a 5-byte NOP that falls
-        // through to the entry. The code stays mapped (the caller's contract).
-        let slot = unsafe { PatchSite::register(slot)? };
+        // through to the entry. The code stays mapped (the contract of `declare`).
+        let slot_site = unsafe { PatchSite::register(slot)? };
         let calls = DirectCalls::find(Unnamed(entry))?;
         let padded = Arc::new(Padded {
             entry,
-            gate: entry + gate_offset - SITE_LEN,
-            slot,
+            gate: slot + gate_offset,
+            slot: slot_site,
             signature: function.signature(),
             calls,
         });
@@ -322,72 +324,76 @@ impl PaddedFunction {
                 target: None,
             },
         );
-        Ok(PaddedFunction { padded })
+        Ok(padded)
     }
 
     /// The function's entry (the address its callers call).
     pub fn entry(&self) -> usize {
-        self.padded.entry
+        self.code.address()
     }
 
     /// The function's signature identity.
     pub fn signature(&self) -> u64 {
-        self.padded.signature
+        self.code.signature()
     }
 
     /// Where the function is redirected to, if it is.
     pub fn target(&self) -> Option<usize> {
         prepared()
-            .get(&self.padded.entry)
+            .get(&self.entry())
             .and_then(|s| s.target)
             .map(Hidden::get)
     }
 
-    /// The number of direct call sites of the function found in the executable.
-    pub fn call_sites(&self) -> usize {
-        self.padded.calls.len()
+    /// The number of direct call sites of the function found in the executable, once prepared.
+    pub fn call_sites(&self) -> Option<usize> {
+        prepared().get(&self.entry()).map(|s| s.padded.calls.len())
     }
 
     /// Adds to `edits`: redirect the function to `to` (restore it if `to` is the function
-    /// itself).
+    /// itself). Prepares the function first if it is not.
     ///
     /// # Errors
-    /// [`ErrorKind::SignatureMismatch`] if `to` has another signature identity; nothing is
-    /// added.
+    /// [`ErrorKind::SignatureMismatch`] if `to` has another signature identity,
+    /// [`ErrorKind::TargetNotExecutable`] if it is not code, the errors of
+    /// [`PaddedFunction::prepare`]; nothing is added.
     pub fn redirect_in(&self, edits: &mut EntryBatch, to: ForeignCode) -> Result<()> {
-        if to.signature() != self.padded.signature {
+        if to.signature() != self.signature() {
             return Err(Error::new(ErrorKind::SignatureMismatch {
-                function: self.padded.entry,
-                expected: self.padded.signature,
+                function: self.entry(),
+                expected: self.signature(),
                 found: to.signature(),
             }));
         }
-        if to.address() == self.padded.entry {
+        if to.address() == self.entry() {
             self.restore_in(edits);
             return Ok(());
         }
         if read_code::<1>(to.address()).is_err() {
             return Err(Error::new(ErrorKind::TargetNotExecutable {
-                site: self.padded.entry,
+                site: self.entry(),
                 target: to.address(),
             }));
         }
+        let padded = self.padded()?;
         let target = Unnamed(to.address());
         if is_bare_return(target) {
-            self.padded.calls.nop_in(&mut edits.sites, target)?;
+            padded.calls.nop_in(&mut edits.sites, target)?;
         } else {
-            self.padded.calls.retarget_in(&mut edits.sites, target);
+            padded.calls.retarget_in(&mut edits.sites, target);
         }
-        edits
-            .entries
-            .push((self.padded.clone(), Some(Hidden::new(to.address()))));
+        edits.entries.push((padded, Some(Hidden::new(to.address()))));
         Ok(())
     }
 
-    /// Adds to `edits`: restore the function (its gate, its call sites, its slot).
+    /// Adds to `edits`: restore the function (its gate, its call sites, its slot). Nothing for
+    /// a function never prepared (it was never redirected).
     pub fn restore_in(&self, edits: &mut EntryBatch) {
-        self.padded.calls.restore_in(&mut edits.sites);
-        edits.entries.push((self.padded.clone(), None));
+        let Some(padded) = prepared().get(&self.entry()).map(|s| s.padded.clone()) else {
+            return;
+        };
+        padded.calls.restore_in(&mut edits.sites);
+        edits.entries.push((padded, None));
     }
 
     /// Redirects the function to `to` (an [`EntryBatch`] of one).
@@ -430,8 +436,8 @@ impl PaddedFunction {
 /// // SAFETY: both have the padding above and return a u32, as `ten` does.
 /// let (a, b, ten) = unsafe {
 ///     (
-///         PaddedFunction::prepare(ForeignCode::new(padded_batch_a as usize, 7)).unwrap(),
-///         PaddedFunction::prepare(ForeignCode::new(padded_batch_b as usize, 7)).unwrap(),
+///         PaddedFunction::declare(ForeignCode::new(padded_batch_a as usize, 7)),
+///         PaddedFunction::declare(ForeignCode::new(padded_batch_b as usize, 7)),
 ///         ForeignCode::new(ten as usize, 7),
 ///     )
 /// };

@@ -132,7 +132,8 @@ fn hammer(f: F, direct: fn(u32) -> u32, rounds: usize) {
     let entry = f as usize;
     let before = read(entry, 16);
     // SAFETY: `f` has the padding of patchable_function_entry(7, 5) (global_asm above).
-    let padded = unsafe { PaddedFunction::prepare(code(f)) }.unwrap();
+    let padded = unsafe { PaddedFunction::declare(code(f)) };
+    padded.prepare().unwrap();
     assert_eq!(
         read(entry - SITE_LEN, SITE_LEN),
         NOP5,
@@ -199,10 +200,10 @@ fn plain_layout_redirects_under_threads_and_restores_byte_for_byte() {
     let _serial = serial();
     hammer(evolve_padded_plain, call_plain, 2000);
     // SAFETY: as in `hammer`.
-    let padded = unsafe { PaddedFunction::prepare(code(evolve_padded_plain)) }.unwrap();
+    let padded = unsafe { PaddedFunction::declare(code(evolve_padded_plain)) };
     assert_eq!(
         padded.call_sites(),
-        1,
+        Some(1),
         "the call in evolve_padded_call_plain"
     );
 }
@@ -212,10 +213,10 @@ fn endbr64_layout_redirects_under_threads() {
     let _serial = serial();
     hammer(evolve_padded_endbr, call_endbr, 2000);
     // SAFETY: as in `hammer`.
-    let padded = unsafe { PaddedFunction::prepare(code(evolve_padded_endbr)) }.unwrap();
+    let padded = unsafe { PaddedFunction::declare(code(evolve_padded_endbr)) };
     assert_eq!(
         padded.call_sites(),
-        1,
+        Some(1),
         "the tail jump in evolve_padded_tail_endbr"
     );
 }
@@ -224,7 +225,7 @@ fn endbr64_layout_redirects_under_threads() {
 fn a_gate_across_a_word_is_written_through_the_int3_protocol() {
     let _serial = serial();
     // SAFETY: as in `hammer`.
-    let padded = unsafe { PaddedFunction::prepare(code(evolve_padded_straddle)) }.unwrap();
+    let padded = unsafe { PaddedFunction::declare(code(evolve_padded_straddle)) };
     let report = padded.redirect(code(plus_ten)).unwrap();
     assert!(report.via_int3 >= 1, "{report:?}");
     padded.restore().unwrap();
@@ -251,7 +252,7 @@ fn refusals_name_the_cause_and_change_nothing() {
     ] {
         let before = read(f as usize - SITE_LEN, 16);
         // SAFETY: these are code; preparing them must be refused without a write.
-        let e = unsafe { PaddedFunction::prepare(code(f)) }.unwrap_err();
+        let e = unsafe { PaddedFunction::declare(code(f)) }.prepare().unwrap_err();
         assert!(matches!(e.kind(), ErrorKind::NotPadded { .. }), "{e}");
         assert!(e.to_string().contains(why), "{e}");
         assert_eq!(read(f as usize - SITE_LEN, 16), before);
@@ -259,7 +260,8 @@ fn refusals_name_the_cause_and_change_nothing() {
     }
 
     // SAFETY: as in `hammer`.
-    let padded = unsafe { PaddedFunction::prepare(code(evolve_padded_plain)) }.unwrap();
+    let padded = unsafe { PaddedFunction::declare(code(evolve_padded_plain)) };
+    padded.prepare().unwrap();
     // Another signature identity: for the target, and for the function prepared again.
     // SAFETY: only the identity differs, which is what is tested.
     let other = unsafe { ForeignCode::new(plus_ten as usize, IDENTITY + 1) };
@@ -270,9 +272,9 @@ fn refusals_name_the_cause_and_change_nothing() {
     );
     // SAFETY: as above.
     let again =
-        unsafe { PaddedFunction::prepare(ForeignCode::new(evolve_padded_plain as usize, 9)) };
+        unsafe { PaddedFunction::declare(ForeignCode::new(evolve_padded_plain as usize, 9)) };
     assert!(matches!(
-        again.unwrap_err().kind(),
+        again.prepare().unwrap_err().kind(),
         ErrorKind::SignatureMismatch { .. }
     ));
     // A target that is not code.

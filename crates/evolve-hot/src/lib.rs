@@ -10,6 +10,9 @@
 //!
 //! Patches are built by [`builder`] (the `evolve build-patch` command calls the same code).
 //!
+//! C programs prepare hot functions with `evolve.h` (compiler-reserved entry padding instead of
+//! a stub) and redirect them with [`padded`].
+//!
 //! # Example
 //!
 //! Through the `evolve` facade, whose paths the macro's expansion uses (this example is compiled
@@ -31,6 +34,7 @@
 pub mod builder;
 mod error;
 pub mod manifest;
+pub mod padded;
 pub mod patch;
 pub mod reclaim;
 pub mod safepoint;
