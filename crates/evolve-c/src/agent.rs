@@ -11,9 +11,8 @@ static STOP_AT_EXIT: std::sync::Once = std::sync::Once::new();
 pub(crate) fn start() -> Result<bool, String> {
     let mut agent = AGENT.lock().unwrap_or_else(|p| p.into_inner());
     if agent.is_none() {
-        *agent = Some(
-            evolve_agent::start().map_err(|e| format!("the agent could not start: {e}"))?,
-        );
+        *agent =
+            Some(evolve_agent::start().map_err(|e| format!("the agent could not start: {e}"))?);
     }
     let mut first = false;
     STOP_AT_EXIT.call_once(|| first = true);

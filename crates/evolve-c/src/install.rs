@@ -91,7 +91,8 @@ pub fn pkg_config(prefix: &Path) -> String {
 /// The I/O error of the step that failed, naming the file.
 pub fn install(prefix: &Path, library: &Path) -> io::Result<Installed> {
     let prefix = std::path::absolute(prefix)?;
-    let named = |path: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let named =
+        |path: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let include = prefix.join("include");
     let lib = prefix.join("lib");
     let pkgconfig_dir = lib.join("pkgconfig");

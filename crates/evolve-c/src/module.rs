@@ -76,13 +76,14 @@ pub(crate) fn register(module: usize, declarations: Declarations) -> Result<(), 
     Ok(())
 }
 
-/// `address` as a person reads it: the function there, if the executable names it.
+/// `address` as a person reads it: the function or variable there, if the executable names it.
 fn describe(address: usize) -> String {
-    let name = evolve_code::inspect::executable()
-        .ok()
-        .and_then(|exe| exe.function_containing(address))
-        .filter(|s| s.address == address)
-        .map(|s| s.demangled.clone());
+    let name = evolve_code::inspect::executable().ok().and_then(|exe| {
+        exe.symbols()
+            .iter()
+            .find(|s| s.address == address && !s.demangled.is_empty())
+            .map(|s| s.demangled.clone())
+    });
     match name {
         Some(name) => format!("`{name}` ({address:#x})"),
         None => format!("{address:#x}"),
@@ -133,8 +134,9 @@ pub(crate) fn commit(scope: Scope, commit: bool) -> Result<c_int, String> {
         Scope::Switch(address) => {
             let switch = mv::switch_with_id(address).ok_or_else(|| {
                 format!(
-                    "{address:#x} is not a switch: declare it with EVOLVE_SWITCH (in a module \
-                     that has called into Evolve); nothing was changed"
+                    "{} is not a switch: declare it with EVOLVE_SWITCH (in a module that has \
+                     called into Evolve); nothing was changed",
+                    describe(address)
                 )
             })?;
             if commit {

@@ -262,9 +262,9 @@ impl PaddedFunction {
             }
             return Ok(state.padded.clone());
         }
-        let slot = entry.checked_sub(SITE_LEN).ok_or(ErrorKind::NotExecutable {
-            address: entry,
-        })?;
+        let slot = entry
+            .checked_sub(SITE_LEN)
+            .ok_or(ErrorKind::NotExecutable { address: entry })?;
         let bytes: [u8; LAYOUT_LEN] = read_code(slot)?;
         let endbr = bytes[SITE_LEN..SITE_LEN + 4] == ENDBR64;
         let gate_offset = SITE_LEN + if endbr { ENDBR64.len() } else { 0 };
@@ -382,7 +382,9 @@ impl PaddedFunction {
         } else {
             padded.calls.retarget_in(&mut edits.sites, target);
         }
-        edits.entries.push((padded, Some(Hidden::new(to.address()))));
+        edits
+            .entries
+            .push((padded, Some(Hidden::new(to.address()))));
         Ok(())
     }
 

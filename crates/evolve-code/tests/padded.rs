@@ -252,7 +252,9 @@ fn refusals_name_the_cause_and_change_nothing() {
     ] {
         let before = read(f as usize - SITE_LEN, 16);
         // SAFETY: these are code; preparing them must be refused without a write.
-        let e = unsafe { PaddedFunction::declare(code(f)) }.prepare().unwrap_err();
+        let e = unsafe { PaddedFunction::declare(code(f)) }
+            .prepare()
+            .unwrap_err();
         assert!(matches!(e.kind(), ErrorKind::NotPadded { .. }), "{e}");
         assert!(e.to_string().contains(why), "{e}");
         assert_eq!(read(f as usize - SITE_LEN, 16), before);

@@ -84,10 +84,7 @@ pub fn find(entry: usize) -> Option<&'static PaddedHot> {
 
 /// Every registered C hot function, in registration order.
 pub fn functions() -> Vec<&'static PaddedHot> {
-    FUNCTIONS
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
+    FUNCTIONS.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Redirects each function to its new code (`Some`), or restores it (`None`), all in one engine

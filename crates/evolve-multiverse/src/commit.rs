@@ -57,10 +57,7 @@ pub struct Unmatched {
 /// Every multiversed function: the macros' (link-time) and those registered at run time
 /// ([`crate::foreign`]).
 fn all_functions() -> impl Iterator<Item = &'static dyn Function> {
-    FUNCTIONS
-        .iter()
-        .copied()
-        .chain(crate::foreign::functions())
+    FUNCTIONS.iter().copied().chain(crate::foreign::functions())
 }
 
 fn run(select: impl Fn(&dyn Function) -> bool, commit: bool) -> Result<CommitReport, Error> {
