@@ -340,6 +340,16 @@ fn functions(context: &Context) -> Functions {
                 versions: f.versions,
                 current: f.current,
             })
+            .chain(evolve_hot::padded::functions().into_iter().map(|f| {
+                // A C hot function (evolve.h): the program's code, or redirected.
+                let mut versions = vec!["program".to_string()];
+                versions.extend(f.target().map(|t| format!("redirected to {t:#x}")));
+                HotFunction {
+                    name: f.name().to_string(),
+                    current: versions.len() - 1,
+                    versions,
+                }
+            }))
             .collect(),
         multiverse: evolve_multiverse::function_states()
             .into_iter()

@@ -9,6 +9,10 @@ mod apply_unprepared;
 mod async_call;
 mod attach;
 mod build_patch_time;
+mod c_call_overhead;
+mod c_lock_elision;
+mod c_multiverse_spinlock;
+mod c_programs;
 mod call_overhead;
 mod demo;
 mod fleet;
@@ -82,6 +86,15 @@ enum Scenario {
     /// Fleet: a rollout (canary, 10 %, 50 %, 100 %, no bake) to N simulated nodes against a real
     /// etcd started for the run: time until every node applied, etcd requests per node step.
     Fleet(fleet::Args),
+    /// C: a prepared hot function (`EVOLVE_HOT`) unpatched against a plain C function, and
+    /// redirected against a direct call (`--iters`, `--runs`, `--only`).
+    CCallOverhead(Raw),
+    /// C multiverse, the paper's Figure 1: a committed `EVOLVE_MULTIVERSE` spinlock against
+    /// the statically specialised build (`--iters`, `--runs`, `--only`).
+    CMultiverseSpinlock(Raw),
+    /// C multiverse: musl-style single-threaded lock elision (fputc, malloc) against always
+    /// locking (`--iters`, `--runs`, `--only`).
+    CLockElision(Raw),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -120,6 +133,9 @@ fn main() {
         Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
         Scenario::Fleet(args) => fleet::run(args),
+        Scenario::CCallOverhead(raw) => c_call_overhead::run(&raw.args),
+        Scenario::CMultiverseSpinlock(raw) => c_multiverse_spinlock::run(&raw.args),
+        Scenario::CLockElision(raw) => c_lock_elision::run(&raw.args),
     };
     if let Ok(record) = &result {
         if !matches!(

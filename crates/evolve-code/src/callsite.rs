@@ -245,7 +245,8 @@ impl<F: FnPtr> DirectCalls<F> {
     }
 }
 
-/// Whether `f`'s code is a bare return (`ret`, or `rep ret`): calling it does nothing.
+/// Whether `f`'s code is a bare return (`ret` or `rep ret`, after an `endbr64` if it has one):
+/// calling it does nothing.
 ///
 /// # Example
 /// ```
@@ -254,23 +255,25 @@ impl<F: FnPtr> DirectCalls<F> {
 /// assert!(evolve_code::callsite::is_bare_return(nothing as fn()));
 /// ```
 pub fn is_bare_return<F: FnPtr>(f: F) -> bool {
-    let bytes = code_prefix(f.address());
-    bytes[0] == 0xC3 || (bytes[0] == 0xF3 && bytes[1] == 0xC3)
-}
-
-/// The first two bytes of the code at `address`, an executable function's entry.
-fn code_prefix(address: usize) -> [u8; 2] {
-    // The function may be the last bytes of its page-aligned section: read the second byte
-    // only if the first does not end it.
-    // SAFETY: `address` is the entry of a function (a value of an `FnPtr` type), mapped and
-    // readable (x86-64 code pages are readable); a function is at least one byte long.
-    let first = unsafe { std::ptr::read_volatile(address as *const u8) };
-    if first != 0xF3 {
-        return [first, 0];
+    // Each byte is read only if the bytes before it leave an instruction unfinished (or, after
+    // `endbr64`, the function must go on): a function's entry may be the last bytes of its
+    // page-aligned section.
+    let address = f.address();
+    let byte = |i: usize| {
+        // SAFETY: `address` is the entry of a function (a value of an `FnPtr` type), mapped
+        // and readable (x86-64 code pages are readable), and byte `i` lies inside it (above).
+        unsafe { std::ptr::read_volatile((address + i) as *const u8) }
+    };
+    match byte(0) {
+        0xc3 => true,
+        0xf3 => match byte(1) {
+            0xc3 => true,
+            // endbr64 (f3 0f 1e fa), then a bare return.
+            0x0f => byte(2) == 0x1e && byte(3) == 0xfa && matches!(byte(4), 0xc3),
+            _ => false,
+        },
+        _ => false,
     }
-    // SAFETY: `rep` is a prefix: the function's instruction continues at the next byte.
-    let second = unsafe { std::ptr::read_volatile((address + 1) as *const u8) };
-    [first, second]
 }
 
 /// Whether the functions at `a` and `b` have the same machine code: the same instructions, with

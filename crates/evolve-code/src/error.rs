@@ -167,6 +167,27 @@ pub enum ErrorKind {
         /// The value found.
         found: usize,
     },
+    /// A function handed to [`crate::PaddedFunction::prepare`] does not have the entry padding
+    /// of `patchable_function_entry(7, 5)` (see [`crate::padded`]), or it is in a state the
+    /// engine did not leave it in.
+    NotPadded {
+        /// The function's entry.
+        function: usize,
+        /// The bytes from five before the entry (the slot) to the end of the gate.
+        found: Vec<u8>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Code was offered to a padded function, or a padded function was prepared again, with
+    /// another signature identity (see [`crate::ForeignCode`]).
+    SignatureMismatch {
+        /// The padded function's entry.
+        function: usize,
+        /// Its signature identity.
+        expected: u64,
+        /// The identity of the code offered.
+        found: u64,
+    },
     /// An argument was invalid.
     InvalidArgument {
         /// What was wrong with it.
@@ -316,6 +337,26 @@ impl fmt::Display for Error {
                 f,
                 "slot {slot:#x} holds {found:#x}, expected {expected:#x}: it changed behind the \
                  batch's back; nothing was changed"
+            ),
+            ErrorKind::NotPadded {
+                function,
+                found,
+                reason,
+            } => write!(
+                f,
+                "the function at {function:#x} cannot be redirected through its entry padding: \
+                 {reason} (found [{}] from 5 bytes before the entry); nothing was changed",
+                hex(found)
+            ),
+            ErrorKind::SignatureMismatch {
+                function,
+                expected,
+                found,
+            } => write!(
+                f,
+                "the code offered to the padded function at {function:#x} was declared for \
+                 another C signature (identity {found:#x}, the function's is {expected:#x}); \
+                 nothing was changed"
             ),
             ErrorKind::Unrelocatable { function, reason } => write!(
                 f,

@@ -21,6 +21,8 @@
 //!   every `call rel32` that targets a function;
 //! - [`redirect`] switches an unprepared function to another version and back: a `jmp` over
 //!   its entry written with the world stopped, and its direct calls and GOT slots retargeted.
+//! - [`PaddedFunction`] redirects a C function prepared with compiler-reserved entry padding
+//!   (`evolve.h`), through [`ForeignCode`] handles the C side vouches for ([`padded`]).
 //!
 //! All `unsafe` of Evolve lives in this crate, each block with the reason it holds.
 //!
@@ -68,11 +70,13 @@ mod fault;
 pub mod fault_injection;
 mod fncell;
 mod fnsite;
+mod foreign;
 mod hidden;
 pub mod inspect;
 pub mod loader;
 mod near;
 mod overwrite;
+pub mod padded;
 mod primitive;
 mod published;
 pub mod redirect;
@@ -98,8 +102,10 @@ pub use detour::{
 pub use error::{Error, ErrorKind, Result};
 pub use fncell::FnCell;
 pub use fnsite::{FnPtr, FnSite, Placement};
+pub use foreign::{ForeignCode, ForeignVariable};
 pub use hidden::{scrub, scrub_spare, Hidden};
 pub use near::NearBlock;
+pub use padded::{EntryBatch, PaddedFunction};
 pub use published::Published;
 pub use site::{PatchSite, SiteInsn, SiteView};
 pub use springboard::springboard_count;

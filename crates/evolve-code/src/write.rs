@@ -199,7 +199,7 @@ pub fn set_default_write_path(path: WritePath) {
     DEFAULT_PATH.store(path as u8 + 1, Ordering::Relaxed);
 }
 
-fn default_write_path() -> WritePath {
+pub(crate) fn default_write_path() -> WritePath {
     match DEFAULT_PATH.load(Ordering::Relaxed) {
         0 => {
             let int3 = std::env::var("EVOLVE_WRITE_PATH").is_ok_and(|v| v == "int3");
@@ -394,32 +394,80 @@ pub(crate) fn replace_instruction(
     new: [u8; SITE_LEN],
     emulate: SiteInsn,
 ) -> Result<()> {
+    replace_bytes(address, &expected, &new, emulate, WritePath::Int3).map(|_| ())
+}
+
+/// Replaces the bytes `expected` at `address` (at most 8, code the engine does not track as a
+/// site) with `new`, without stopping any thread. With [`WritePath::Auto`], bytes inside one
+/// aligned 8-byte word change with one atomic store; otherwise through the int3 protocol, where
+/// a thread that reaches `address` meanwhile traps and continues as if it had executed
+/// `emulate`. Sound under the conditions of [`replace_instruction`], for `expected.len()` bytes.
+/// Returns whether the bytes were stored atomically (else: through the int3 protocol).
+pub(crate) fn replace_bytes(
+    address: usize,
+    expected: &[u8],
+    new: &[u8],
+    emulate: SiteInsn,
+    path: WritePath,
+) -> Result<bool> {
+    let len = expected.len();
+    assert!(len == new.len() && (1..=8).contains(&len), "1 to 8 bytes");
     let mut w = lock();
-    let found = read_site(address);
-    if found != expected {
+    let mut found = [0u8; 8];
+    for (i, byte) in found[..len].iter_mut().enumerate() {
+        // SAFETY: the caller's code at `address` is mapped and readable (executable pages are
+        // readable on x86-64; callers check the mapping before they hand out the address).
+        *byte = unsafe { std::ptr::read_volatile((address + i) as *const u8) };
+    }
+    if found[..len] != *expected {
+        let shown = |bytes: &[u8]| {
+            let mut out = [0u8; SITE_LEN];
+            let n = bytes.len().min(SITE_LEN);
+            out[..n].copy_from_slice(&bytes[..n]);
+            out
+        };
         return Err(Error::new(ErrorKind::UnexpectedBytes {
             address,
-            expected,
-            found,
+            expected: shown(expected),
+            found: shown(&found[..len]),
         }));
+    }
+    membarrier::ensure_registered()?;
+    let window = w.open_code_window(address, len)?;
+    if path == WritePath::Auto && !window.0.via_proc_mem() && address % 8 + len <= 8 {
+        // SAFETY: the window made the page writable; the bytes lie in one aligned word; we hold
+        // the write lock, so no other writer stores to this word.
+        unsafe { memory::store_in_word(address, new) };
+        let synced = membarrier::sync_cores();
+        window.close()?;
+        return synced.map(|()| true);
     }
     let armed = arch::encode(emulate, address).ok_or(ErrorKind::InvalidArgument {
         reason: format!("`{emulate}` is out of reach of {address:#x}"),
     })?;
-    membarrier::ensure_registered()?;
     crate::sys::trap::install()?;
-    let window = w.open_code_window(address, SITE_LEN)?;
     w.traps.insert(address);
+    // The int3 protocol writes whole sites: widen to SITE_LEN with the bytes that follow, which
+    // are written back unchanged.
+    if len > SITE_LEN {
+        return Err(Error::new(ErrorKind::InvalidArgument {
+            reason: format!("{len} bytes at {address:#x} cross more than one site's length"),
+        }));
+    }
+    let mut old = read_site(address);
+    old[..len].copy_from_slice(expected);
+    let mut whole = old;
+    whole[..len].copy_from_slice(new);
     let write = [SiteWrite {
         site: address,
-        old: expected,
-        new,
+        old,
+        new: whole,
         emulate: armed,
     }];
     Transaction::new(&window.0, &mut w.traps, &write, &[])
         .run()
         .map_err(with_undo_failure)?;
-    window.close()
+    window.close().map(|()| false)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -11,6 +11,9 @@
 //! Patches are built by the control layer's `evolve-builder` crate (the `evolve build-patch`
 //! command calls it); a server links no code that runs cargo.
 //!
+//! C programs prepare hot functions with `evolve.h` (compiler-reserved entry padding instead of
+//! a stub) and redirect them with [`padded`].
+//!
 //! # Example
 //!
 //! Through the `evolve` facade, whose paths the macro's expansion uses (this example is compiled
@@ -33,6 +36,7 @@
 pub mod canary;
 mod error;
 pub mod manifest;
+pub mod padded;
 pub mod patch;
 pub mod reclaim;
 pub mod safepoint;

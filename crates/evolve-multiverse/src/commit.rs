@@ -19,7 +19,7 @@
 //! # Threads
 //!
 //! Commits and reverts are serialised by one lock, and all the sites of one operation are
-//! written in one engine [`Batch`], which is safe while other threads execute them: every call
+//! written in one engine [`EntryBatch`], which is safe while other threads execute them: every call
 //! runs either the old binding or the new one, never a torn instruction. Sites switch one at a
 //! time, so during a commit a thread may run the old binding through one call site and the new
 //! one through another.
@@ -27,7 +27,7 @@
 use crate::registry::{Function, Plan, FUNCTIONS};
 use crate::switch::AnySwitch;
 use crate::Error;
-use evolve_code::{Batch, BatchReport, FnPtr};
+use evolve_code::{BatchReport, EntryBatch, FnPtr};
 use std::sync::Mutex;
 
 static COMMIT: Mutex<()> = Mutex::new(());
@@ -54,12 +54,18 @@ pub struct Unmatched {
     pub value: u64,
 }
 
+/// Every multiversed function: the macros' (link-time) and those registered at run time
+/// ([`crate::foreign`]).
+fn all_functions() -> impl Iterator<Item = &'static dyn Function> {
+    FUNCTIONS.iter().copied().chain(crate::foreign::functions())
+}
+
 fn run(select: impl Fn(&dyn Function) -> bool, commit: bool) -> Result<CommitReport, Error> {
     let _guard = COMMIT.lock().unwrap_or_else(|p| p.into_inner());
     let mut report = CommitReport::default();
-    let mut batch = Batch::new();
+    let mut batch = EntryBatch::new();
     let mut plans = Vec::new();
-    for function in FUNCTIONS.iter().copied().filter(|f| select(*f)) {
+    for function in all_functions().filter(|f| select(*f)) {
         let plan = if commit {
             function.plan_commit(&mut batch, &mut report)?
         } else {
@@ -173,9 +179,7 @@ pub fn revert_refs<S: AnySwitch + ?Sized>(switch: &'static S) -> Result<CommitRe
 }
 
 fn find(address: usize) -> Result<&'static dyn Function, Error> {
-    FUNCTIONS
-        .iter()
-        .copied()
+    all_functions()
         .find(|f| f.entry() == address)
         .ok_or(Error::NotMultiversed { address })
 }
@@ -198,8 +202,7 @@ pub fn revert_refs_dyn(switch: &dyn AnySwitch) -> Result<CommitReport, Error> {
 /// # Errors
 /// [`Error::NotMultiversed`] if `f` is not a `#[evolve::multiverse]` function.
 pub fn commit_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
-    let entry = find(f.address())?.entry();
-    run(|g| g.entry() == entry, true)
+    commit_fn_at(f.address())
 }
 
 /// Reverts one function.
@@ -207,7 +210,24 @@ pub fn commit_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
 /// # Errors
 /// [`Error::NotMultiversed`] if `f` is not a `#[evolve::multiverse]` function.
 pub fn revert_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
-    let entry = find(f.address())?.entry();
+    revert_fn_at(f.address())
+}
+
+/// Commits the multiversed function whose entry is `address` (a C function's address).
+///
+/// # Errors
+/// [`Error::NotMultiversed`] if no multiversed function starts there.
+pub fn commit_fn_at(address: usize) -> Result<CommitReport, Error> {
+    let entry = find(address)?.entry();
+    run(|g| g.entry() == entry, true)
+}
+
+/// Reverts the multiversed function whose entry is `address`.
+///
+/// # Errors
+/// [`Error::NotMultiversed`] if no multiversed function starts there.
+pub fn revert_fn_at(address: usize) -> Result<CommitReport, Error> {
+    let entry = find(address)?.entry();
     run(|g| g.entry() == entry, false)
 }
 
@@ -215,12 +235,20 @@ pub fn revert_fn<F: FnPtr>(f: F) -> Result<CommitReport, Error> {
 /// function that is not multiversed. For a function-pointer switch pass its `entry()`, or ask
 /// `SWITCH.is_committed()`.
 pub fn is_committed<F: FnPtr>(f: F) -> bool {
-    find(f.address()).is_ok_and(|g| g.is_committed())
+    is_committed_at(f.address()).unwrap_or(false)
+}
+
+/// Whether the multiversed function whose entry is `address` runs a variant.
+///
+/// # Errors
+/// [`Error::NotMultiversed`] if no multiversed function starts there.
+pub fn is_committed_at(address: usize) -> Result<bool, Error> {
+    find(address).map(|g| g.is_committed())
 }
 
 /// The names of every multiversed function and function-pointer switch of the program.
 pub fn functions() -> Vec<&'static str> {
-    FUNCTIONS.iter().map(|f| f.name()).collect()
+    all_functions().map(|f| f.name()).collect()
 }
 
 /// A multiversed function and what it runs now, for status displays.
@@ -234,8 +262,7 @@ pub struct FunctionState {
 
 /// Every multiversed function of the program with whether it is committed.
 pub fn function_states() -> Vec<FunctionState> {
-    FUNCTIONS
-        .iter()
+    all_functions()
         .map(|f| FunctionState {
             name: f.name(),
             committed: f.is_committed(),

@@ -37,7 +37,7 @@ use crate::registry::{bind_calls, Binding, Function, Plan};
 use crate::switch::AnySwitch;
 use crate::{CommitReport, Error};
 use evolve_code::callsite::{is_bare_return, jump_stub, DirectCalls};
-use evolve_code::{Batch, FnCell, FnPtr};
+use evolve_code::{Batch, EntryBatch, FnCell, FnPtr};
 use std::sync::{Mutex, OnceLock};
 
 /// A function-pointer switch holding a function of type `F`; declare it with
@@ -382,7 +382,12 @@ impl<F: FnPtr> Function for FnSwitch<F> {
         AnySwitch::id(self) == switch
     }
 
-    fn plan_commit(&self, batch: &mut Batch, _report: &mut CommitReport) -> Result<Plan, Error> {
+    fn plan_commit(
+        &self,
+        edits: &mut EntryBatch,
+        _report: &mut CommitReport,
+    ) -> Result<Plan, Error> {
+        let batch = edits.sites();
         let f = self.value.get();
         // `set` refuses the switch's own entry and dispatcher; a value that is one anyway has
         // nothing to bind (binding the stub to itself would loop).
@@ -390,7 +395,8 @@ impl<F: FnPtr> Function for FnSwitch<F> {
         self.plan_to(batch, want)
     }
 
-    fn plan_revert(&self, batch: &mut Batch) -> Result<Plan, Error> {
+    fn plan_revert(&self, edits: &mut EntryBatch) -> Result<Plan, Error> {
+        let batch = edits.sites();
         self.plan_to(batch, None)
     }
 

@@ -18,6 +18,8 @@
 //! - [`commit`], [`revert`], [`commit_refs`], [`revert_refs`], [`commit_fn`], [`revert_fn`],
 //!   [`is_committed`]: the API of the paper's Table 1. See [`commit`](mod@crate::commit) for
 //!   the semantics.
+//! - [`foreign`]: switches and functions of C programs (`evolve.h`), registered at run time and
+//!   committed by the same calls.
 //!
 //! # Example
 //!
@@ -53,16 +55,19 @@
 
 mod commit;
 mod fnswitch;
+pub mod foreign;
 mod registry;
 mod switch;
 
 pub use commit::{
-    commit, commit_fn, commit_refs, commit_refs_dyn, function_states, functions, is_committed,
-    revert, revert_fn, revert_refs, revert_refs_dyn, CommitReport, FunctionState, Unmatched,
+    commit, commit_fn, commit_fn_at, commit_refs, commit_refs_dyn, function_states, functions,
+    is_committed, is_committed_at, revert, revert_fn, revert_fn_at, revert_refs, revert_refs_dyn,
+    CommitReport, FunctionState, Unmatched,
 };
 pub use fnswitch::FnSwitch;
+pub use foreign::{register_function, register_switch, ForeignVariant};
 pub use registry::Multiversed;
-pub use switch::{switch_named, switches, AnySwitch, Switch, SwitchValue};
+pub use switch::{switch_named, switch_with_id, switches, AnySwitch, Switch, SwitchValue};
 
 /// The most variants (slots of the cross product) a function may have.
 pub const MAX_VARIANTS: usize = 64;
@@ -75,6 +80,13 @@ pub enum Error {
     NotMultiversed {
         /// The address given.
         address: usize,
+    },
+    /// A switch or function declared at run time ([`foreign`]: C programs) is invalid.
+    Declaration {
+        /// The switch or function.
+        name: String,
+        /// What is wrong.
+        reason: String,
     },
     /// The engine refused to install a function.
     Code {
@@ -97,6 +109,9 @@ impl std::fmt::Display for Error {
             Error::NotMultiversed { address } => {
                 write!(f, "{address:#x} is not a #[evolve::multiverse] function")
             }
+            Error::Declaration { name, reason } => {
+                write!(f, "multiverse declaration `{name}` refused: {reason}")
+            }
             Error::Code { function, source } => write!(f, "multiverse `{function}`: {source}"),
         }
     }
@@ -106,7 +121,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Code { source, .. } => Some(source),
-            Error::NotMultiversed { .. } => None,
+            Error::NotMultiversed { .. } | Error::Declaration { .. } => None,
         }
     }
 }

@@ -16,7 +16,7 @@
 use crate::switch::AnySwitch;
 use crate::{CommitReport, Error, Unmatched};
 use evolve_code::callsite::{is_bare_return, jump_stub, same_code, DirectCalls};
-use evolve_code::{Batch, FnPtr, FnSite};
+use evolve_code::{Batch, EntryBatch, FnPtr, FnSite};
 use std::sync::{Mutex, OnceLock};
 
 /// Every multiversed function of the program.
@@ -32,9 +32,10 @@ pub trait Function: Sync {
     /// Whether the function reads `switch` (by identity).
     fn uses(&self, switch: usize) -> bool;
     /// Adds the edits that bind the function to its switches' current values.
-    fn plan_commit(&self, batch: &mut Batch, report: &mut CommitReport) -> Result<Plan, Error>;
+    fn plan_commit(&self, edits: &mut EntryBatch, report: &mut CommitReport)
+        -> Result<Plan, Error>;
     /// Adds the edits that restore the generic code.
-    fn plan_revert(&self, batch: &mut Batch) -> Result<Plan, Error>;
+    fn plan_revert(&self, edits: &mut EntryBatch) -> Result<Plan, Error>;
     /// Records the binding a plan installed, once its batch is written.
     fn finish(&self, plan: Plan);
     /// Whether a variant (not the generic code) is installed.
@@ -224,7 +225,11 @@ impl<F: FnPtr> Function for Multiversed<F> {
         self.switches.iter().any(|s| s.id() == switch)
     }
 
-    fn plan_commit(&self, batch: &mut Batch, report: &mut CommitReport) -> Result<Plan, Error> {
+    fn plan_commit(
+        &self,
+        edits: &mut EntryBatch,
+        report: &mut CommitReport,
+    ) -> Result<Plan, Error> {
         let want = match self.select() {
             Err(unmatched) => {
                 report.unmatched.extend(unmatched);
@@ -243,11 +248,11 @@ impl<F: FnPtr> Function for Multiversed<F> {
                 }
             }
         };
-        self.plan_to(batch, want)
+        self.plan_to(edits.sites(), want)
     }
 
-    fn plan_revert(&self, batch: &mut Batch) -> Result<Plan, Error> {
-        self.plan_to(batch, Binding::Generic)
+    fn plan_revert(&self, edits: &mut EntryBatch) -> Result<Plan, Error> {
+        self.plan_to(edits.sites(), Binding::Generic)
     }
 
     fn finish(&self, plan: Plan) {

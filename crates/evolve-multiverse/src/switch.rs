@@ -144,14 +144,26 @@ impl<T: SwitchValue> AnySwitch for Switch<T> {
 #[linkme::distributed_slice]
 pub static SWITCHES: [&'static dyn AnySwitch];
 
-/// Every switch of the program, in link order (for control tools: `evolve switch`).
+/// The switch whose identity ([`AnySwitch::id`]: its address) is `id`, if any: how a C program
+/// names a switch (`&variable`).
+pub fn switch_with_id(id: usize) -> Option<&'static dyn AnySwitch> {
+    switches().into_iter().find(|s| s.id() == id)
+}
+
+/// Every switch of the program, in link order, then those registered at run time (for control
+/// tools: `evolve switch`).
 pub fn switches() -> Vec<&'static dyn AnySwitch> {
-    SWITCHES.iter().copied().collect()
+    SWITCHES
+        .iter()
+        .copied()
+        .chain(crate::foreign::switches())
+        .collect()
 }
 
 /// The switch declared with `name`, if there is exactly one.
 pub fn switch_named(name: &str) -> Option<&'static dyn AnySwitch> {
-    let mut found = SWITCHES.iter().copied().filter(|s| s.name() == name);
+    let all = switches();
+    let mut found = all.into_iter().filter(|s| s.name() == name);
     match (found.next(), found.next()) {
         (Some(s), None) => Some(s),
         _ => None,
