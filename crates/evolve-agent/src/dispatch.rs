@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 /// What the agent knows about itself, for `hello`.
 pub struct Context {
-    /// The journal.
-    pub journal: Journal,
+    /// The process's journal (shared by every agent the process starts).
+    pub journal: std::sync::Arc<Journal>,
     /// When the agent started.
     pub started: Instant,
     /// The probes added through the agent.

@@ -258,7 +258,11 @@ pub fn check_basic(pid: u32) -> Result<Status> {
             return Err(Error::refused(Refusal::Evolve));
         }
     }
-    check_not_traced(pid)?;
+    // The main thread's tracer (a debugger or strace takes every thread); one on another
+    // thread makes the seize fail with EPERM, which names it then (`check_not_traced`).
+    if status.tracer != 0 {
+        check_not_traced(pid)?;
+    }
     Ok(status)
 }
 
