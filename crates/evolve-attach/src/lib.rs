@@ -212,7 +212,12 @@ fn loaded_entry(
     let Some(mapped) = runtime
         .maps
         .iter()
-        .find(|m| Path::new(&m.path).file_name().is_some_and(|n| n == AGENT_FILE) || is_agent_memfd(&m.path))
+        .find(|m| {
+            Path::new(&m.path)
+                .file_name()
+                .is_some_and(|n| n == AGENT_FILE)
+                || is_agent_memfd(&m.path)
+        })
         .map(|m| m.path.clone())
     else {
         return Ok(None);

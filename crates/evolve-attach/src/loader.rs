@@ -119,9 +119,15 @@ pub fn routine(base: u64) -> Result<Vec<u8>> {
         a.mov(dword_ptr(rbx + off(layout::STATUS)), layout::WAITING)?;
         a.mov(r12d, layout::MAX_NAPS)?;
         a.set_label(&mut wait_memfd)?;
-        a.cmp(dword_ptr(rbx + off(layout::LOAD_FROM)), layout::MEMFD_FILLED)?;
+        a.cmp(
+            dword_ptr(rbx + off(layout::LOAD_FROM)),
+            layout::MEMFD_FILLED,
+        )?;
         a.je(memfd_filled)?;
-        a.cmp(dword_ptr(rbx + off(layout::LOAD_FROM)), layout::MEMFD_ABANDONED)?;
+        a.cmp(
+            dword_ptr(rbx + off(layout::LOAD_FROM)),
+            layout::MEMFD_ABANDONED,
+        )?;
         a.je(memfd_given_up)?;
         a.dec(r12d)?;
         a.jz(memfd_given_up)?;
@@ -452,8 +458,12 @@ pub fn wait(
 /// `data` is not a 64-bit ELF file.
 pub fn loadable_image(data: &[u8]) -> Result<Vec<u8>> {
     use object::read::elf::{FileHeader, ProgramHeader};
-    let not_elf =
-        |e: object::Error| Error::system(format!("the agent is not a 64-bit ELF file ({e})"), libc::ENOEXEC);
+    let not_elf = |e: object::Error| {
+        Error::system(
+            format!("the agent is not a 64-bit ELF file ({e})"),
+            libc::ENOEXEC,
+        )
+    };
     let header = object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(not_elf)?;
     let endian = header.endian().map_err(not_elf)?;
     let end = header
@@ -464,10 +474,9 @@ pub fn loadable_image(data: &[u8]) -> Result<Vec<u8>> {
         .max()
         .unwrap_or(0) as usize;
     let mut image = data[..end.min(data.len())].to_vec();
-    let (copy, _) = object::pod::from_bytes_mut::<object::elf::FileHeader64<object::Endianness>>(
-        &mut image,
-    )
-    .map_err(|()| Error::system("the agent's ELF header", libc::ENOEXEC))?;
+    let (copy, _) =
+        object::pod::from_bytes_mut::<object::elf::FileHeader64<object::Endianness>>(&mut image)
+            .map_err(|()| Error::system("the agent's ELF header", libc::ENOEXEC))?;
     copy.e_shoff.set(endian, 0);
     copy.e_shnum.set(endian, 0);
     copy.e_shstrndx.set(endian, 0);

@@ -366,11 +366,15 @@ mod tests {
 
     #[test]
     fn a_denied_call_is_named_with_the_action() {
-        let (c, what) =
-            first_forbidden(&[deny(libc::SYS_socket, RET_ERRNO | libc::EPERM as u32)], false).unwrap();
+        let (c, what) = first_forbidden(
+            &[deny(libc::SYS_socket, RET_ERRNO | libc::EPERM as u32)],
+            false,
+        )
+        .unwrap();
         assert_eq!(c.name, "socket");
         assert!(what.contains("fail with"), "{what}");
-        let (c, what) = first_forbidden(&[deny(libc::SYS_clone3, RET_KILL_PROCESS)], false).unwrap();
+        let (c, what) =
+            first_forbidden(&[deny(libc::SYS_clone3, RET_KILL_PROCESS)], false).unwrap();
         assert_eq!(c.name, "clone3");
         assert_eq!(what, "kill the process");
     }

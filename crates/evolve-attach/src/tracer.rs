@@ -340,14 +340,8 @@ impl Borrowed {
                 }),
                 None => Ok(()),
             });
-        let result = let_go(
-            pid,
-            tid,
-            self.held,
-            self.at_signal_stop,
-            self.stopped_at,
-        )
-        .and_then(|stopped_for| restored.map(|()| stopped_for));
+        let result = let_go(pid, tid, self.held, self.at_signal_stop, self.stopped_at)
+            .and_then(|stopped_for| restored.map(|()| stopped_for));
         (result, self.bystanders)
     }
 }

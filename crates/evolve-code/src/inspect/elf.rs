@@ -36,6 +36,8 @@ pub(super) struct ElfInfo {
     pub build_id: Option<Vec<u8>>,
     /// Whether the file has a `.symtab` (it does unless stripped).
     pub has_symtab: bool,
+    /// The file name in its `.gnu_debuglink` section, if it has one.
+    pub debuglink: Option<Vec<u8>>,
 }
 
 /// Reads and parses the ELF file at `open_path`; errors name `shown_path`.
@@ -87,10 +89,16 @@ pub(super) fn read(open_path: &Path, shown_path: &Path) -> Result<ElfInfo> {
         &mut symbols,
     );
 
+    let debuglink = file
+        .gnu_debuglink()
+        .ok()
+        .flatten()
+        .map(|(name, _crc)| name.to_vec());
     Ok(ElfInfo {
         symbols,
         build_id,
         has_symtab: !symtab.is_empty(),
+        debuglink,
     })
 }
 
