@@ -309,6 +309,36 @@ fn check_seccomp(pid: u32, tid: i32, from_memfd: bool) -> Result<()> {
 pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
     let started = Instant::now();
     let status = process::check_basic(pid)?;
+    let socket_dir = options
+        .socket_dir
+        .clone()
+        .unwrap_or_else(|| socket_dir_for(status.uid));
+    let attached = attach_checked(pid, options, started, &socket_dir);
+    if let Err(e) = &attached {
+        if matches!(e.kind(), ErrorKind::Exited(_)) {
+            remove_leftovers(pid, &socket_dir);
+        }
+    }
+    attached
+}
+
+/// After a process exited during the attach: the socket and journal its agent may have created
+/// in the moments before (the process died without removing them).
+fn remove_leftovers(pid: u32, socket_dir: &Path) {
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        return; // a zombie not yet reaped, or already another process: leave its files
+    }
+    let _ = std::fs::remove_file(paths::socket_path(socket_dir, pid));
+    let _ = std::fs::remove_file(paths::journal_path(socket_dir, pid));
+}
+
+/// [`attach`] once `pid` passed the first checks and its socket directory is known.
+fn attach_checked(
+    pid: u32,
+    options: &Options,
+    started: Instant,
+    socket_dir: &Path,
+) -> Result<Attached> {
     if let Some((socket, hello)) = running_agent(pid) {
         return Ok(Attached {
             pid,
@@ -343,10 +373,6 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
     } else {
         None
     };
-    let socket_dir = options
-        .socket_dir
-        .clone()
-        .unwrap_or_else(|| socket_dir_for(status.uid));
     let agent_path = agent.display().to_string();
     let socket_dir_text = socket_dir.display().to_string();
     let mut phases = vec![("inspect", started.elapsed())];
@@ -434,7 +460,7 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
     let load = loading.elapsed();
     phases.push(("load", load));
     let greeting = Instant::now();
-    let socket = paths::socket_path(&socket_dir, pid);
+    let socket = paths::socket_path(socket_dir, pid);
     let hello = hello(&socket).ok_or_else(|| {
         if !alive(pid) {
             return Error::new(ErrorKind::Exited(pid));

@@ -57,8 +57,7 @@ use crate::error::{errno, Error, ErrorKind, Refusal, Result};
 use crate::memory::Memory;
 use crate::process::{self, Activity, Mapping};
 use nix::sys::ptrace;
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
 
@@ -202,20 +201,18 @@ impl Bystanders {
         let since = self.last_poll;
         let mut gone = Vec::new();
         for &tid in &self.tids {
-            match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Stopped(_, sig)) => {
+            match wait_thread(tid) {
+                Ok(Waited::SignalStop(sig)) => {
                     // The kernel keeps the signal's siginfo for the restart with it.
-                    match ptrace::cont(tid, Some(sig)) {
+                    match evolve_code::ptrace::cont(tid.as_raw(), sig) {
                         Ok(()) => self.periods.push((tid.as_raw(), since.elapsed())),
-                        Err(nix::errno::Errno::ESRCH) => gone.push(tid),
-                        Err(e) => return Err(gone_or(self.pid, e, "PTRACE_CONT")),
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => gone.push(tid),
+                        Err(e) => return Err(io_error(self.pid, e, "PTRACE_CONT")),
                     }
                 }
                 // A group stop: the process was stopped by someone; it stays stopped.
-                Ok(WaitStatus::PtraceEvent(..)) => {}
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => gone.push(tid),
-                Err(nix::errno::Errno::ECHILD) | Err(nix::errno::Errno::ESRCH) => gone.push(tid),
-                _ => {}
+                Ok(Waited::EventStop) | Ok(Waited::Running) => {}
+                Ok(Waited::Gone) | Err(_) => gone.push(tid),
             }
         }
         for tid in gone {
@@ -281,7 +278,7 @@ impl Borrowed {
         let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
             match wait_stop(pid, self.tid, deadline, &mut self.bystanders)? {
-                Stop::Signal(Signal::SIGSEGV) => {
+                Stop::Signal(libc::SIGSEGV) => {
                     let now =
                         ptrace::getregs(self.tid).map_err(|e| gone_or(pid, e, "PTRACE_GETREGS"))?;
                     if now.rip == RETURN_TRAP {
@@ -296,9 +293,9 @@ impl Borrowed {
                         libc::EFAULT,
                     ));
                 }
-                Stop::Signal(s @ (Signal::SIGBUS | Signal::SIGILL | Signal::SIGFPE)) => {
+                Stop::Signal(s @ (libc::SIGBUS | libc::SIGILL | libc::SIGFPE)) => {
                     return Err(Error::system(
-                        format!("the remote call to {function:#x} crashed ({s})"),
+                        format!("the remote call to {function:#x} crashed (signal {s})"),
                         libc::EFAULT,
                     ));
                 }
@@ -358,11 +355,15 @@ fn let_go(
 ) -> Result<Duration> {
     let mut held = held.into_iter();
     let first = if at_signal_stop { held.next() } else { None };
-    let signal = first.as_ref().and_then(|info| {
-        ptrace::setsiginfo(tid, info).ok()?;
-        Signal::try_from(info.si_signo).ok()
+    let signal = first.as_ref().map_or(0, |info| {
+        // A signal-delivery stop reports the siginfo set here with the signal injected.
+        match ptrace::setsiginfo(tid, info) {
+            Ok(()) => info.si_signo,
+            Err(_) => 0,
+        }
     });
-    let detached = ptrace::detach(tid, signal).map_err(|e| gone_or(pid, e, "PTRACE_DETACH"));
+    let detached = evolve_code::ptrace::detach(tid.as_raw(), signal)
+        .map_err(|e| io_error(pid, e, "PTRACE_DETACH"));
     let stopped_for = stopped_at.elapsed();
     for info in held {
         // Rare (a second unblockable signal during one borrow); the thread is gone if it fails.
@@ -373,18 +374,63 @@ fn let_go(
 
 /// What a stopped tracee reported.
 enum Stop {
-    /// A signal-delivery stop.
-    Signal(Signal),
+    /// A signal-delivery stop, with its signal number.
+    Signal(i32),
     /// A `PTRACE_EVENT_STOP` (our interrupt, or a group stop).
     Event,
+}
+
+/// What `waitpid` says about one traced thread.
+enum Waited {
+    /// Nothing to report: it runs (or sleeps).
+    Running,
+    /// A signal-delivery stop, with the signal's number.
+    SignalStop(i32),
+    /// A `PTRACE_EVENT_STOP`.
+    EventStop,
+    /// It exited or was killed.
+    Gone,
+}
+
+/// `waitpid(tid, __WALL | WNOHANG)`, decoded for any signal number (`nix`'s `waitpid` fails with
+/// `EINVAL` on a real-time signal's stop, which its `Signal` cannot name).
+fn wait_thread(tid: Pid) -> std::result::Result<Waited, nix::errno::Errno> {
+    const PTRACE_EVENT_STOP: u32 = 128;
+    let options = rustix::process::WaitOptions::NOHANG
+        | rustix::process::WaitOptions::from_bits_retain(libc::__WALL as u32);
+    let pid = rustix::process::Pid::from_raw(tid.as_raw()).ok_or(nix::errno::Errno::ESRCH)?;
+    loop {
+        match rustix::process::waitpid(Some(pid), options) {
+            Ok(None) => return Ok(Waited::Running),
+            Ok(Some((_, status))) => {
+                let raw = status.as_raw() as u32;
+                if raw & 0xff == 0x7f {
+                    return Ok(if raw >> 16 == PTRACE_EVENT_STOP {
+                        Waited::EventStop
+                    } else if raw >> 16 == 0 {
+                        Waited::SignalStop(((raw >> 8) & 0xff) as i32)
+                    } else {
+                        // Another event (none is asked for): treat as a stop to pass.
+                        Waited::EventStop
+                    });
+                }
+                if status.exited() || status.signaled() {
+                    return Ok(Waited::Gone);
+                }
+                // A continued report: look again.
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(nix::errno::Errno::from_raw(e.raw_os_error())),
+        }
+    }
 }
 
 /// Waits for `tid` to stop, until `deadline`, passing on the bystanders' signals meanwhile.
 fn wait_stop(pid: u32, tid: Pid, deadline: Instant, bystanders: &mut Bystanders) -> Result<Stop> {
     let mut nap = Duration::from_micros(2);
     loop {
-        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {
+        match wait_thread(tid) {
+            Ok(Waited::Running) => {
                 if Instant::now() > deadline {
                     return Err(Error::new(ErrorKind::Timeout(format!(
                         "thread {tid} of process {pid} did not stop"
@@ -396,19 +442,24 @@ fn wait_stop(pid: u32, tid: Pid, deadline: Instant, bystanders: &mut Bystanders)
                 std::thread::sleep(nap);
                 nap = (nap * 2).min(Duration::from_micros(100));
             }
-            Ok(WaitStatus::Stopped(_, sig)) => return Ok(Stop::Signal(sig)),
-            Ok(WaitStatus::PtraceEvent(..)) => return Ok(Stop::Event),
-            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
-                return Err(Error::new(ErrorKind::Exited(pid)))
-            }
-            Ok(_) => continue,
+            Ok(Waited::SignalStop(sig)) => return Ok(Stop::Signal(sig)),
+            Ok(Waited::EventStop) => return Ok(Stop::Event),
+            Ok(Waited::Gone) => return Err(Error::new(ErrorKind::Exited(pid))),
             Err(nix::errno::Errno::ECHILD) | Err(nix::errno::Errno::ESRCH) => {
                 return Err(Error::new(ErrorKind::Exited(pid)))
             }
-            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(Error::system(format!("waiting for thread {tid}"), errno(e))),
         }
     }
+}
+
+/// A failure of one of `evolve_code::ptrace`'s requests, unless the process is gone.
+fn io_error(pid: u32, e: std::io::Error, what: &str) -> Error {
+    gone_or(
+        pid,
+        nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        what,
+    )
 }
 
 /// A ptrace failure, unless the process is gone (then [`ErrorKind::Exited`]).

@@ -1,7 +1,8 @@
 //! The `ptrace(2)` requests that no safe wrapper offers: the extended register state of a
 //! stopped thread of *another* process (`PTRACE_GETREGSET`/`PTRACE_SETREGSET` with
 //! `NT_X86_XSTATE`), its signal mask (`PTRACE_GETSIGMASK`/`PTRACE_SETSIGMASK`) and its seccomp
-//! filters (`PTRACE_SECCOMP_GET_FILTER`); and the re-queueing of a signal that a tracer held
+//! filters (`PTRACE_SECCOMP_GET_FILTER`), restarting or detaching a tracee with any signal
+//! (`PTRACE_CONT`, `PTRACE_DETACH`: real-time ones too); and the re-queueing of a signal that a tracer held
 //! back, with its `siginfo` (`rt_tgsigqueueinfo(2)`).
 //!
 //! They serve `evolve attach` (crate `evolve-attach`), which borrows a thread of a process that
@@ -220,6 +221,52 @@ pub fn requeue_signal(tgid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result
         return Err(io::Error::last_os_error());
     }
     Ok(Requeued::SignalOnly)
+}
+
+/// Restarts stopped tracee `tid`, delivering `signal` (0: none): any signal number, real-time
+/// ones included, which `nix`'s `Signal` cannot name.
+///
+/// `long ptrace(PTRACE_CONT, pid_t tid, 0, int signal)`; see ptrace(2).
+///
+/// # Errors
+/// `ESRCH` if `tid` is not a stopped tracee of this thread; `EIO` for a bad signal number.
+///
+/// # Example
+/// ```no_run
+/// # let tid = 0;
+/// // Pass a tracee's real-time signal on at its signal-delivery stop.
+/// evolve_code::ptrace::cont(tid, libc::SIGRTMIN() + 1)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
+    restart(libc::PTRACE_CONT, tid, signal)
+}
+
+/// Detaches stopped tracee `tid`, delivering `signal` (0: none), any signal number.
+///
+/// `long ptrace(PTRACE_DETACH, pid_t tid, 0, int signal)`; see ptrace(2).
+///
+/// # Errors
+/// As [`cont`].
+pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
+    restart(libc::PTRACE_DETACH, tid, signal)
+}
+
+fn restart(request: libc::c_uint, tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_CONT and PTRACE_DETACH take no pointer: `addr` is ignored and `data` is
+    // the signal number, passed as an integer.
+    let r = unsafe {
+        libc::ptrace(
+            request,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            signal as libc::c_long as *mut libc::c_void,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One classic-BPF instruction of a seccomp filter (`struct sock_filter`).
