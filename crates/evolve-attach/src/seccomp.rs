@@ -274,7 +274,7 @@ fn data_word(c: &Call, offset: u32) -> u32 {
         16..=63 => {
             let index = ((offset - 16) / 8) as usize;
             let arg = c.args[index];
-            if offset % 8 == 0 {
+            if offset.is_multiple_of(8) {
                 arg as u32
             } else {
                 (arg >> 32) as u32

@@ -34,7 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let f: Functions = typed(call(t.pid, Request::Functions { symbols }, TIMEOUT)?)?;
             print(json, &f, || show_functions(&f))
         }
-        Command::BuildPatch(options) => build_patch(json, options),
+        Command::BuildPatch(options) => build_patch(json, socket, options),
         Command::Apply {
             target,
             patch,
@@ -466,36 +466,69 @@ fn show_committed(what: &str, c: &Committed) {
     }
 }
 
-fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
-    use evolve_hot::builder::{build_patch, Base, BuildOptions};
-    let base = match (o.base, o.pid) {
-        (Some(path), None) => Base::Path(path),
+fn build_patch(json: bool, socket: Option<&Path>, o: BuildPatch) -> Result<()> {
+    let base = match (&o.base, o.pid) {
+        (Some(path), None) => evolve_builder::Base::Path(path.clone()),
         (None, Some(pid)) => {
             if !Path::new(&format!("/proc/{pid}/exe")).exists() {
                 bail!("no process {pid} (or its binary is not readable)");
             }
-            Base::Pid(pid)
+            evolve_builder::Base::Pid(pid)
         }
         _ => bail!("give exactly one of --base PATH and --pid PID"),
     };
+    let format = o.format.unwrap_or(if o.dry_run { 2 } else { 1 });
+    if o.dry_run && format == 1 {
+        bail!("--dry-run compares the rebuild function by function: it is format 2's");
+    }
+    if format == 1 {
+        build_hot_patch(json, base, o)
+    } else {
+        build_object_patch(json, socket, base, o)
+    }
+}
+
+/// The discovered features of `package` for format 1, unless the user gave them.
+fn discovered_features(
+    o: &BuildPatch,
+    base: &evolve_builder::Base,
+    package: &str,
+) -> (Vec<String>, bool) {
+    if !o.features.is_empty() || o.no_default_features {
+        return (o.features.clone(), o.no_default_features);
+    }
+    match evolve_builder::discover_package_features(&o.manifest_path, base, &[], package) {
+        Ok(Some(found)) => found,
+        _ => (Vec::new(), false),
+    }
+}
+
+fn build_hot_patch(json: bool, base: evolve_builder::Base, o: BuildPatch) -> Result<()> {
+    use evolve_builder::so::{build_patch, BuildOptions};
+    let [package] = o.package.as_slice() else {
+        bail!("format 1 builds one package's library: give it with -p PACKAGE");
+    };
+    let package = package.clone();
     let output = o
         .output
-        .unwrap_or_else(|| Path::new("target/evolve").join(format!("{}.so", o.package)));
+        .clone()
+        .unwrap_or_else(|| Path::new("target/evolve").join(format!("{package}.so")));
     if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
+    let (features, no_default_features) = discovered_features(&o, &base, &package);
     let options = BuildOptions {
         manifest_path: o.manifest_path,
-        package: o.package.clone(),
+        package: package.clone(),
         base,
         output,
-        profile: o.profile,
+        profile: o.profile.unwrap_or_else(|| "release".into()),
         env: Vec::new(),
-        features: o.features,
-        no_default_features: o.no_default_features,
+        features,
+        no_default_features,
     };
-    let progress = Progress::start(&format!("building a patch of {} (cargo)", o.package));
+    let progress = Progress::start(&format!("building a patch of {package} (cargo)"));
     let result = build_patch(&options);
     drop(progress);
     let report = result.context("building the patch")?;
@@ -512,6 +545,118 @@ fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
             report.manifest.functions.len(),
             report.compile_seconds
         );
+        for w in &report.warnings {
+            outln!("  warning: {w}");
+        }
+    })
+}
+
+/// The format-2 patches applied to the process, oldest first, as its agent lists them (none
+/// when it has no agent: nothing can have been applied to it).
+fn applied_patches(pid: u32, socket: Option<&Path>) -> Vec<std::path::PathBuf> {
+    let Ok(mut connection) = resolve::connect(pid, socket) else {
+        return Vec::new();
+    };
+    let Ok(value) = connection.call(&Request::Status, TIMEOUT) else {
+        return Vec::new();
+    };
+    let Ok(status) = typed::<Status>(value) else {
+        return Vec::new();
+    };
+    status
+        .patches
+        .iter()
+        .filter(|p| p.reverted_at.is_none())
+        .map(|p| std::path::PathBuf::from(&p.path))
+        .filter(|p| evolve_builder::read_applied(p).is_ok())
+        .collect()
+}
+
+fn build_object_patch(
+    json: bool,
+    socket: Option<&Path>,
+    base: evolve_builder::Base,
+    o: BuildPatch,
+) -> Result<()> {
+    let output = o
+        .output
+        .clone()
+        .unwrap_or_else(|| Path::new("target/evolve").join("patch.o"));
+    let applied = match (&base, o.applied.is_empty()) {
+        (evolve_builder::Base::Pid(pid), true) => applied_patches(*pid, socket),
+        _ => o.applied.clone(),
+    };
+    let mut options = evolve_builder::BuildOptions::new(&o.manifest_path, base, output);
+    options.applied = applied;
+    options.dry_run = o.dry_run;
+    options.crates = o.package.iter().map(|p| p.replace('-', "_")).collect();
+    options.overrides = evolve_builder::Overrides {
+        profile: o.profile.clone(),
+        features: (!o.features.is_empty() || o.no_default_features).then(|| o.features.clone()),
+        no_default_features: o.no_default_features,
+    };
+    let progress = Progress::start("rebuilding the program and comparing it with the running code");
+    let result = evolve_builder::build_patch(&options);
+    drop(progress);
+    let report = result.context("building the patch")?;
+    let out = json!({
+        "output": report.output.as_ref().map(|p| p.display().to_string()),
+        "dry_run": o.dry_run,
+        "carried": report.carried.iter().map(|c| json!({
+            "name": c.name,
+            "symbol": c.symbol,
+            "crate": c.krate,
+            "reason": c.reason,
+            "replaces": c.replaces,
+            "detail": c.detail,
+        })).collect::<Vec<_>>(),
+        "compared": report.compared,
+        "configuration": {
+            "profile": report.configuration.profile,
+            "package": report.configuration.package,
+            "bin": report.configuration.bin,
+            "unit": report.configuration.unit,
+            "found_by": report.configuration.found_by,
+            "features": report.configuration.features,
+            "command": report.configuration.command,
+        },
+        "async_refused": report.manifest.async_refused,
+        "warnings": report.warnings,
+        "compile_seconds": report.compile_seconds,
+        "compare_seconds": report.compare_seconds,
+    });
+    print(json, &out, || {
+        let c = &report.configuration;
+        outln!(
+            "program: {} of {} (profile {}, features [{}]; cargo unit {} found by {})",
+            c.bin,
+            c.package,
+            c.profile,
+            c.features.join(", "),
+            c.unit,
+            c.found_by
+        );
+        outln!(
+            "compared {} functions with the running code ({:.1} s of cargo, {:.2} s of comparison)",
+            report.compared,
+            report.compile_seconds,
+            report.compare_seconds
+        );
+        match &report.output {
+            Some(path) => outln!(
+                "wrote {} carrying {} functions:",
+                path.display(),
+                report.carried.len()
+            ),
+            None => outln!(
+                "would carry {} functions (dry run, nothing written):",
+                report.carried.len()
+            ),
+        }
+        for c in &report.carried {
+            let kind = if c.replaces { "" } else { " (new)" };
+            outln!("  {}{kind}: {}", c.name, c.reason);
+        }
         for w in &report.warnings {
             outln!("  warning: {w}");
         }

@@ -4,6 +4,7 @@
 //! commands then resolve the world ([`resolve`]: pids to agent sockets, patch paths) and talk to
 //! the agent. Exit status: 0 on success, 1 when the operation failed or was refused (the cause on
 //! stderr), 2 for a usage error.
+#![forbid(unsafe_code)]
 
 mod attach;
 mod commands;

@@ -123,6 +123,38 @@ fn every_command_against_a_running_process() {
     assert_eq!(built["functions"].as_array().unwrap().len(), 1, "{built}");
     assert!(output.exists());
 
+    // build-patch --dry-run: the same edit compared function by function (format 2), the
+    // configuration discovered, nothing written.
+    let dry = evolve_with(
+        &dir,
+        &[
+            "build-patch",
+            "--manifest-path",
+            fixture.dir.join("Cargo.toml").to_str().unwrap(),
+            "--pid",
+            pid,
+            "--output",
+            fixture.dir.join("dry.o").to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ],
+        |c| {
+            c.env("CARGO_TARGET_DIR", &fixture.target);
+        },
+    )
+    .expect_json();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert!(dry["output"].is_null(), "{dry}");
+    assert!(!fixture.dir.join("dry.o").exists());
+    let carried = dry["carried"].as_array().unwrap();
+    assert_eq!(carried.len(), 1, "{dry}");
+    assert!(
+        carried[0]["name"].as_str().unwrap().contains("price"),
+        "{dry}"
+    );
+    assert_eq!(carried[0]["reason"], "changed", "{dry}");
+    assert_eq!(dry["configuration"]["bin"], "ctlhost", "{dry}");
+
     // apply, revert (last), apply --atomic --trial, revert FUNCTION
     let applied = evolve(&dir, &["apply", pid, output.to_str().unwrap(), "--json"]).expect_json();
     assert_eq!(applied["patch"], "v2");
@@ -334,6 +366,35 @@ fn a_process_without_an_agent_is_an_error_with_its_cause() {
     assert_eq!(run.json()["ok"], false);
     let run = evolve(&dir, &["status", "4000000000"]);
     assert!(run.stderr().contains("no process"), "{}", run.stderr());
+}
+
+#[test]
+fn applying_a_fifo_fails_at_once_naming_it_instead_of_timing_out() {
+    let fixture = shared();
+    let dir = socket_dir("fifo");
+    let host = fixture.start(&dir);
+    let fifo = dir.join("patch.so");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    // Before: the agent blocked reading the FIFO and the CLI gave up after its timeout with
+    // "Resource temporarily unavailable".
+    let run = evolve(
+        &dir,
+        &["apply", &host.pid().to_string(), fifo.to_str().unwrap()],
+    );
+    assert_eq!(run.output.status.code(), Some(1));
+    assert!(
+        run.stderr().contains("it is a FIFO, not a regular file"),
+        "{}",
+        run.stderr()
+    );
+    assert!(!run.stderr().contains("temporarily unavailable"));
 }
 
 #[test]

@@ -185,8 +185,8 @@ unsafe fn write_error(block: *mut u8, message: &str) {
 /// that stays mapped until the calling thread has exited; the caller is the loader thread.
 #[no_mangle]
 pub unsafe extern "C" fn evolve_attach_entry(block: *mut u8) -> i32 {
-    // SAFETY: the caller's contract is that `block` is a mapped, writable block of
-    // `layout::LEN` bytes; every offset read here (and written below) is inside it.
+    // SAFETY: (all reads and writes below) the caller's contract is that `block` is a mapped,
+    // writable block of `layout::LEN` bytes; every offset used is inside it.
     let (request, region, region_len) = unsafe {
         (
             AttachRequest {

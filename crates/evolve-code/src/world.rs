@@ -169,6 +169,12 @@ fn tgkill(tid: i32, signal: libc::c_int) -> bool {
 /// assert_eq!(others, 0); // a doctest runs alone on its thread
 /// ```
 pub fn stop_the_world<R>(f: impl FnOnce(&[usize]) -> R) -> Result<R> {
+    stop_the_world_threads(|_, rips| f(rips))
+}
+
+/// [`stop_the_world`], with the thread id of each stopped thread: `f(tids, rips)`, where
+/// `rips[i]` is where thread `tids[i]` was interrupted (so that a refusal can name the thread).
+pub(crate) fn stop_the_world_threads<R>(f: impl FnOnce(&[i32], &[usize]) -> R) -> Result<R> {
     install()?;
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let me = gettid();
@@ -186,6 +192,7 @@ pub fn stop_the_world<R>(f: impl FnOnce(&[usize]) -> R) -> Result<R> {
         }));
     }
     let mut rips: Vec<usize> = Vec::with_capacity(tids.len());
+    let mut parked: Vec<i32> = Vec::with_capacity(tids.len());
     for (slot, &tid) in SLOTS.iter().zip(&tids) {
         slot.tid.store(tid, Ordering::Relaxed);
         slot.rip.store(0, Ordering::Relaxed);
@@ -246,9 +253,10 @@ pub fn stop_the_world<R>(f: impl FnOnce(&[usize]) -> R) -> Result<R> {
         for (i, slot) in SLOTS[..tids.len()].iter().enumerate() {
             if alive[i] {
                 rips.push(slot.rip.load(Ordering::Relaxed));
+                parked.push(tids[i]);
             }
         }
-        Some(f(&rips))
+        Some(f(&parked, &rips))
     };
     // Even: resume.
     GENERATION.fetch_add(1, Ordering::AcqRel);

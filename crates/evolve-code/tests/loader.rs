@@ -4,14 +4,17 @@
 //! thread-local, libc IFUNCs, vtables and string constants.
 #![allow(unsafe_code)]
 
-use evolve_code::loader::{
-    hex, manifest_range, patch_digest, LoadedPatch, ProgramResolver, MANIFEST_SECTION,
+mod common;
+
+use common::patch::{
+    c_object, mangled, remove_scratch, rust_object, scratch, threads, with_manifest, SCRATCH_BASE,
 };
+use evolve_code::loader::{manifest_range, patch_digest, LoadedPatch, ProgramResolver};
 use evolve_code::scan::Scope;
 use object::read::elf::FileHeader;
 use std::cell::Cell;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -74,17 +77,12 @@ fn tls_counter() -> u64 {
 
 /// Loads and mapping checks must not overlap between tests of this file.
 static SERIAL: Mutex<()> = Mutex::new(());
-/// Scratch directories of the running test, removed when it ends.
-static SCRATCH: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
 /// Holds the file's lock for one test and removes its scratch directories when it ends.
 struct Serial(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 impl Drop for Serial {
     fn drop(&mut self) {
-        for dir in SCRATCH.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        remove_scratch();
     }
 }
 
@@ -92,23 +90,7 @@ fn serial() -> Serial {
     Serial(SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn threads() -> usize {
-    std::env::var("EVOLVE_STRESS_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
-}
-
 // ---- Building patch objects. --------------------------------------------------------------
-
-/// The mangled name of this binary's symbol whose demangled path is `path`.
-fn mangled(path: &str) -> String {
-    let exe = evolve_code::inspect::executable().unwrap();
-    exe.symbol_by_name(path)
-        .unwrap_or_else(|| panic!("{path} is not in the test binary"))
-        .name
-        .clone()
-}
 
 /// The mangled name of the thread-local behind `TLS_COUNTER`.
 fn tls_symbol() -> String {
@@ -131,95 +113,6 @@ fn tls_symbol() -> String {
         .collect();
     assert_eq!(found.len(), 1, "{found:?}");
     found[0].clone()
-}
-
-fn scratch() -> PathBuf {
-    use std::sync::atomic::AtomicUsize;
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let base = std::env::var_os(SCRATCH_BASE).map_or_else(std::env::temp_dir, PathBuf::from);
-    let dir = base.join(format!(
-        "evolve-loader-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    SCRATCH
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(dir.clone());
-    dir
-}
-
-/// Where a child process of these tests makes its scratch directories.
-const SCRATCH_BASE: &str = "EVOLVE_LOADER_SCRATCH_BASE";
-
-fn run(command: &mut Command) {
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Compiles Rust `source` to a relocatable object as the builder does.
-fn rust_object(source: &str) -> PathBuf {
-    let dir = scratch();
-    let src = dir.join("patch.rs");
-    std::fs::write(&src, source).unwrap();
-    let object = dir.join("patch.o");
-    run(Command::new("rustc")
-        .args(["--crate-type=lib", "--emit=obj", "--edition=2021"])
-        .args(["-C", "relocation-model=pic", "-C", "opt-level=2"])
-        .args(["--crate-name", "evolve_patch"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&object));
-    object
-}
-
-/// Compiles C `source` with `flags`.
-fn c_object(source: &str, flags: &[&str]) -> PathBuf {
-    let dir = scratch();
-    let src = dir.join("patch.c");
-    std::fs::write(&src, source).unwrap();
-    let object = dir.join("patch.o");
-    run(Command::new("cc")
-        .args(["-c", "-O2"])
-        .args(flags)
-        .arg(&src)
-        .arg("-o")
-        .arg(&object));
-    object
-}
-
-/// Adds a manifest to `object` and writes its digest into it, as the builder does: a 64-zero
-/// placeholder, the digest of the file with the section zeroed, written in place.
-fn with_manifest(object: &Path) -> PathBuf {
-    let placeholder = "0".repeat(64);
-    let manifest = format!(r#"{{"format":2,"sha256":"{placeholder}","replaced":[]}}"#);
-    let json = object.with_extension("json");
-    std::fs::write(&json, manifest).unwrap();
-    let patch = object.with_extension("evolve.o");
-    run(Command::new("objcopy")
-        .arg(format!(
-            "--add-section={MANIFEST_SECTION}={}",
-            json.display()
-        ))
-        .arg(format!("--set-section-flags={MANIFEST_SECTION}=readonly"))
-        .arg(object)
-        .arg(&patch));
-    let mut data = std::fs::read(&patch).unwrap();
-    let digest = hex(&patch_digest(&data).unwrap());
-    let range = manifest_range(&data).unwrap();
-    let at = range.start
-        + data[range.clone()]
-            .windows(64)
-            .position(|w| w == placeholder.as_bytes())
-            .unwrap();
-    data[at..at + 64].copy_from_slice(digest.as_bytes());
-    std::fs::write(&patch, data).unwrap();
-    patch
 }
 
 fn rust_patch_source() -> String {

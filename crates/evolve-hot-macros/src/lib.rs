@@ -22,6 +22,8 @@
 //! that says what to do instead; in an `impl` block, such methods stay ordinary methods and the
 //! others are prepared. Lifetime parameters (of the function or of the impl) are fine.
 
+#![forbid(unsafe_code)]
+
 mod async_fn;
 
 use proc_macro::TokenStream;
@@ -130,7 +132,8 @@ fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
 /// every thread that uses safe points is held at one, before the patch's functions take over.
 ///
 /// The static must have interior mutability (atomics, `Mutex`, ...), since its new value is
-/// written in place. Code outside the patch compiled against the old layout keeps the old
+/// written in place: a static of another type is a compile error (the type must implement
+/// `evolve::code::InteriorMutable`). Code outside the patch compiled against the old layout keeps the old
 /// static; make the readers hot functions of the patched crate.
 ///
 /// ```ignore
@@ -171,8 +174,18 @@ fn transfer_fn(target: syn::Ident, f: ItemFn) -> syn::Result<TokenStream2> {
     let export = format!("__evolve_transfer_{}__{}", symbol_safe(&crate_name), target);
     let name = &f.sig.ident;
     let wrapper = format_ident!("__evolve_transfer_{}", target);
+    let check = format_ident!("__evolve_transfer_target_is_interior_mutable_{}", target);
     Ok(quote! {
         #f
+
+        // The write below is sound only over interior-mutable memory: refuse anything else at
+        // compile time.
+        #[doc(hidden)]
+        #[allow(non_snake_case, dead_code)]
+        fn #check() {
+            fn require<T: ?Sized + ::evolve::hot::__private::InteriorMutable>(_: &T) {}
+            require(&#target);
+        }
 
         #[doc(hidden)]
         #[allow(unsafe_code, non_snake_case)]
@@ -180,9 +193,9 @@ fn transfer_fn(target: syn::Ident, f: ItemFn) -> syn::Result<TokenStream2> {
         extern "C" fn #wrapper(old: *const u8) {
             // SAFETY: Evolve calls this once, at a safe point, with the address of the running
             // program's instance of the static in its old layout (`&OldType`), which stays
-            // valid; the new value is written over the patch's own instance, whose type has
-            // interior mutability (required by #[evolve::transfer]), so no shared reference to
-            // it is invalidated by the write.
+            // valid (`PatchObject::transfer_static` finds it by name); the new value is written
+            // over the patch's own instance, whose type is `InteriorMutable` (checked above at
+            // compile time), so no shared reference to it is invalidated by the write.
             unsafe {
                 let old = &*(old as *const #old_type);
                 let new = #name(old);

@@ -30,6 +30,7 @@ struct Inner {
     table: SymbolTable,
     symbol_error: Option<String>,
     debug_file: Option<PathBuf>,
+    got: Option<Range<usize>>,
 }
 
 impl Image {
@@ -43,11 +44,13 @@ impl Image {
                 table: SymbolTable::default(),
                 note: Some("no file: the vdso or an object not loaded from a file".to_owned()),
                 debug_file: None,
+                got: None,
             },
             Some(open) => symbols(object, &open, &path).unwrap_or_else(|e| Found {
                 table: SymbolTable::default(),
                 note: Some(e.to_string()),
                 debug_file: None,
+                got: None,
             }),
         };
         Image::assemble(object, path, found)
@@ -78,6 +81,7 @@ impl Image {
                 table: found.table,
                 symbol_error: found.note,
                 debug_file: found.debug_file,
+                got: found.got,
             }),
         }
     }
@@ -239,6 +243,23 @@ impl Image {
         self.inner.debug_file.as_deref()
     }
 
+    /// Runtime address range of the `.got` section: the slots through which the image's code
+    /// calls and loads the address of functions it does not reach directly (`call
+    /// *f@GOTPCREL(%rip)`, which rustc emits for calls into other crates and `ld` keeps). `None`
+    /// if the file has no `.got` or could not be read.
+    ///
+    /// # Example
+    /// ```
+    /// let exe = evolve_code::inspect::executable()?;
+    /// if let Some(got) = exe.got() {
+    ///     assert!(got.start % 8 == 0 && got.len() % 8 == 0);
+    /// }
+    /// # Ok::<(), evolve_code::error::Error>(())
+    /// ```
+    pub fn got(&self) -> Option<Range<usize>> {
+        self.inner.got.clone()
+    }
+
     /// The function or data symbol containing `addr`.
     pub(super) fn symbol_containing(&self, addr: usize) -> Option<&Symbol> {
         self.function_containing(addr)
@@ -272,14 +293,16 @@ fn paths(object: &LoadedObject) -> (PathBuf, Option<PathBuf>) {
     (path, open)
 }
 
-/// An image's symbols, why there are none, and the debug file they came from.
+/// An image's symbols, why there are none, the debug file they came from, and its `.got`
+/// range (biased).
 struct Found {
     table: SymbolTable,
     note: Option<String>,
     debug_file: Option<PathBuf>,
+    got: Option<Range<usize>>,
 }
 
-/// Reads the symbols of `object` from `open`, refusing a file whose build id shows it is not the
+/// Reads the symbols (and the biased `.got` range) of `object` from `open`, refusing a file whose build id shows it is not the
 /// file that was loaded; a stripped file's `.symtab` comes from its separate debug file if one
 /// with the loaded build id is installed. The note is set when no symbols were found.
 fn symbols(object: &LoadedObject, open: &Path, shown: &Path) -> Result<Found> {
@@ -295,6 +318,7 @@ fn symbols(object: &LoadedObject, open: &Path, shown: &Path) -> Result<Found> {
                 table: SymbolTable::default(),
                 note: Some(note),
                 debug_file: None,
+                got: None,
             });
         }
     }
@@ -327,9 +351,15 @@ fn symbols(object: &LoadedObject, open: &Path, shown: &Path) -> Result<Found> {
                 .to_owned()
         }
     });
+    let got = info.got.and_then(|r| {
+        let start = usize::try_from(r.start).ok()?.checked_add(object.bias)?;
+        let end = usize::try_from(r.end).ok()?.checked_add(object.bias)?;
+        Some(start..end)
+    });
     Ok(Found {
         table,
         note,
         debug_file,
+        got,
     })
 }

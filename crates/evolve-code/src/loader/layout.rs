@@ -163,7 +163,9 @@ impl Reservation {
         if range.is_empty() {
             return Ok(());
         }
-        memory::mprotect(self.start + range.start..self.start + range.end, protection)
+        // SAFETY: the range lies inside this patch's own mapping, which no thread executes or
+        // accesses before the patch is applied (loading writes it first, then protects it).
+        unsafe { memory::mprotect(self.start + range.start..self.start + range.end, protection) }
     }
 
     /// The memory now belongs to a loaded patch: not unmapped on drop.

@@ -183,6 +183,30 @@ impl LoadedPatch {
         Some(start..start + symbol.size)
     }
 
+    /// The patch's functions (`STT_FUNC` symbols) with their address ranges (start, end;
+    /// hidden, see [`crate::Hidden`]), in address order; nothing once unloaded. Where the engine
+    /// looks for the patch's direct calls ([`crate::redirect::References`]) and for what follows
+    /// a function (padding, or the next one).
+    pub fn functions(&self) -> Vec<(&str, (Hidden, Hidden))> {
+        if self.unloaded {
+            return Vec::new();
+        }
+        let mut out: Vec<(&str, (Hidden, Hidden))> = self
+            .symbols
+            .iter()
+            .filter(|s| s.function)
+            .map(|s| {
+                let start = self.base.get() + s.offset;
+                (
+                    s.name.as_str(),
+                    (Hidden::new(start), Hidden::new(start + s.size)),
+                )
+            })
+            .collect();
+        out.sort_by_key(|(name, range)| (range.0.get(), *name));
+        out
+    }
+
     /// The names of the symbols the patch defines.
     pub fn symbol_names(&self) -> impl Iterator<Item = String> + '_ {
         self.symbols.iter().map(|s| s.name.clone())

@@ -3,10 +3,11 @@
 //! backtraces walk through patch frames.
 //!
 //! The object's `.eh_frame` is loaded (and relocated: FDE addresses, LSDA and personality
-//! pointers) into the patch's unwind region, followed by a table made by the detour module's
-//! generator (`crate::detour::eh_frame`): one CIE and one FDE covering the 16-byte guard at the
-//! start of the text region, then the zero terminator. The whole is registered with libgcc's
-//! `__register_frame`, the same entry point the detour trampolines use.
+//! pointers) into the patch's unwind region, followed by a table made with the engine's
+//! `gimli::write` generator (`crate::unwind`): one CIE and one FDE covering the 16-byte guard at
+//! the start of the text region, then the zero terminator. The whole is registered with the
+//! process's unwinder the way the detour trampolines' tables are (`crate::unwind::register_at`:
+//! the section for libgcc, each FDE for LLVM's libunwind).
 //!
 //! Why the guard: the unwinder remembers the lowest address a registered table covers (libgcc's
 //! `object.pc_begin`, set lazily at the first lookup) in memory reclamation scans. With the guard
@@ -18,7 +19,7 @@ use crate::hidden::Hidden;
 
 /// The guard table for a guard of `len` bytes at `at`.
 pub(super) fn guard_table(at: usize, len: usize) -> Vec<u8> {
-    crate::detour::eh_frame(at, len, &[])
+    crate::unwind::eh_frame(crate::unwind::call_cie(), at, len, [])
 }
 
 /// A registered `.eh_frame` table, deregistered by [`Registration::deregister`].
@@ -35,8 +36,9 @@ impl Registration {
     /// `begin` must hold a complete `.eh_frame` table ending in a zero terminator whose FDEs
     /// describe code that is mapped, and must stay mapped and unchanged until deregistered.
     pub unsafe fn register(begin: usize) -> Registration {
-        // SAFETY: the caller vouches for the table; libgcc keeps the pointer until deregistered.
-        unsafe { crate::detour::__register_frame(begin as *const u8) };
+        // SAFETY: the caller vouches for the table; the unwinder keeps the pointer until
+        // deregistered.
+        unsafe { crate::unwind::register_at(begin) };
         Registration {
             begin: Hidden::new(begin),
         }
@@ -50,6 +52,6 @@ impl Registration {
     pub unsafe fn deregister(self) {
         // SAFETY: `begin` was registered by `register` and not deregistered since (this consumes
         // the only handle).
-        unsafe { crate::detour::__deregister_frame(self.begin.get() as *const u8) };
+        unsafe { crate::unwind::deregister_at(self.begin.get()) };
     }
 }

@@ -6,6 +6,8 @@
 //!
 //! Linux only for now; another OS would be a sibling directory offering the same modules.
 
+#[cfg(feature = "fault-injection")]
+pub mod inject;
 pub mod membarrier;
 pub mod memory;
 pub mod ptrace;

@@ -1,4 +1,6 @@
-//! The patch builder: from the edited source of a running program's crate, a thin patch.
+//! Format 1: from the edited source of a running program's crate, a thin patch of its
+//! `#[evolve::hot]` functions as a shared object (`.so`), applied by `evolve_hot::patch::apply`.
+//! It stays until the apply of format-2 objects ([`crate::build_patch`]) lands.
 //!
 //! 1. **Base.** Read the running binary — by path, or by pid through `/proc/PID/exe`, which
 //!    still reaches the file a process was started from after it is replaced on disk — for its
@@ -13,34 +15,25 @@
 //!    whose size changed are reported.
 //! 4. **Link** `cc -shared -nostartfiles -Wl,-Bsymbolic-functions`: no initializers (loading runs
 //!    no code), and calls inside the patch bind to the patch's own new functions while its data
-//!    references still bind to the program's statics (one of every static).
-//! 5. **Embed** the manifest as the exported symbol `evolve_patch_manifest`.
+//!    references still bind to the program's statics (one of every static). The manifest is
+//!    linked in as the exported symbol `evolve_patch_manifest`, with a placeholder digest.
+//! 5. **Seal**: the linked object is checked the way apply will check it (loading it must run
+//!    none of its code: [`evolve_code::dylib::PatchFile::check_loadable`]), its SHA-256 computed
+//!    with the manifest zeroed ([`evolve_hot::manifest::content_digest`]) and written into the
+//!    manifest in place (same length), and only then is the output written.
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{hex, ChangedStatic, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL};
+use evolve_code::dylib::{read_regular_file, PatchFile};
+use evolve_hot::manifest::{
+    content_digest, hex, ChangedStatic, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL,
+};
+use evolve_hot::{Error, ErrorKind, Result};
 use object::{Object, ObjectSymbol, SymbolKind};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Which binary the patch is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Base {
-    /// A binary file.
-    Path(PathBuf),
-    /// A running process (its binary through `/proc/PID/exe`).
-    Pid(u32),
-}
-
-impl Base {
-    fn file(&self) -> PathBuf {
-        match self {
-            Base::Path(p) => p.clone(),
-            Base::Pid(pid) => PathBuf::from(format!("/proc/{pid}/exe")),
-        }
-    }
-}
+pub use crate::Base;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -107,13 +100,12 @@ struct BaseInfo {
     needed: Vec<String>,
 }
 
+/// Binaries and objects read by the builder are at most this long.
+const MAX_INPUT_BYTES: u64 = 4 << 30;
+
 fn read_base(path: &Path) -> Result<BaseInfo> {
-    let data = std::fs::read(path).map_err(|e| {
-        build_error(
-            "reading the base binary",
-            format!("{}: {e}", path.display()),
-        )
-    })?;
+    let data = read_regular_file(path, MAX_INPUT_BYTES)
+        .map_err(|e| build_error("reading the base binary", e.to_string()))?;
     let file = object::File::parse(&*data).map_err(|e| {
         build_error(
             "reading the base binary",
@@ -205,7 +197,7 @@ fn library_symbols(needed: &[String]) -> HashSet<String> {
         let Some(data) = dirs
             .iter()
             .map(|d| Path::new(d).join(name))
-            .find_map(|p| std::fs::read(p).ok())
+            .find_map(|p| read_regular_file(&p, MAX_INPUT_BYTES).ok())
         else {
             continue;
         };
@@ -240,7 +232,8 @@ fn split_fingerprint(rest: &str) -> Option<FunctionEntry> {
 }
 
 fn read_object(path: &Path) -> Result<ObjectInfo> {
-    let data = std::fs::read(path).map_err(|e| build_error("reading the object", e.to_string()))?;
+    let data = read_regular_file(path, MAX_INPUT_BYTES)
+        .map_err(|e| build_error("reading the object", e.to_string()))?;
     let file = object::File::parse(&*data)
         .map_err(|e| build_error("reading the object", e.to_string()))?;
     let mut info = ObjectInfo {
@@ -291,7 +284,10 @@ fn path_without_hash(symbol: &str) -> String {
 /// of the program's value. It is recognised by its path when that names exactly one of the
 /// program's statics that no static of the patch matches by symbol; several such candidates
 /// cannot be told apart, and the patch's statics of that path are taken as new.
-fn changed_statics(running: &HashMap<String, u64>, patch: &[(String, u64)]) -> Vec<ChangedStatic> {
+pub(crate) fn changed_statics(
+    running: &HashMap<String, u64>,
+    patch: &[(String, u64)],
+) -> Vec<ChangedStatic> {
     let in_patch: HashSet<&str> = patch.iter().map(|(name, _)| name.as_str()).collect();
     let mut renamed: HashMap<String, Vec<(&String, u64)>> = HashMap::new();
     for (name, size) in running {
@@ -338,6 +334,35 @@ fn manifest_source(json: &str) -> String {
         "__attribute__((visibility(\"default\"), used)) const unsigned char {MANIFEST_SYMBOL}[] = {{{}}};\n",
         bytes.join(",")
     )
+}
+
+/// Checks the linked patch as apply will, and writes its content digest into its manifest
+/// (whose JSON is `json_len` bytes, placeholder digest included): the patch's final bytes.
+fn seal(linked: &Path, manifest: &mut Manifest, json_len: usize) -> Result<Vec<u8>> {
+    let step = "sealing the patch";
+    let file = PatchFile::read(linked).map_err(|e| build_error(step, e.to_string()))?;
+    file.check_loadable()
+        .map_err(|e| build_error("checking the linked patch", e.to_string()))?;
+    let range = file
+        .symbol(MANIFEST_SYMBOL)
+        .map_err(|e| build_error(step, e.to_string()))?;
+    if range.len() != json_len + 1 {
+        return Err(build_error(
+            step,
+            format!(
+                "the linked manifest is {} bytes, not {}",
+                range.len(),
+                json_len + 1
+            ),
+        ));
+    }
+    manifest.sha256 = hex(&content_digest(file.bytes(), range.clone()));
+    let json = serde_json::to_string(&*manifest).expect("manifest serializes");
+    // Only the digest's digits changed: the same length, so the file's layout stays.
+    assert_eq!(json.len(), json_len, "a digest has a fixed length");
+    let mut bytes = file.bytes().to_vec();
+    bytes[range.start..range.start + json.len()].copy_from_slice(json.as_bytes());
+    Ok(bytes)
 }
 
 /// Builds a thin patch (see the module docs). Nothing is written to `output` unless every check
@@ -466,8 +491,9 @@ fn build_in(
         })
         .collect();
 
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: FORMAT,
+        sha256: "0".repeat(64),
         base_build_id: base.build_id.clone(),
         toolchain,
         crates: vec![options.package.clone()],
@@ -495,11 +521,12 @@ fn build_in(
             .arg(&object_path)
             .arg(&manifest_c),
     )?;
+    let sealed = seal(&linked, &mut manifest, json.len())?;
     if let Some(dir) = options.output.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| build_error("writing the patch", e.to_string()))?;
     }
-    std::fs::copy(&linked, &options.output)
+    std::fs::write(&options.output, sealed)
         .map_err(|e| build_error("writing the patch", e.to_string()))?;
     Ok(BuildReport {
         output: options.output.clone(),

@@ -1,0 +1,63 @@
+//! The one place redirects stop the world ([`crate::world`]).
+//!
+//! Redirects ask one question of a stopped world: can a thread resume inside these bytes? Today
+//! the world gives each stopped thread's interrupted PC; return addresses never point into the
+//! bytes a redirect replaces (the entry check refuses a `call` there, see
+//! [`crate::overwrite`]). When the world reports every resumable context of a thread (return
+//! addresses, PCs saved in signal frames), [`Stopped::resumable_in`] asks it that instead, and
+//! nothing else in the redirects changes.
+
+use crate::error::{ErrorKind, Result};
+use crate::world::stop_the_world_threads;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// A stopped thread that can resume inside a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Busy {
+    pub tid: i32,
+    pub pc: usize,
+}
+
+/// The other threads, stopped.
+pub(super) struct Stopped<'a> {
+    tids: &'a [i32],
+    pcs: &'a [usize],
+}
+
+impl Stopped<'_> {
+    /// A thread that can resume inside `range`, if any. Allocation-free.
+    pub fn resumable_in(&self, range: Range<usize>) -> Option<Busy> {
+        self.pcs
+            .iter()
+            .zip(self.tids)
+            .find(|(pc, _)| range.contains(pc))
+            .map(|(&pc, &tid)| Busy { tid, pc })
+    }
+}
+
+/// Stops that time out (a thread did not park: on an overloaded machine it may not get a CPU
+/// within the world's deadline) are tried this many times more before the error is returned.
+const TIMEOUT_RETRIES: usize = 3;
+
+/// Stops every other thread, runs `f` (which must not allocate nor take a lock another thread
+/// may hold), resumes them. Returns what `f` returned and how long the stop took, from before
+/// the first thread was signalled to after the last was told to resume: an upper bound of the
+/// pause any thread saw. A stop that times out ran nothing and is tried again (up to
+/// [`TIMEOUT_RETRIES`] times).
+pub(super) fn with_world_stopped<R>(mut f: impl FnMut(&Stopped<'_>) -> R) -> Result<(R, Duration)> {
+    let mut retries = 0;
+    loop {
+        let started = Instant::now();
+        match stop_the_world_threads(|tids, pcs| f(&Stopped { tids, pcs })) {
+            Ok(result) => return Ok((result, started.elapsed())),
+            Err(e)
+                if matches!(e.kind(), ErrorKind::Unsupported { .. })
+                    && retries < TIMEOUT_RETRIES =>
+            {
+                retries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
