@@ -34,6 +34,7 @@ pub mod process;
 pub mod seccomp;
 pub mod symbols;
 pub mod tracer;
+mod traces;
 
 pub use error::{Error, ErrorKind, Refusal, Result};
 pub use tracer::Stops;
@@ -313,23 +314,18 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
         .socket_dir
         .clone()
         .unwrap_or_else(|| socket_dir_for(status.uid));
-    let attached = attach_checked(pid, options, started, &socket_dir);
-    if let Err(e) = &attached {
-        if matches!(e.kind(), ErrorKind::Exited(_)) {
-            remove_leftovers(pid, &socket_dir);
+    let traces = traces::Traces::before(pid, &socket_dir);
+    attach_checked(pid, options, started, &socket_dir).map_err(|e| {
+        // A refused or failed attach leaves nothing behind, even when the process died.
+        traces.remove_if_exited();
+        // Whatever failed (a ptrace request, the seizing of its dying threads, a wait), the
+        // cause is the process exiting under us: say so.
+        if process::dying(pid) {
+            Error::new(ErrorKind::Exited(pid))
+        } else {
+            e
         }
-    }
-    attached
-}
-
-/// After a process exited during the attach: the socket and journal its agent may have created
-/// in the moments before (the process died without removing them).
-fn remove_leftovers(pid: u32, socket_dir: &Path) {
-    if Path::new(&format!("/proc/{pid}")).exists() {
-        return; // a zombie not yet reaped, or already another process: leave its files
-    }
-    let _ = std::fs::remove_file(paths::socket_path(socket_dir, pid));
-    let _ = std::fs::remove_file(paths::journal_path(socket_dir, pid));
+    })
 }
 
 /// [`attach`] once `pid` passed the first checks and its socket directory is known.
@@ -462,7 +458,7 @@ fn attach_checked(
     let greeting = Instant::now();
     let socket = paths::socket_path(socket_dir, pid);
     let hello = hello(&socket).ok_or_else(|| {
-        if !alive(pid) {
+        if process::dying(pid) {
             return Error::new(ErrorKind::Exited(pid));
         }
         Error::new(ErrorKind::Timeout(format!(
@@ -486,11 +482,6 @@ fn attach_checked(
 
 /// How long the loader thread may take to load and start the agent.
 const LOADER_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Whether `pid` still runs (exists and is not a zombie).
-fn alive(pid: u32) -> bool {
-    process::status(&pid.to_string()).is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
-}
 
 /// Unmaps a failed loader's region once its thread is gone (a second, equally short borrow).
 fn cleanup(

@@ -386,12 +386,7 @@ pub fn wait(
     loop {
         let status = match memory.read_i32(block + layout::STATUS as u64) {
             Ok(s) => s,
-            Err(_)
-                if !crate::process::status(&pid.to_string())
-                    .is_ok_and(|s| !matches!(s.state, 'Z' | 'X')) =>
-            {
-                return Err(Error::new(ErrorKind::Exited(pid)))
-            }
+            Err(_) if crate::process::dying(pid) => return Err(Error::new(ErrorKind::Exited(pid))),
             Err(_) => return Ok(Outcome::RegionGone),
         };
         if tid_seen == 0 {

@@ -149,9 +149,15 @@ fn snapshot(pid: u32) -> Snapshot {
         .collect();
     let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    // Running, runnable or asleep are one state here (an idle target wakes now and then);
+    // stopped, traced, zombie are not.
     let state = status
         .lines()
         .filter(|l| l.starts_with("State") || l.starts_with("TracerPid"))
+        .map(|l| match l.split_whitespace().nth(1) {
+            Some("R" | "S" | "D") if l.starts_with("State") => "State:\trunning",
+            _ => l,
+        })
         .collect::<Vec<_>>()
         .join(" ");
     Snapshot {
@@ -655,14 +661,29 @@ fn refusals_name_their_cause_and_leave_the_target_as_it_was() {
         eprintln!("yama ptrace_scope {}", scope.trim());
     }
 
-    // A process that exits during the attach: it exits when the loader thread appears.
-    let exits = cc("cc", "exits.c", &dir.join("exits"), &[]).unwrap();
-    let t = Target::start(&exits, &[], &dir);
-    std::thread::sleep(Duration::from_millis(50));
-    let pid = t.pid();
-    let e = evolve(&sockets, &["attach", &pid.to_string()]).expect_err("the target exits");
-    assert!(e.contains("exited"), "{e}");
-    assert!(!sockets.join(format!("{pid}.sock")).exists());
+    // A process that exits during the attach, once the agent has created its socket (and its
+    // socket directory, new here): the attach fails, and neither is left behind.
+    let exits = cc("cc", "exits.c", &dir.join("exits"), &["-rdynamic"]).unwrap();
+    let fresh = dir.join("fresh-sockets");
+    for _ in 0..3 {
+        let t = Target::start(&exits, &[], &dir);
+        std::thread::sleep(Duration::from_millis(50));
+        let pid = t.pid();
+        let e = evolve(&fresh, &["attach", &pid.to_string()]).expect_err("the target exits");
+        assert!(e.contains("exited"), "{e}");
+        assert!(
+            snapshot(pid).state.contains("Z (zombie)"),
+            "it exited (not yet reaped)"
+        );
+        assert!(
+            !fresh.exists(),
+            "the agent's socket directory was left behind"
+        );
+        // It exited in its listen() (status 0), so the agent had bound its socket.
+        let mut t = t;
+        let status = t.child.try_wait().unwrap().expect("reaped now");
+        assert_eq!(status.code(), Some(0), "{status}");
+    }
 }
 
 #[test]
