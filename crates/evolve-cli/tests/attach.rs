@@ -1136,12 +1136,24 @@ fn signals_sent_during_attach_arrive_with_their_siginfo() {
     );
 }
 
-/// Probes on the C library functions the agent itself uses, in an attached process: no
+/// Count probes on the C library functions the agent itself uses, in an attached process: no
 /// recursion, no deadlock, the server keeps serving, the bytes come back.
 #[test]
-#[ignore = "needs the probe re-entrancy guard (issue 10)"]
-fn probes_on_functions_the_agent_uses_work_in_an_attached_process() {
-    let dir = scratch("agent-functions");
+fn count_probes_on_functions_the_agent_uses_work_in_an_attached_process() {
+    probe_functions_the_agent_uses("agent-functions-count", "--count");
+}
+
+/// The same with latency probes.
+#[test]
+#[ignore = "kills the attached process: adding a latency probe on free while one on malloc is \
+            active (free first, then malloc, works); cause not found yet (the attached agent's \
+            probes take the shared-word fallback path: see docs/PERFORMANCE.md, Attach)"]
+fn latency_probes_on_functions_the_agent_uses_work_in_an_attached_process() {
+    probe_functions_the_agent_uses("agent-functions-latency", "--latency");
+}
+
+fn probe_functions_the_agent_uses(name: &str, kind: &str) {
+    let dir = scratch(name);
     let sockets = dir.join("sockets");
     let server = cc("cc", "server.c", &dir.join("server"), &["-g"]).unwrap();
     let target = Target::start(&server, &[dir.join("port").to_str().unwrap()], &dir);
@@ -1154,7 +1166,7 @@ fn probes_on_functions_the_agent_uses_work_in_an_attached_process() {
     let before = code_bytes(pid, &libc_addresses(pid, &libc, &functions));
     ok(&sockets, &["attach", &p]);
     for f in functions {
-        ok(&sockets, &["probe", &p, "add", f, "--count"]);
+        ok(&sockets, &["probe", &p, "add", f, kind]);
     }
     load.wait_for(1000);
     ok(&sockets, &["probe", &p, "read"]);
@@ -1167,12 +1179,13 @@ fn probes_on_functions_the_agent_uses_work_in_an_attached_process() {
             .filter(|r| r["function"].as_str().is_some_and(|n| n.starts_with(f)))
             .map(|r| r["calls"].as_u64().unwrap())
             .sum::<u64>();
-        assert!(calls > 0, "{f}: {readings}");
+        assert!(calls > 0, "{kind} {f}: {readings}");
     }
     ok(&sockets, &["probe", &p, "rm", "--all"]);
     assert_eq!(
         before,
-        code_bytes(pid, &libc_addresses(pid, &libc, &functions))
+        code_bytes(pid, &libc_addresses(pid, &libc, &functions)),
+        "{kind}: code bytes identical after removing the probes"
     );
     ok(&sockets, &["detach", &p]);
     let (_, failed) = load.finish();
