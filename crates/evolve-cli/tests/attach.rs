@@ -602,6 +602,28 @@ fn refusals_name_their_cause_and_leave_the_target_as_it_was() {
     let e = expect_refusal(&sockets, filtered.pid(), "seccomp");
     assert!(e.contains("socket"), "{e}");
 
+    // Another evolve command: `evolve status` waits for the reply of an "agent" (a socket of
+    // this test's that accepts and never answers) while we try to attach to it.
+    let quiet = dir.join("quiet-sockets");
+    std::fs::create_dir_all(&quiet).unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(quiet.join(format!("{}.sock", std::process::id())))
+            .unwrap();
+    let waiting = Command::new(env!("CARGO_BIN_EXE_evolve"))
+        .args(["status", &std::process::id().to_string()])
+        .env("EVOLVE_SOCKET_DIR", &quiet)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waiting = Target {
+        child: waiting,
+        dir: dir.clone(),
+    };
+    let (_held, _) = listener.accept().unwrap();
+    expect_refusal(&sockets, waiting.pid(), "evolve process itself");
+    drop(waiting);
+
     // Already traced: this test seizes it first.
     let traced = Target::start(&idle, &[], &dir);
     std::thread::sleep(Duration::from_millis(50));
