@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 /// What the agent knows about itself, for `hello`.
 pub struct Context {
-    /// The journal.
-    pub journal: Journal,
+    /// The process's journal (shared by every agent the process starts).
+    pub journal: std::sync::Arc<Journal>,
     /// When the agent started.
     pub started: Instant,
     /// The probes added through the agent.
@@ -83,7 +83,17 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
     match request {
         Request::Hello => Ok(to_value(&hello(context))),
         Request::Status => Ok(to_value(&status(context))),
-        Request::Functions => Ok(to_value(&functions(context))),
+        Request::Functions { symbols: None } => Ok(to_value(&functions(context))),
+        Request::Functions {
+            symbols: Some(pattern),
+        } => {
+            let (symbols, symbols_truncated) = symbols(&pattern)?;
+            Ok(to_value(&Functions {
+                symbols,
+                symbols_truncated,
+                ..functions(context)
+            }))
+        }
         Request::History => Ok(to_value(&History {
             entries: context.journal.entries(),
             file: context.journal.path().map(|p| p.display().to_string()),
@@ -359,7 +369,41 @@ fn functions(context: &Context) -> Functions {
             })
             .collect(),
         call_counts: context.probes.call_counts(),
+        symbols: Vec::new(),
+        symbols_truncated: false,
     }
+}
+
+/// The function symbols of every loaded image that match `pattern` (self-inspection is
+/// read-only: the agent asks the engine directly, as the probes capability does to resolve).
+fn symbols(pattern: &str) -> Result<(Vec<FunctionSymbol>, bool), (ErrorKind, String)> {
+    let images = evolve_code::inspect::images().map_err(failed)?;
+    let glob = pattern.contains(['*', '?']);
+    let mut out = Vec::new();
+    for image in &images {
+        for f in image.functions() {
+            let hit = if glob {
+                evolve_probes::glob_matches(pattern, &f.demangled)
+                    || evolve_probes::glob_matches(pattern, &f.name)
+            } else {
+                f.demangled == pattern || f.name == pattern
+            };
+            if !hit {
+                continue;
+            }
+            if out.len() == MAX_SYMBOLS {
+                return Ok((out, true));
+            }
+            out.push(FunctionSymbol {
+                name: f.demangled.clone(),
+                address: f.address as u64,
+                size: f.size as u64,
+                image: image.path().display().to_string(),
+                debug_file: image.debug_file().map(|d| d.display().to_string()),
+            });
+        }
+    }
+    Ok((out, false))
 }
 
 fn switches() -> Vec<SwitchInfo> {

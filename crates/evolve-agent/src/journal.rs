@@ -7,13 +7,18 @@
 //! (mode 0600), which outlives the process for post-mortems. Entries are never changed or
 //! removed; a failure to write the file is reported on the process's stderr once and does not
 //! fail the operation it records.
+//!
+//! There is one journal per process ([`Journal::of_process`]): an agent stopped by `evolve
+//! detach` and started again by the next `evolve attach` (or a linked program that starts its
+//! agent twice) goes on with the same history, numbering and file. Only a new process starts
+//! afresh, truncating a file left by an earlier process with the same pid.
 
 use crate::protocol::JournalEntry;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Who asked for a change.
@@ -39,25 +44,73 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// This process's journal, once an agent has started.
+static PROCESS_JOURNAL: Mutex<Option<Arc<Journal>>> = Mutex::new(None);
+
+/// Creates `path` afresh (mode 0600) with `entries` in it.
+fn create(path: &PathBuf, entries: &[JournalEntry]) -> Option<File> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| eprintln!("evolve agent: journal {}: {e}", path.display()))
+        .ok()?;
+    for entry in entries {
+        let line = serde_json::to_string(entry).expect("entries serialize");
+        writeln!(file, "{line}")
+            .map_err(|e| eprintln!("evolve agent: journal {}: {e}", path.display()))
+            .ok()?;
+    }
+    Some(file)
+}
+
 impl Journal {
     /// A journal appending to `path` (created afresh: a file of the same name belongs to an
     /// earlier process with the same pid), or kept in memory only.
     pub fn new(path: Option<PathBuf>) -> Journal {
-        let file = path.as_ref().and_then(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(p)
-                .map_err(|e| eprintln!("evolve agent: journal {}: {e}", p.display()))
-                .ok()
-        });
+        let file = path.as_ref().and_then(|p| create(p, &[]));
         Journal {
             entries: Mutex::new(Vec::new()),
             path: if file.is_some() { path } else { None },
             file: Mutex::new(file),
         }
+    }
+
+    /// This process's journal: the one its first agent created at `path`, kept for every
+    /// later agent of the process, so the history survives a detach and a new attach. If a
+    /// later agent journals to another path (another socket directory), the history so far is
+    /// written there first and the journal goes on there.
+    ///
+    /// # Example
+    /// ```
+    /// use evolve_agent::journal::{Client, Journal};
+    /// let dir = std::env::temp_dir().join(format!("evolve-journal-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let first = Journal::of_process(dir.join("1.journal"));
+    /// first.record(Client { uid: 0, pid: 1 }, "probe_add", "f".into(), Ok(String::new()));
+    /// let again = Journal::of_process(dir.join("1.journal"));
+    /// assert_eq!(again.entries().len(), 1, "the second agent goes on with the history");
+    /// std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn of_process(path: PathBuf) -> Arc<Journal> {
+        let mut process = PROCESS_JOURNAL.lock().unwrap_or_else(|p| p.into_inner());
+        let journal = match process.take() {
+            None => Arc::new(Journal::new(Some(path))),
+            Some(j) if j.path.as_ref() == Some(&path) => j,
+            Some(j) => {
+                let entries = j.entries();
+                let file = create(&path, &entries);
+                Arc::new(Journal {
+                    entries: Mutex::new(entries),
+                    path: if file.is_some() { Some(path) } else { None },
+                    file: Mutex::new(file),
+                })
+            }
+        };
+        *process = Some(journal.clone());
+        journal
     }
 
     /// Appends an entry.

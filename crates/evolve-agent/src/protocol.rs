@@ -22,7 +22,7 @@
 //! |---|---|---|
 //! | `hello` | — | [`Hello`]: pid, program, protocol and agent versions, uid |
 //! | `status` | — | [`Status`]: hot functions and versions, patches, reclamation, switches, multiverse |
-//! | `functions` | — | [`Functions`]: hot functions with versions, multiverse functions |
+//! | `functions` | `symbols`? (a glob over the process's function symbols) | [`Functions`]: hot functions with versions, multiverse functions, the matching symbols |
 //! | `apply` | `path`, `atomic` (bool), `trial_ms`?, `safe_point_timeout_ms`? | [`Applied`] |
 //! | `revert` | `target`? (patch or function; none = last patch), `version`? (for a function) | [`Reverted`] |
 //! | `history` | — | [`History`]: the journal |
@@ -75,8 +75,13 @@ pub enum Request {
     Hello,
     /// Versions, patches, reclamation, switches.
     Status,
-    /// Hot and multiverse functions.
-    Functions,
+    /// Hot and multiverse functions, and the process's function symbols matching a glob.
+    Functions {
+        /// A `*`/`?` glob (or an exact name) over the function symbols of the executable and
+        /// its libraries (`.symtab`, `.dynsym`, and separate debug files); none: no symbols.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        symbols: Option<String>,
+    },
     /// Apply a patch file (a path the agent's process can read).
     Apply {
         /// The patch (absolute: the agent's working directory is not the client's).
@@ -211,7 +216,7 @@ impl Request {
         match self {
             Request::Hello => "hello",
             Request::Status => "status",
-            Request::Functions => "functions",
+            Request::Functions { .. } => "functions",
             Request::Apply { .. } => "apply",
             Request::Revert { .. } => "revert",
             Request::History => "history",
@@ -410,6 +415,32 @@ pub struct Functions {
     pub multiverse: Vec<MultiverseFunction>,
     /// Per-function call counts, when a counting capability (probes) is present.
     pub call_counts: Option<Vec<(String, u64)>>,
+    /// The function symbols matching the request's `symbols` glob (at most
+    /// [`MAX_SYMBOLS`]), in image and address order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symbols: Vec<FunctionSymbol>,
+    /// More symbols matched than were returned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub symbols_truncated: bool,
+}
+
+/// At most this many symbols in one `functions` reply.
+pub const MAX_SYMBOLS: usize = 10_000;
+
+/// A function symbol of the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSymbol {
+    /// Demangled name.
+    pub name: String,
+    /// Runtime address.
+    pub address: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The image (executable or library) that defines it.
+    pub image: String,
+    /// The separate debug file its image's symbols came from (the image is stripped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_file: Option<String>,
 }
 
 /// The result of `status`.

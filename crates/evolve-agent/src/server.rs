@@ -98,7 +98,7 @@ pub fn start_in(dir: &Path) -> io::Result<Agent> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     let shared = Arc::new(Shared {
         context: Context {
-            journal: Journal::new(Some(paths::journal_path(dir, pid))),
+            journal: Journal::of_process(paths::journal_path(dir, pid)),
             started: Instant::now(),
             probes: Default::default(),
         },

@@ -34,6 +34,7 @@ pub mod process;
 pub mod seccomp;
 pub mod symbols;
 pub mod tracer;
+mod traces;
 
 pub use error::{Error, ErrorKind, Refusal, Result};
 pub use tracer::Stops;
@@ -41,6 +42,7 @@ pub use tracer::Stops;
 use evolve_agent::client::Connection;
 use evolve_agent::paths;
 use evolve_agent::protocol::{Hello, Request};
+use evolve_code::attached::layout;
 use loader::Functions;
 use memory::Memory;
 use std::path::{Path, PathBuf};
@@ -75,6 +77,13 @@ pub struct Attached {
     pub total: Duration,
     /// From the loader thread's start to the agent serving.
     pub load: Duration,
+    /// Whether the agent was loaded from a memfd (its path is not the same file in the
+    /// target's mount namespace) rather than by path.
+    pub from_memfd: bool,
+    /// How long each step took, in order: `inspect` (the checks, the target's libc), the
+    /// tracer's `seize`, `choose`, `calls` and `release` ([`Stops::phases`]), `fill` (the
+    /// memfd, if used), `load` (until the agent serves) and `hello`.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// The agent shared object next to the running executable (`target/release/`), or installed
@@ -191,20 +200,72 @@ fn functions(pid: u32, runtime: &process::Runtime, memory: &Memory) -> Result<Fu
 }
 
 /// The entry of an agent object already mapped in the target (after `evolve detach`).
-fn loaded_entry(pid: u32, runtime: &process::Runtime, memory: &Memory) -> Option<u64> {
-    let path = runtime
+///
+/// An object loaded by path is read through the target's root; one loaded from a memfd has no
+/// path, so its exports are read from our own copy of the agent (`agent`), whose build id must
+/// be the one mapped: loading a second agent of another build next to it is refused.
+fn loaded_entry(
+    pid: u32,
+    runtime: &process::Runtime,
+    memory: &Memory,
+    agent: &Path,
+) -> Result<Option<u64>> {
+    let Some(mapped) = runtime
         .maps
         .iter()
-        .find(|m| m.path.ends_with(AGENT_FILE))?
-        .path
-        .clone();
-    symbols::exports(pid, &runtime.maps, &path, memory)
-        .ok()?
-        .function(evolve_code::attached::ENTRY_SYMBOL)
+        .find(|m| {
+            Path::new(&m.path)
+                .file_name()
+                .is_some_and(|n| n == AGENT_FILE)
+                || is_agent_memfd(&m.path)
+        })
+        .map(|m| m.path.clone())
+    else {
+        return Ok(None);
+    };
+    if !is_agent_memfd(&mapped) {
+        // By path: if its file changed since, dlopen of the same path returns the object
+        // already loaded, so a failure here is harmless.
+        return Ok(symbols::exports(pid, &runtime.maps, &mapped, memory)
+            .ok()
+            .and_then(|e| e.function(evolve_code::attached::ENTRY_SYMBOL)));
+    }
+    let data = std::fs::read(agent).map_err(|e| {
+        Error::system(
+            format!("reading {}", agent.display()),
+            e.raw_os_error().unwrap_or(libc::EIO),
+        )
+    })?;
+    let exports = symbols::exports_of(pid, &runtime.maps, &mapped, &data, memory).map_err(|e| {
+        Error::new(ErrorKind::AgentNotFound(format!(
+            "process {pid} has an agent loaded from a memfd by an earlier attach, and {} is not \
+             that build ({e}): attach with the evolve that attached it first",
+            agent.display()
+        )))
+    })?;
+    Ok(exports.function(evolve_code::attached::ENTRY_SYMBOL))
+}
+
+/// Whether a mapping's path is an agent loaded from a memfd (`/memfd:NAME (deleted)`).
+fn is_agent_memfd(path: &str) -> bool {
+    path.strip_prefix("/memfd:")
+        .is_some_and(|rest| rest.starts_with(AGENT_FILE))
+}
+
+/// Whether `agent` is the same file at the same path in the target's mount namespace (then
+/// the target loads it by path, sharing its pages; otherwise from a memfd).
+fn visible_in_target(pid: u32, agent: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata(agent);
+    let theirs = std::fs::metadata(format!("/proc/{pid}/root{}", agent.display()));
+    match (ours, theirs) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Refuses a seccomp-filtered thread whose filter forbids what attaching needs.
-fn check_seccomp(pid: u32, tid: i32) -> Result<()> {
+fn check_seccomp(pid: u32, tid: i32, from_memfd: bool) -> Result<()> {
     let status = process::status(&format!("{pid}/task/{tid}"))
         .map_err(|e| process::proc_error(pid, "reading the thread's status", e))?;
     match status.seccomp {
@@ -230,7 +291,7 @@ fn check_seccomp(pid: u32, tid: i32) -> Result<()> {
                     )
                 }
             })?;
-            match seccomp::first_forbidden(&filters) {
+            match seccomp::first_forbidden(&filters, from_memfd) {
                 None => Ok(()),
                 Some((call, action)) => Err(Error::refused(Refusal::Seccomp(format!(
                     "the process's seccomp filter would {action} on {} (needed by {})",
@@ -249,6 +310,31 @@ fn check_seccomp(pid: u32, tid: i32) -> Result<()> {
 pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
     let started = Instant::now();
     let status = process::check_basic(pid)?;
+    let socket_dir = options
+        .socket_dir
+        .clone()
+        .unwrap_or_else(|| socket_dir_for(status.uid));
+    let traces = traces::Traces::before(pid, &socket_dir);
+    attach_checked(pid, options, started, &socket_dir).map_err(|e| {
+        // A refused or failed attach leaves nothing behind, even when the process died.
+        traces.remove_if_exited();
+        // Whatever failed (a ptrace request, the seizing of its dying threads, a wait), the
+        // cause is the process exiting under us: say so.
+        if process::dying(pid) {
+            Error::new(ErrorKind::Exited(pid))
+        } else {
+            e
+        }
+    })
+}
+
+/// [`attach`] once `pid` passed the first checks and its socket directory is known.
+fn attach_checked(
+    pid: u32,
+    options: &Options,
+    started: Instant,
+    socket_dir: &Path,
+) -> Result<Attached> {
     if let Some((socket, hello)) = running_agent(pid) {
         return Ok(Attached {
             pid,
@@ -258,6 +344,8 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
             stops: Stops::default(),
             total: started.elapsed(),
             load: Duration::ZERO,
+            from_memfd: false,
+            phases: vec![("inspect", started.elapsed())],
         });
     }
     let agent = match &options.agent {
@@ -267,18 +355,28 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
     let runtime = process::check_runtime(pid)?;
     let memory = Memory::open(pid)?;
     let functions = functions(pid, &runtime, &memory)?;
-    let entry = loaded_entry(pid, &runtime, &memory);
-    let socket_dir = options
-        .socket_dir
-        .clone()
-        .unwrap_or_else(|| socket_dir_for(status.uid));
+    let entry = loaded_entry(pid, &runtime, &memory, &agent)?;
+    let from_memfd = entry.is_none() && !visible_in_target(pid, &agent);
+    // Read (and checked) before anything in the target changes.
+    let image = if from_memfd {
+        let data = std::fs::read(&agent).map_err(|e| {
+            Error::system(
+                format!("reading {}", agent.display()),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        })?;
+        Some(loader::loadable_image(&data)?)
+    } else {
+        None
+    };
     let agent_path = agent.display().to_string();
     let socket_dir_text = socket_dir.display().to_string();
+    let mut phases = vec![("inspect", started.elapsed())];
 
     let (region, stops) = tracer::with_borrowed_thread(
         pid,
         &runtime.maps,
-        |borrowed| check_seccomp(pid, borrowed.tid()),
+        |borrowed| check_seccomp(pid, borrowed.tid(), from_memfd),
         |borrowed| {
             let region = borrowed.call(&memory, functions.mmap, &loader::mmap_args())?;
             if region > u64::MAX - 4095 {
@@ -293,6 +391,8 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
                 agent: &agent_path,
                 loaded_entry: entry,
                 socket_dir: &socket_dir_text,
+                sigmask: borrowed.own_sigmask(),
+                from_memfd,
             };
             let started_thread = loader::install(&memory, &spec).and_then(|()| {
                 let created = borrowed.call(
@@ -316,22 +416,49 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
             Ok(region)
         },
     )?;
+    phases.extend(stops.phases.iter().cloned());
     let loading = Instant::now();
-    match loader::wait(&memory, pid, region, Duration::from_secs(20))? {
-        loader::Outcome::Ready | loader::Outcome::RegionGone => {}
+    let failed = |status, message, tid| -> Error {
+        match cleanup(pid, &runtime, &functions, &memory, region, tid) {
+            Ok(()) => Error::new(ErrorKind::LoaderFailed { status, message }),
+            Err(e) => e,
+        }
+    };
+    if let Some(image) = &image {
+        let waited = loader::wait(&memory, pid, region, layout::WAITING, LOADER_TIMEOUT)?;
+        if let loader::Outcome::Failed {
+            status,
+            message,
+            tid,
+        } = waited
+        {
+            return Err(failed(status, message, tid));
+        }
+        if let Err(e) = loader::fill_memfd(&memory, pid, region, image) {
+            // The loader gives up on its own now; wait for it, then take its region back.
+            let tid = memory
+                .read_i32(region + loader::PAGE + layout::TID as u64)
+                .unwrap_or(0);
+            let _ = loader::wait(&memory, pid, region, layout::READY, LOADER_TIMEOUT);
+            let _ = cleanup(pid, &runtime, &functions, &memory, region, tid);
+            return Err(e);
+        }
+        phases.push(("fill", loading.elapsed()));
+    }
+    match loader::wait(&memory, pid, region, layout::READY, LOADER_TIMEOUT)? {
+        loader::Outcome::Reached | loader::Outcome::RegionGone => {}
         loader::Outcome::Failed {
             status,
             message,
             tid,
-        } => {
-            cleanup(pid, &runtime, &functions, &memory, region, tid)?;
-            return Err(Error::new(ErrorKind::LoaderFailed { status, message }));
-        }
+        } => return Err(failed(status, message, tid)),
     }
     let load = loading.elapsed();
-    let socket = paths::socket_path(&socket_dir, pid);
+    phases.push(("load", load));
+    let greeting = Instant::now();
+    let socket = paths::socket_path(socket_dir, pid);
     let hello = hello(&socket).ok_or_else(|| {
-        if !alive(pid) {
+        if process::dying(pid) {
             return Error::new(ErrorKind::Exited(pid));
         }
         Error::new(ErrorKind::Timeout(format!(
@@ -339,6 +466,7 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
             socket.display()
         )))
     })?;
+    phases.push(("hello", greeting.elapsed()));
     Ok(Attached {
         pid,
         socket,
@@ -347,13 +475,13 @@ pub fn attach(pid: u32, options: &Options) -> Result<Attached> {
         stops,
         total: started.elapsed(),
         load,
+        from_memfd,
+        phases,
     })
 }
 
-/// Whether `pid` still runs (exists and is not a zombie).
-fn alive(pid: u32) -> bool {
-    process::status(&pid.to_string()).is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
-}
+/// How long the loader thread may take to load and start the agent.
+const LOADER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Unmaps a failed loader's region once its thread is gone (a second, equally short borrow).
 fn cleanup(

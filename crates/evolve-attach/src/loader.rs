@@ -51,7 +51,8 @@ fn asm_error(e: IcedError) -> Error {
 }
 
 /// The loader routine, assembled to run at `base` (the code page). It follows the System V
-/// ABI as a thread start routine: `rdi` is the block (the data page).
+/// ABI as a thread start routine: `rdi` is the block (the data page). Its steps are those of
+/// [`evolve_code::attached`]'s protocol.
 pub fn routine(base: u64) -> Result<Vec<u8>> {
     let mut a = CodeAssembler::new(64).map_err(asm_error)?;
     let off = |o: usize| o as i32;
@@ -63,11 +64,27 @@ pub fn routine(base: u64) -> Result<Vec<u8>> {
     let mut copy_error = a.create_label();
     let mut copy_loop = a.create_label();
     let mut copy_done = a.create_label();
+    let mut from_path = a.create_label();
+    let mut opened = a.create_label();
+    let mut wait_memfd = a.create_label();
+    let mut memfd_filled = a.create_label();
+    let mut memfd_given_up = a.create_label();
+    let mut memfd_failed = a.create_label();
     let fp = |i: usize| off(layout::FUNCTIONS + 8 * i);
     (|| -> std::result::Result<(), IcedError> {
-        // Entry: rsp ≡ 8 (mod 16); one push realigns it for the calls below.
+        // Entry: rsp ≡ 8 (mod 16); two pushes and 8 bytes realign it for the calls below.
         a.push(rbx)?;
+        a.push(r12)?;
+        a.sub(rsp, 8)?;
         a.mov(rbx, rdi)?;
+        // rt_sigprocmask(SIG_SETMASK, &block.sigmask, NULL, 8): the creator's own mask (it
+        // was borrowed with its asynchronous signals blocked, and this thread inherited that).
+        a.mov(eax, libc::SYS_rt_sigprocmask as u32)?;
+        a.mov(edi, libc::SIG_SETMASK as u32)?;
+        a.lea(rsi, qword_ptr(rbx + off(layout::SIGMASK)))?;
+        a.xor(edx, edx)?;
+        a.mov(r10d, 8)?;
+        a.syscall()?;
         // The data page was mapped read-only with the code; make it writable.
         a.mov(rdi, rbx)?;
         a.mov(esi, PAGE as u32)?;
@@ -88,9 +105,54 @@ pub fn routine(base: u64) -> Result<Vec<u8>> {
         a.mov(rax, qword_ptr(rbx + off(layout::ENTRY)))?;
         a.test(rax, rax)?;
         a.jnz(have_entry)?;
+        a.cmp(dword_ptr(rbx + off(layout::LOAD_FROM)), layout::FROM_MEMFD)?;
+        a.jne(from_path)?;
+
+        // memfd_create(name, MFD_CLOEXEC); the injector fills it through /proc/PID/fd/N.
+        a.mov(eax, libc::SYS_memfd_create as u32)?;
+        a.lea(rdi, qword_ptr(rbx + off(layout::MEMFD_NAME)))?;
+        a.mov(esi, libc::MFD_CLOEXEC)?;
+        a.syscall()?;
+        a.mov(dword_ptr(rbx + off(layout::MEMFD)), eax)?;
+        a.test(eax, eax)?;
+        a.js(memfd_failed)?;
+        a.mov(dword_ptr(rbx + off(layout::STATUS)), layout::WAITING)?;
+        a.mov(r12d, layout::MAX_NAPS)?;
+        a.set_label(&mut wait_memfd)?;
+        a.cmp(
+            dword_ptr(rbx + off(layout::LOAD_FROM)),
+            layout::MEMFD_FILLED,
+        )?;
+        a.je(memfd_filled)?;
+        a.cmp(
+            dword_ptr(rbx + off(layout::LOAD_FROM)),
+            layout::MEMFD_ABANDONED,
+        )?;
+        a.je(memfd_given_up)?;
+        a.dec(r12d)?;
+        a.jz(memfd_given_up)?;
+        a.mov(eax, libc::SYS_nanosleep as u32)?;
+        a.lea(rdi, qword_ptr(rbx + off(layout::NAP)))?;
+        a.xor(esi, esi)?;
+        a.syscall()?;
+        a.jmp(wait_memfd)?;
+        a.set_label(&mut memfd_filled)?;
+        a.lea(rdi, qword_ptr(rbx + off(layout::FD_PATH)))?;
+        a.mov(esi, RTLD_NOW as u32)?;
+        a.call(qword_ptr(rbx + fp(2)))?;
+        // The mapping keeps the memfd's pages; the descriptor is no longer needed.
+        a.mov(r12, rax)?;
+        a.mov(edi, dword_ptr(rbx + off(layout::MEMFD)))?;
+        a.mov(eax, libc::SYS_close as u32)?;
+        a.syscall()?;
+        a.mov(rax, r12)?;
+        a.jmp(opened)?;
+
+        a.set_label(&mut from_path)?;
         a.lea(rdi, qword_ptr(rbx + off(layout::PATH)))?;
         a.mov(esi, RTLD_NOW as u32)?;
         a.call(qword_ptr(rbx + fp(2)))?;
+        a.set_label(&mut opened)?;
         a.test(rax, rax)?;
         a.jz(dlopen_failed)?;
         a.mov(qword_ptr(rbx + off(layout::HANDLE)), rax)?;
@@ -119,12 +181,23 @@ pub fn routine(base: u64) -> Result<Vec<u8>> {
         a.mov(dword_ptr(rbx + off(layout::STATUS)), layout::NO_ENTRY)?;
         a.jmp(out)?;
 
+        // Not filled in time, or abandoned: close the memfd and report.
+        a.set_label(&mut memfd_given_up)?;
+        a.mov(edi, dword_ptr(rbx + off(layout::MEMFD)))?;
+        a.mov(eax, libc::SYS_close as u32)?;
+        a.syscall()?;
+        a.set_label(&mut memfd_failed)?;
+        a.mov(dword_ptr(rbx + off(layout::STATUS)), layout::MEMFD_FAILED)?;
+        a.jmp(out)?;
+
         // The entry wrote its message; the object stays loaded (its starter may have begun).
         a.set_label(&mut start_failed)?;
         a.mov(dword_ptr(rbx + off(layout::STATUS)), layout::START_FAILED)?;
 
         a.set_label(&mut out)?;
         a.xor(eax, eax)?;
+        a.add(rsp, 8)?;
+        a.pop(r12)?;
         a.pop(rbx)?;
         a.ret()?;
 
@@ -169,6 +242,10 @@ pub struct BlockSpec<'a> {
     pub loaded_entry: Option<u64>,
     /// Where the agent puts its socket.
     pub socket_dir: &'a str,
+    /// The signal mask the loader thread installs (its creator's own).
+    pub sigmask: u64,
+    /// Load the agent from a memfd the injector fills rather than from its path.
+    pub from_memfd: bool,
 }
 
 fn put(block: &mut [u8], offset: usize, bytes: &[u8]) {
@@ -207,6 +284,24 @@ pub fn block(spec: &BlockSpec<'_>) -> Result<Vec<u8>> {
         put(&mut b, layout::FUNCTIONS + 8 * i, &address.to_le_bytes());
     }
     put(&mut b, layout::MPROTECT, &f.mprotect.to_le_bytes());
+    put(&mut b, layout::SIGMASK, &spec.sigmask.to_le_bytes());
+    // A 200 µs nap between looks at the memfd's state.
+    put(&mut b, layout::NAP + 8, &200_000u64.to_le_bytes());
+    let from = if spec.from_memfd {
+        layout::FROM_MEMFD
+    } else {
+        layout::FROM_PATH
+    };
+    put(&mut b, layout::LOAD_FROM, &from.to_le_bytes());
+    // Not created yet (a failed memfd_create stores -errno).
+    put(&mut b, layout::MEMFD, &i32::MIN.to_le_bytes());
+    put_str(
+        &mut b,
+        layout::MEMFD_NAME,
+        64,
+        crate::AGENT_FILE,
+        "the memfd's name",
+    )?;
     put(&mut b, layout::REGION, &spec.region.to_le_bytes());
     put(&mut b, layout::REGION_LEN, &REGION_LEN.to_le_bytes());
     put(
@@ -262,8 +357,8 @@ pub fn mmap_args() -> [u64; 6] {
 /// What the loader reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The agent serves its socket.
-    Ready,
+    /// The loader reached the status waited for.
+    Reached,
     /// The loader failed; the region is still mapped and must be unmapped once `tid` exited.
     Failed {
         /// Status code.
@@ -277,11 +372,12 @@ pub enum Outcome {
     RegionGone,
 }
 
-/// Polls the block until the loader finishes, up to `timeout`.
+/// Polls the block until the loader reaches status `until` (or fails), up to `timeout`.
 pub fn wait(
     memory: &Memory,
     pid: u32,
     region: u64,
+    until: i32,
     timeout: std::time::Duration,
 ) -> Result<Outcome> {
     let block = region + PAGE;
@@ -290,19 +386,32 @@ pub fn wait(
     loop {
         let status = match memory.read_i32(block + layout::STATUS as u64) {
             Ok(s) => s,
-            Err(_)
-                if !crate::process::status(&pid.to_string())
-                    .is_ok_and(|s| !matches!(s.state, 'Z' | 'X')) =>
-            {
-                return Err(Error::new(ErrorKind::Exited(pid)))
-            }
+            Err(_) if crate::process::dying(pid) => return Err(Error::new(ErrorKind::Exited(pid))),
             Err(_) => return Ok(Outcome::RegionGone),
         };
         if tid_seen == 0 {
             tid_seen = memory.read_i32(block + layout::TID as u64).unwrap_or(0);
         }
         match status {
-            layout::READY => return Ok(Outcome::Ready),
+            s if s == until => return Ok(Outcome::Reached),
+            layout::MEMFD_FAILED => {
+                let fd = memory
+                    .read_i32(block + layout::MEMFD as u64)
+                    .unwrap_or(i32::MIN);
+                let message = if fd < 0 && fd != i32::MIN {
+                    format!(
+                        "memfd_create failed in the process: {}",
+                        std::io::Error::from_raw_os_error(-fd)
+                    )
+                } else {
+                    "the agent was not written into the loader's memfd".to_string()
+                };
+                return Ok(Outcome::Failed {
+                    status,
+                    message,
+                    tid: tid_seen,
+                });
+            }
             s if s < 0 => {
                 let raw = memory.read(block + layout::ERROR as u64, layout::ERROR_LEN)?;
                 let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
@@ -334,6 +443,75 @@ pub fn wait(
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
+}
+
+/// The part of shared object `data` that `dlopen` reads: everything up to the end of the last
+/// segment, without section headers (the debug info and symbol tables that follow are never
+/// mapped, and would only cost the target memory in a memfd).
+///
+/// # Errors
+/// `data` is not a 64-bit ELF file.
+pub fn loadable_image(data: &[u8]) -> Result<Vec<u8>> {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let not_elf = |e: object::Error| {
+        Error::system(
+            format!("the agent is not a 64-bit ELF file ({e})"),
+            libc::ENOEXEC,
+        )
+    };
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(not_elf)?;
+    let endian = header.endian().map_err(not_elf)?;
+    let end = header
+        .program_headers(endian, data)
+        .map_err(not_elf)?
+        .iter()
+        .map(|p| p.p_offset(endian) + p.p_filesz(endian))
+        .max()
+        .unwrap_or(0) as usize;
+    let mut image = data[..end.min(data.len())].to_vec();
+    let (copy, _) =
+        object::pod::from_bytes_mut::<object::elf::FileHeader64<object::Endianness>>(&mut image)
+            .map_err(|()| Error::system("the agent's ELF header", libc::ENOEXEC))?;
+    copy.e_shoff.set(endian, 0);
+    copy.e_shnum.set(endian, 0);
+    copy.e_shstrndx.set(endian, 0);
+    Ok(image)
+}
+
+/// Writes `image` into the memfd the loader created (through `/proc/PID/fd/N`, which reaches
+/// it whatever the target's mount namespace) and tells the loader to load it. On failure the
+/// loader is told to give up (it then reports [`layout::MEMFD_FAILED`]).
+///
+/// # Errors
+/// The descriptor cannot be opened or written.
+pub fn fill_memfd(memory: &Memory, pid: u32, region: u64, image: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let block = region + PAGE;
+    let filled = (|| -> Result<()> {
+        let fd = memory.read_i32(block + layout::MEMFD as u64)?;
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let sys = |what: &str, e: std::io::Error| {
+            Error::system(
+                format!("{what} {path} (the loader's memfd)"),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| sys("opening", e))?;
+        file.write_all(image).map_err(|e| sys("writing", e))?;
+        let mut fd_path = format!("/proc/self/fd/{fd}").into_bytes();
+        fd_path.push(0);
+        memory.write(block + layout::FD_PATH as u64, &fd_path)
+    })();
+    let next = if filled.is_ok() {
+        layout::MEMFD_FILLED
+    } else {
+        layout::MEMFD_ABANDONED
+    };
+    memory.write(block + layout::LOAD_FROM as u64, &next.to_le_bytes())?;
+    filled
 }
 
 #[cfg(test)]
@@ -376,6 +554,8 @@ mod tests {
             agent: "/opt/evolve/libevolve_attach_agent.so",
             loaded_entry: None,
             socket_dir: "/run/user/1000/evolve",
+            sigmask: 1 << (libc::SIGUSR1 - 1),
+            from_memfd: true,
         })
         .unwrap();
         let word = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
@@ -384,6 +564,12 @@ mod tests {
         assert_eq!(word(layout::REGION_LEN), REGION_LEN);
         assert!(b[layout::PATH..].starts_with(b"/opt/evolve/libevolve_attach_agent.so\0"));
         assert!(b[layout::ENTRY_NAME..].starts_with(b"evolve_attach_entry\0"));
+        assert!(b[layout::MEMFD_NAME..].starts_with(b"libevolve_attach_agent.so\0"));
+        assert_eq!(word(layout::SIGMASK), 1 << (libc::SIGUSR1 - 1));
+        let int = |o: usize| i32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        assert_eq!(int(layout::LOAD_FROM), layout::FROM_MEMFD);
+        assert_eq!(int(layout::MEMFD), i32::MIN);
+        assert_eq!(word(layout::NAP + 8), 200_000, "a 200 µs nap");
         let long = "x".repeat(layout::SOCKET_DIR_LEN);
         assert!(block(&BlockSpec {
             region: 0,
@@ -391,6 +577,8 @@ mod tests {
             agent: "/a",
             loaded_entry: None,
             socket_dir: &long,
+            sigmask: 0,
+            from_memfd: false,
         })
         .is_err());
     }

@@ -123,6 +123,42 @@ pub fn status(path: &str) -> std::io::Result<Status> {
     Ok(s)
 }
 
+/// Whether process `pid` has exited: it is gone, or every thread left is dead (a zombie not yet
+/// reaped). A thread group leader that exited alone shows as a zombie while its other threads
+/// run, so every thread is looked at, not only the leader.
+pub fn exited(pid: u32) -> bool {
+    let Ok(tids) = threads(pid) else {
+        return true;
+    };
+    tids.iter().all(|tid| {
+        status(&format!("{pid}/task/{tid}")).map_or(true, |s| matches!(s.state, 'Z' | 'X'))
+    })
+}
+
+/// Whether process `pid` is exiting or has exited: every thread left is dead or on its way out
+/// (`PF_EXITING` in the flags of `/proc/PID/task/TID/stat`). Between `exit_group` and the last
+/// thread's end the process has no memory any more but is not yet a zombie.
+pub fn dying(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(tids) = threads(pid) else {
+        return true;
+    };
+    tids.iter().all(|tid| {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            return true; // gone since the listing
+        };
+        // After the command's closing parenthesis: state (field 3), …, flags (field 9).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let state = fields.first().copied().unwrap_or("X");
+        let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+        matches!(state, "Z" | "X") || flags & PF_EXITING != 0
+    })
+}
+
 /// The thread ids of `pid`, sorted.
 pub fn threads(pid: u32) -> Result<Vec<i32>> {
     let entries = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -258,7 +294,11 @@ pub fn check_basic(pid: u32) -> Result<Status> {
             return Err(Error::refused(Refusal::Evolve));
         }
     }
-    check_not_traced(pid)?;
+    // The main thread's tracer (a debugger or strace takes every thread); one on another
+    // thread makes the seize fail with EPERM, which names it then (`check_not_traced`).
+    if status.tracer != 0 {
+        check_not_traced(pid)?;
+    }
     Ok(status)
 }
 

@@ -130,6 +130,12 @@ pub const NEEDED: &[Call] = &[
     ),
     call("gettid", libc::SYS_gettid, [0; 6], "the loader"),
     call(
+        "rt_sigprocmask",
+        libc::SYS_rt_sigprocmask,
+        [libc::SIG_SETMASK as u64, 0, 0, 8, 0, 0],
+        "the loader (its creator's signal mask)",
+    ),
+    call(
         "futex",
         libc::SYS_futex,
         [0, 0x80, 0, 0, 0, 0],
@@ -204,10 +210,27 @@ pub const NEEDED: &[Call] = &[
     ),
 ];
 
-/// Why a filter forbids a call: the first needed call whose action is not allow, and what the
-/// filter would do instead.
-pub fn first_forbidden(filters: &[Vec<FilterInsn>]) -> Option<(Call, String)> {
-    for c in NEEDED {
+/// What loading the agent from a memfd needs besides [`NEEDED`].
+pub const NEEDED_FOR_MEMFD: &[Call] = &[
+    call(
+        "memfd_create",
+        libc::SYS_memfd_create,
+        [0, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0],
+        "the loader (the agent's memfd)",
+    ),
+    call(
+        "nanosleep",
+        libc::SYS_nanosleep,
+        [0; 6],
+        "the loader (waiting for its memfd)",
+    ),
+];
+
+/// Why a filter forbids a call: the first needed call (with `from_memfd`, those of
+/// [`NEEDED_FOR_MEMFD`] too) whose action is not allow, and what the filter would do instead.
+pub fn first_forbidden(filters: &[Vec<FilterInsn>], from_memfd: bool) -> Option<(Call, String)> {
+    let memfd: &[Call] = if from_memfd { NEEDED_FOR_MEMFD } else { &[] };
+    for c in NEEDED.iter().chain(memfd) {
         // The kernel runs every filter and takes the most restrictive action (the lowest
         // action value, KILL_PROCESS counting lowest of all).
         let action = filters
@@ -337,19 +360,31 @@ mod tests {
 
     #[test]
     fn allow_all_passes() {
-        assert!(first_forbidden(&[vec![insn(0x06, 0, 0, RET_ALLOW)]]).is_none());
-        assert!(first_forbidden(&[]).is_none());
+        assert!(first_forbidden(&[vec![insn(0x06, 0, 0, RET_ALLOW)]], true).is_none());
+        assert!(first_forbidden(&[], true).is_none());
     }
 
     #[test]
     fn a_denied_call_is_named_with_the_action() {
-        let (c, what) =
-            first_forbidden(&[deny(libc::SYS_socket, RET_ERRNO | libc::EPERM as u32)]).unwrap();
+        let (c, what) = first_forbidden(
+            &[deny(libc::SYS_socket, RET_ERRNO | libc::EPERM as u32)],
+            false,
+        )
+        .unwrap();
         assert_eq!(c.name, "socket");
         assert!(what.contains("fail with"), "{what}");
-        let (c, what) = first_forbidden(&[deny(libc::SYS_clone3, RET_KILL_PROCESS)]).unwrap();
+        let (c, what) =
+            first_forbidden(&[deny(libc::SYS_clone3, RET_KILL_PROCESS)], false).unwrap();
         assert_eq!(c.name, "clone3");
         assert_eq!(what, "kill the process");
+    }
+
+    #[test]
+    fn memfd_calls_are_checked_only_when_the_agent_comes_from_a_memfd() {
+        let filters = [deny(libc::SYS_memfd_create, RET_ERRNO | libc::EPERM as u32)];
+        assert!(first_forbidden(&filters, false).is_none());
+        let (c, _) = first_forbidden(&filters, true).unwrap();
+        assert_eq!(c.name, "memfd_create");
     }
 
     #[test]
@@ -358,7 +393,7 @@ mod tests {
             vec![insn(0x06, 0, 0, RET_ALLOW)],
             deny(libc::SYS_mmap, RET_TRAP),
         ];
-        let (c, what) = first_forbidden(&filters).unwrap();
+        let (c, what) = first_forbidden(&filters, false).unwrap();
         assert_eq!(c.name, "mmap");
         assert_eq!(what, "send SIGSYS");
     }
@@ -374,7 +409,7 @@ mod tests {
             insn(0x06, 0, 0, RET_ERRNO | 1),
             insn(0x06, 0, 0, RET_ALLOW),
         ];
-        let (c, _) = first_forbidden(&[filter]).unwrap();
+        let (c, _) = first_forbidden(&[filter], false).unwrap();
         assert_eq!(c.name, "mmap");
     }
 }

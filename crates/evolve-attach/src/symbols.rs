@@ -35,6 +35,30 @@ impl Exports {
 /// The file cannot be read, is not ELF, or is not the file the process mapped (build ids
 /// differ).
 pub fn exports(pid: u32, maps: &[Mapping], path: &str, memory: &Memory) -> Result<Exports> {
+    let rooted = format!("/proc/{pid}/root{path}");
+    let data = std::fs::read(&rooted)
+        .or_else(|_| std::fs::read(path))
+        .map_err(|e| {
+            Error::system(
+                format!("reading {path}"),
+                e.raw_os_error().unwrap_or(libc::EIO),
+            )
+        })?;
+    exports_of(pid, maps, path, &data, memory)
+}
+
+/// Reads the exports of the object mapped from `path` in process `pid` (a memfd, say) from
+/// `data`, a copy of its file that must carry the build id found in the target's memory.
+///
+/// # Errors
+/// As [`exports`].
+pub fn exports_of(
+    pid: u32,
+    maps: &[Mapping],
+    path: &str,
+    data: &[u8],
+    memory: &Memory,
+) -> Result<Exports> {
     let base = maps
         .iter()
         .filter(|m| m.path == path)
@@ -46,16 +70,7 @@ pub fn exports(pid: u32, maps: &[Mapping], path: &str, memory: &Memory) -> Resul
                 libc::ENOENT,
             )
         })?;
-    let rooted = format!("/proc/{pid}/root{path}");
-    let data = std::fs::read(&rooted)
-        .or_else(|_| std::fs::read(path))
-        .map_err(|e| {
-            Error::system(
-                format!("reading {path}"),
-                e.raw_os_error().unwrap_or(libc::EIO),
-            )
-        })?;
-    let file = ElfFile64::<Endianness>::parse(&*data).map_err(|e| {
+    let file = ElfFile64::<Endianness>::parse(data).map_err(|e| {
         Error::system(
             format!("{path} is not a 64-bit ELF file ({e})"),
             libc::ENOEXEC,
@@ -75,7 +90,7 @@ pub fn exports(pid: u32, maps: &[Mapping], path: &str, memory: &Memory) -> Resul
 
     let versions = file
         .elf_section_table()
-        .versions(endian, &*data)
+        .versions(endian, data)
         .ok()
         .flatten();
     let mut functions = HashMap::new();

@@ -1,7 +1,7 @@
 //! `attach` and `probe-overhead --attached`: Evolve in a C process that never linked it.
 //!
-//! **`attach --threads N`** starts a C program with N worker threads (compute, then sleep 1 ms,
-//! in a loop) and attaches to it, `--runs` times (a fresh process each time). Per run it takes
+//! **`attach --threads N`** starts a C program with N worker threads (compute `--work`
+//! iterations, about 1 µs by default, then sleep 1 ms, in a loop) and attaches to it, `--runs` times (a fresh process each time). Per run it takes
 //! `max_stop_ms`, the longest time any thread of the target was stopped (from
 //! `PTRACE_INTERRUPT` to `PTRACE_DETACH`), and `attach_ms`, from the call to the agent's first
 //! answer; the JSON reports medians (goals: ≤ 5 ms, ≤ 100 ms). The baseline in the same run,
@@ -32,6 +32,10 @@ pub struct Args {
     /// Attaches (each to a fresh process); medians are reported.
     #[arg(long, default_value_t = 9)]
     pub runs: usize,
+    /// Loop iterations each worker computes between its 1 ms sleeps (500: about 1 µs; the
+    /// first version used 20 000, with which 128 workers want more CPU than two cores have).
+    #[arg(long, default_value_t = 500)]
+    pub work: u32,
     /// Accepted for uniformity: the output is always JSON.
     #[arg(long)]
     pub json: bool,
@@ -122,10 +126,13 @@ pub fn run(args: &Args) -> Result<Value> {
     };
     let (mut stops, mut totals, mut loads, mut baselines) = (vec![], vec![], vec![], vec![]);
     let mut borrowed_in = Vec::new();
+    let mut phases: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut signal_stops = 0;
     for _ in 0..args.runs {
         let target = Killed(
             Command::new(&program)
                 .arg(args.threads.to_string())
+                .arg(args.work.to_string())
                 .stdin(Stdio::null())
                 .spawn()?,
         );
@@ -138,7 +145,15 @@ pub fn run(args: &Args) -> Result<Value> {
         totals.push(a.total.as_secs_f64() * 1e3);
         loads.push(a.load.as_secs_f64() * 1e3);
         borrowed_in.push(a.stops.borrowed_in.clone());
+        signal_stops += a.stops.signal_stops;
+        for (phase, d) in &a.phases {
+            phases.entry(phase).or_default().push(d.as_secs_f64() * 1e3);
+        }
     }
+    let phases_ms: serde_json::Map<String, Value> = phases
+        .into_iter()
+        .map(|(phase, mut ms)| (phase.to_string(), json!(round3(median(&mut ms)))))
+        .collect();
     let _ = std::fs::remove_dir_all(&sockets);
     let worst = stops.iter().cloned().fold(0.0, f64::max);
     let (stop, total, load, baseline) = (
@@ -150,6 +165,7 @@ pub fn run(args: &Args) -> Result<Value> {
     Ok(json!({
         "scenario": "attach",
         "threads": args.threads,
+        "work": args.work,
         "runs": args.runs,
         "max_stop_ms": round3(stop),
         "max_stop_ms_worst": round3(worst),
@@ -158,11 +174,24 @@ pub fn run(args: &Args) -> Result<Value> {
         "stop_all_ms": round3(baseline),
         "stop_ratio": round3(stop / baseline),
         "borrowed_in": borrowed_in,
+        "phases_ms": phases_ms,
+        "signal_stops": signal_stops,
+        "load_average": load_average(),
         "goal_max_stop_ms": 5,
         "goal_attach_ms": 100,
         "meets_goal": stop <= 5.0 && total <= 100.0,
         "errors": 0,
     }))
+}
+
+/// `/proc/loadavg`'s one-minute figure: how busy the machine was.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Reads `n` window lines (ns per call) from the target.
@@ -254,6 +283,7 @@ pub fn probe_overhead_attached(kind: &str, calls: u64, runs: usize) -> Result<Va
         "meets_goal": cost <= goal,
         "borrowed_in": attached["borrowed_in"],
         "attach_ms": attached["attach_ms"],
+        "load_average": load_average(),
         "errors": u64::from(counted == 0),
     }))
 }

@@ -30,6 +30,13 @@ pub fn attach(json: bool, pid: u32, agent: Option<PathBuf>) -> Result<()> {
         "borrowed_in": a.stops.borrowed_in,
         "stops": stops,
         "max_stop_ms": a.stops.max().as_secs_f64() * 1e3,
+        "signal_stops": a.stops.signal_stops,
+        "from_memfd": a.from_memfd,
+        "phases_ms": a
+            .phases
+            .iter()
+            .map(|(phase, d)| (phase.to_string(), json!(d.as_secs_f64() * 1e3)))
+            .collect::<serde_json::Map<_, _>>(),
         "load_ms": a.load.as_secs_f64() * 1e3,
         "attach_ms": a.total.as_secs_f64() * 1e3,
     });
@@ -55,11 +62,12 @@ pub fn attach(json: bool, pid: u32, agent: Option<PathBuf>) -> Result<()> {
         );
         outln!(
             "  {} threads seized; thread {} borrowed while in {}, stopped {:.3} ms; the agent \
-             loaded in {:.1} ms",
+             loaded{} in {:.1} ms",
             a.stops.seized,
             a.stops.borrowed.unwrap_or(0),
             a.stops.borrowed_in,
             a.stops.max().as_secs_f64() * 1e3,
+            if a.from_memfd { " from a memfd" } else { "" },
             a.load.as_secs_f64() * 1e3
         );
     }

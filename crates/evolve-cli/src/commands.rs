@@ -30,8 +30,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let status: Status = typed(call(t.pid, Request::Status, TIMEOUT)?)?;
             print(json, &status, || show_status(&status))
         }
-        Command::Functions(t) => {
-            let f: Functions = typed(call(t.pid, Request::Functions, TIMEOUT)?)?;
+        Command::Functions { target: t, symbols } => {
+            let f: Functions = typed(call(t.pid, Request::Functions { symbols }, TIMEOUT)?)?;
             print(json, &f, || show_functions(&f))
         }
         Command::BuildPatch(options) => build_patch(json, socket, options),
@@ -331,6 +331,30 @@ fn show_functions(f: &Functions) {
                 "generic"
             }
         );
+    }
+    if !f.symbols.is_empty() {
+        outln!(
+            "symbols ({}{}):",
+            f.symbols.len(),
+            if f.symbols_truncated {
+                ", truncated"
+            } else {
+                ""
+            }
+        );
+        for s in &f.symbols {
+            outln!(
+                "  {:#014x} {:>7} {:<40} {}{}",
+                s.address,
+                s.size,
+                s.name,
+                s.image,
+                s.debug_file
+                    .as_deref()
+                    .map(|d| format!(" (symbols from {d})"))
+                    .unwrap_or_default()
+            );
+        }
     }
 }
 

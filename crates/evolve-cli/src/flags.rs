@@ -37,8 +37,16 @@ pub enum Command {
     },
     /// Versions, patches, pending reclamation and switch values of a process.
     Status(Target),
-    /// Hot and multiverse functions of a process with their current versions.
-    Functions(Target),
+    /// Hot and multiverse functions of a process with their current versions, and with
+    /// --symbols its function symbols (of the executable and its libraries, from .symtab,
+    /// .dynsym, or a separate debug file found by build id under /usr/lib/debug).
+    Functions {
+        #[command(flatten)]
+        target: Target,
+        /// List the function symbols matching this glob (e.g. 'handle_*', '*' for all).
+        #[arg(long, value_name = "GLOB")]
+        symbols: Option<String>,
+    },
     /// Build a patch from the edited source of a running program (see --format, --dry-run).
     BuildPatch(BuildPatch),
     /// Apply a patch to a running process.

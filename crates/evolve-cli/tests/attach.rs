@@ -85,8 +85,13 @@ struct Target {
 
 impl Target {
     fn start(program: &Path, args: &[&str], dir: &Path) -> Target {
+        Target::start_with_env(program, args, dir, &[])
+    }
+
+    fn start_with_env(program: &Path, args: &[&str], dir: &Path, env: &[(&str, &Path)]) -> Target {
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(dir)
             .stdin(Stdio::null())
             .spawn()
@@ -144,9 +149,15 @@ fn snapshot(pid: u32) -> Snapshot {
         .collect();
     let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    // Running, runnable or asleep are one state here (an idle target wakes now and then);
+    // stopped, traced, zombie are not.
     let state = status
         .lines()
         .filter(|l| l.starts_with("State") || l.starts_with("TracerPid"))
+        .map(|l| match l.split_whitespace().nth(1) {
+            Some("R" | "S" | "D") if l.starts_with("State") => "State:\trunning",
+            _ => l,
+        })
         .collect::<Vec<_>>()
         .join(" ");
     Snapshot {
@@ -286,9 +297,14 @@ fn code_bytes(pid: u32, addresses: &[(String, u64)]) -> Vec<(String, Vec<u8>)> {
 
 /// The runtime addresses of `names` in `exe` mapped by `pid` (nm + the load bias from maps).
 fn addresses(pid: u32, exe: &Path, names: &[&str]) -> Vec<(String, u64)> {
+    addresses_from(pid, exe, exe, names)
+}
+
+/// As [`addresses`], with the symbols read from `symbols` (e.g. `exe`'s separate debug file).
+fn addresses_from(pid: u32, exe: &Path, symbols: &Path, names: &[&str]) -> Vec<(String, u64)> {
     let nm = Command::new("nm")
         .arg("--defined-only")
-        .arg(exe)
+        .arg(symbols)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&nm.stdout);
@@ -418,10 +434,35 @@ fn probe_a_live_server(name: &str, program: &Path, handlers: [&str; 3], dir: &Pa
     let after = code_bytes(pid, &addresses(pid, program, &handlers));
     assert_eq!(before, after, "{name}: code bytes identical after detach");
     load.wait_for(500);
-    // Attach after detach restarts the agent already loaded.
+    // Attach after detach restarts the agent already loaded, with the history so far.
     let back = ok(&sockets, &["attach", &p]);
     assert_eq!(back["reused"], false);
     ok(&sockets, &["status", &p]);
+    let history_back = ok(&sockets, &["history", &p]);
+    let ops: Vec<&str> = history_back["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["op"].as_str().unwrap())
+        .collect();
+    assert!(
+        ops.starts_with(&[
+            "probe_add",
+            "probe_add",
+            "probe_add",
+            "probe_rm",
+            "probe_add",
+            "detach"
+        ]),
+        "{name}: the journal goes on across detach and attach: {history_back}"
+    );
+    let file = history_back["file"].as_str().unwrap();
+    let lines = std::fs::read_to_string(file).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        ops.len(),
+        "{name}: the journal file {file} keeps every entry: {lines}"
+    );
     ok(&sockets, &["detach", &p]);
 
     // The agent's threads are gone (the cleanup thread too, once the loader exited).
@@ -561,6 +602,28 @@ fn refusals_name_their_cause_and_leave_the_target_as_it_was() {
     let e = expect_refusal(&sockets, filtered.pid(), "seccomp");
     assert!(e.contains("socket"), "{e}");
 
+    // Another evolve command: `evolve status` waits for the reply of an "agent" (a socket of
+    // this test's that accepts and never answers) while we try to attach to it.
+    let quiet = dir.join("quiet-sockets");
+    std::fs::create_dir_all(&quiet).unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(quiet.join(format!("{}.sock", std::process::id())))
+            .unwrap();
+    let waiting = Command::new(env!("CARGO_BIN_EXE_evolve"))
+        .args(["status", &std::process::id().to_string()])
+        .env("EVOLVE_SOCKET_DIR", &quiet)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let waiting = Target {
+        child: waiting,
+        dir: dir.clone(),
+    };
+    let (_held, _) = listener.accept().unwrap();
+    expect_refusal(&sockets, waiting.pid(), "evolve process itself");
+    drop(waiting);
+
     // Already traced: this test seizes it first.
     let traced = Target::start(&idle, &[], &dir);
     std::thread::sleep(Duration::from_millis(50));
@@ -620,14 +683,29 @@ fn refusals_name_their_cause_and_leave_the_target_as_it_was() {
         eprintln!("yama ptrace_scope {}", scope.trim());
     }
 
-    // A process that exits during the attach: it exits when the loader thread appears.
-    let exits = cc("cc", "exits.c", &dir.join("exits"), &[]).unwrap();
-    let t = Target::start(&exits, &[], &dir);
-    std::thread::sleep(Duration::from_millis(50));
-    let pid = t.pid();
-    let e = evolve(&sockets, &["attach", &pid.to_string()]).expect_err("the target exits");
-    assert!(e.contains("exited"), "{e}");
-    assert!(!sockets.join(format!("{pid}.sock")).exists());
+    // A process that exits during the attach, once the agent has created its socket (and its
+    // socket directory, new here): the attach fails, and neither is left behind.
+    let exits = cc("cc", "exits.c", &dir.join("exits"), &["-rdynamic"]).unwrap();
+    let fresh = dir.join("fresh-sockets");
+    for _ in 0..3 {
+        let t = Target::start(&exits, &[], &dir);
+        std::thread::sleep(Duration::from_millis(50));
+        let pid = t.pid();
+        let e = evolve(&fresh, &["attach", &pid.to_string()]).expect_err("the target exits");
+        assert!(e.contains("exited"), "{e}");
+        assert!(
+            snapshot(pid).state.contains("Z (zombie)"),
+            "it exited (not yet reaped)"
+        );
+        assert!(
+            !fresh.exists(),
+            "the agent's socket directory was left behind"
+        );
+        // It exited in its listen() (status 0), so the agent had bound its socket.
+        let mut t = t;
+        let status = t.child.try_wait().unwrap().expect("reaped now");
+        assert_eq!(status.code(), Some(0), "{status}");
+    }
 }
 
 #[test]
@@ -802,4 +880,336 @@ fn libc_addresses(pid: u32, libc: &Path, names: &[&str]) -> Vec<(String, u64)> {
             (n.to_string(), bias + v)
         })
         .collect()
+}
+
+/// Runs `program args` and panics with its output unless it succeeds.
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?}: {text}");
+    text
+}
+
+/// The GNU build id of `file`, in hex (from `readelf -n`).
+fn build_id_hex(file: &Path) -> String {
+    let notes = run("readelf", &["-n".as_ref(), file.as_os_str()]);
+    notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .unwrap_or_else(|| panic!("no build id in {}: {notes}", file.display()))
+        .trim()
+        .to_string()
+}
+
+/// The symbols of a stripped program come from its separate debug file, found by build id
+/// under the debug root (`EVOLVE_DEBUG_ROOT` in the target's environment stands for
+/// `/usr/lib/debug`): `functions --symbols` lists them, and probes on its static functions
+/// work, with the bytes identical after.
+#[test]
+fn a_stripped_c_server_gets_its_symbols_from_its_debug_file_by_build_id() {
+    let dir = scratch("debug-file");
+    let sockets = dir.join("sockets");
+    let full = cc("cc", "server.c", &dir.join("server-full"), &["-g"]).unwrap();
+    let debug = dir.join("server.debug");
+    let server = dir.join("server");
+    run(
+        "objcopy",
+        &[
+            "--only-keep-debug".as_ref(),
+            full.as_os_str(),
+            debug.as_os_str(),
+        ],
+    );
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    run(
+        "objcopy",
+        &[
+            "--strip-all".as_ref(),
+            link.as_ref(),
+            full.as_os_str(),
+            server.as_os_str(),
+        ],
+    );
+    let own = Command::new("nm").arg(&server).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&own.stdout).contains("handle_get"),
+        "the stripped server keeps no symbol of its own"
+    );
+    // Found by build id only: nothing is left where the debug link points.
+    let id = build_id_hex(&server);
+    assert_eq!(id, build_id_hex(&debug));
+    let root = dir.join("debug-root");
+    let by_id = root
+        .join(".build-id")
+        .join(&id[..2])
+        .join(format!("{}.debug", &id[2..]));
+    std::fs::create_dir_all(by_id.parent().unwrap()).unwrap();
+    std::fs::rename(&debug, &by_id).unwrap();
+
+    let handlers = ["handle_get", "handle_request", "handle_set", "handle_stats"];
+    let target = Target::start_with_env(
+        &server,
+        &[dir.join("port").to_str().unwrap()],
+        &dir,
+        &[("EVOLVE_DEBUG_ROOT", &root)],
+    );
+    let pid = target.pid();
+    let p = pid.to_string();
+    let load = Load::start(target.port(), 3);
+    load.wait_for(300);
+    let before = code_bytes(pid, &addresses_from(pid, &server, &by_id, &handlers));
+    ok(&sockets, &["attach", &p]);
+    let functions = ok(&sockets, &["functions", &p, "--symbols", "handle_*"]);
+    let symbols = functions["symbols"].as_array().unwrap();
+    let mut names: Vec<&str> = symbols
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, handlers, "{functions}");
+    for symbol in symbols {
+        assert_eq!(
+            symbol["debug_file"].as_str(),
+            Some(by_id.to_str().unwrap()),
+            "{functions}"
+        );
+    }
+    ok(&sockets, &["probe", &p, "add", "handle_get", "--count"]);
+    ok(&sockets, &["probe", &p, "add", "handle_stats", "--latency"]);
+    load.wait_for(1000);
+    let readings = ok(&sockets, &["probe", &p, "read"]);
+    let calls = |f: &str| {
+        readings["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["function"] == f)
+            .map(|r| r["calls"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("no reading of {f}: {readings}"))
+    };
+    assert!(calls("handle_get") > 100, "{readings}");
+    assert!(calls("handle_stats") > 0, "{readings}");
+    ok(&sockets, &["probe", &p, "rm", "--all"]);
+    assert_eq!(
+        before,
+        code_bytes(pid, &addresses_from(pid, &server, &by_id, &handlers)),
+        "code bytes identical after removing the probes"
+    );
+    ok(&sockets, &["detach", &p]);
+    let (done, failed) = load.finish();
+    assert_eq!(failed, 0);
+    assert!(done > 1000);
+
+    // The same stripped program without the debug root has no such symbol.
+    let bare_dir = scratch("debug-file-absent");
+    let bare = Target::start(
+        &server,
+        &[bare_dir.join("port").to_str().unwrap()],
+        &bare_dir,
+    );
+    bare.port();
+    let b = bare.pid().to_string();
+    ok(&sockets, &["attach", &b]);
+    let functions = ok(&sockets, &["functions", &b, "--symbols", "handle_*"]);
+    // The libraries' own debug files may be installed under /usr/lib/debug (libc6-dbg): only
+    // the server's symbols must be absent.
+    let of_server = functions["symbols"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["image"].as_str() == server.to_str())
+        .count();
+    assert_eq!(of_server, 0, "{functions}");
+    let refused = evolve(&sockets, &["probe", &b, "add", "handle_get", "--count"]);
+    assert!(refused.is_err(), "{refused:?}");
+    ok(&sockets, &["detach", &b]);
+}
+
+/// A target in a mount namespace of its own, where the agent's directory is hidden under an
+/// empty tmpfs, cannot open the agent by path: it gets it from a memfd, and everything works.
+#[test]
+fn a_process_in_another_mount_namespace_gets_the_agent_from_a_memfd() {
+    if !nix::unistd::geteuid().is_root() || which("unshare").is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with util-linux"
+        );
+        eprintln!("a mount namespace needs root and unshare: skipped");
+        return;
+    }
+    agent_built();
+    let dir = scratch("mount-namespace");
+    let sockets = dir.join("sockets");
+    let server = cc("cc", "server.c", &dir.join("server"), &["-g"]).unwrap();
+    let agent_dir = Path::new(env!("CARGO_BIN_EXE_evolve")).parent().unwrap();
+    let agent = agent_dir.join("libevolve_attach_agent.so");
+    let script = format!(
+        "mount -t tmpfs evolve-hides-the-agent '{}' && exec '{}' '{}'",
+        agent_dir.display(),
+        server.display(),
+        dir.join("port").display()
+    );
+    let target = Target::start(
+        Path::new("unshare"),
+        &["--mount", "--propagation", "private", "sh", "-c", &script],
+        &dir,
+    );
+    let pid = target.pid();
+    let p = pid.to_string();
+    let load = Load::start(target.port(), 3);
+    load.wait_for(300);
+    assert!(agent.exists());
+    assert!(
+        !Path::new(&format!("/proc/{pid}/root{}", agent.display())).exists(),
+        "the agent is hidden in the target's namespace"
+    );
+    let attached = ok(&sockets, &["attach", &p]);
+    assert_eq!(attached["from_memfd"], true, "{attached}");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.contains("/memfd:libevolve_attach_agent.so"),
+        "the agent is mapped from its memfd"
+    );
+    let open_memfds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("memfd:"))
+        .count();
+    assert_eq!(open_memfds, 0, "the loader closed its memfd");
+    ok(&sockets, &["probe", &p, "add", "handle_get", "--count"]);
+    load.wait_for(500);
+    let readings = ok(&sockets, &["probe", &p, "read"]);
+    assert!(
+        readings["readings"][0]["calls"].as_u64().unwrap() > 0,
+        "{readings}"
+    );
+    ok(&sockets, &["detach", &p]);
+    // The agent loaded from the memfd is found again and restarted.
+    let again = ok(&sockets, &["attach", &p]);
+    assert_eq!(again["reused"], false, "{again}");
+    assert_eq!(
+        again["from_memfd"], false,
+        "its entry is called directly: {again}"
+    );
+    ok(&sockets, &["status", &p]);
+    ok(&sockets, &["detach", &p]);
+    let (_, failed) = load.finish();
+    assert_eq!(failed, 0);
+}
+
+/// Real-time signals queued every 50 µs at two threads of the target (the one attach prefers
+/// to borrow, and another) during several attaches and detaches: each arrives, in order, with
+/// its own `siginfo` (none lost, none re-sent as a plain `kill`), whether it came while its
+/// thread was borrowed (held pending by its mask) or only seized (passed on from its stop).
+#[test]
+fn signals_sent_during_attach_arrive_with_their_siginfo() {
+    let dir = scratch("signals");
+    let sockets = dir.join("sockets");
+    let program = cc("cc", "signals.c", &dir.join("signals"), &[]).unwrap();
+    let mut child = Command::new(&program)
+        .arg("20000")
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let target = Target {
+        child,
+        dir: dir.clone(),
+    };
+    let ready = lines.next().unwrap().unwrap();
+    let signalled: Vec<u64> = ready
+        .strip_prefix("ready ")
+        .unwrap_or_else(|| panic!("{ready}"))
+        .split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let p = target.pid().to_string();
+    let (mut borrowed_signalled, mut passed_on) = (0, 0);
+    for _ in 0..6 {
+        let attached = ok(&sockets, &["attach", &p]);
+        let tid = attached["borrowed_tid"].as_u64().unwrap();
+        borrowed_signalled += usize::from(signalled.contains(&tid));
+        passed_on += attached["signal_stops"].as_u64().unwrap();
+        ok(&sockets, &["detach", &p]);
+    }
+    let report = lines.next().unwrap().unwrap();
+    let fields: Vec<u64> = report
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [sent, received, bad] = fields[..] else {
+        panic!("{report}")
+    };
+    assert_eq!(sent, 20000, "{report}");
+    assert_eq!(received, sent, "every signal arrived: {report}");
+    assert_eq!(bad, 0, "each with its siginfo, in order: {report}");
+    assert!(
+        borrowed_signalled > 0,
+        "a signalled thread was borrowed at least once in six attaches"
+    );
+    eprintln!(
+        "{borrowed_signalled} of 6 borrows took a signalled thread; {passed_on} signal stops of \
+         seized threads passed on; {report}"
+    );
+}
+
+/// Count probes on the C library functions the agent itself uses, in an attached process: no
+/// recursion, no deadlock, the server keeps serving, the bytes come back.
+#[test]
+fn count_probes_on_functions_the_agent_uses_work_in_an_attached_process() {
+    probe_functions_the_agent_uses("agent-functions-count", "--count");
+}
+
+/// The same with latency probes.
+#[test]
+#[ignore = "kills the attached process: adding a latency probe on free while one on malloc is \
+            active (free first, then malloc, works); cause not found yet (the attached agent's \
+            probes take the shared-word fallback path: see docs/PERFORMANCE.md, Attach)"]
+fn latency_probes_on_functions_the_agent_uses_work_in_an_attached_process() {
+    probe_functions_the_agent_uses("agent-functions-latency", "--latency");
+}
+
+fn probe_functions_the_agent_uses(name: &str, kind: &str) {
+    let dir = scratch(name);
+    let sockets = dir.join("sockets");
+    let server = cc("cc", "server.c", &dir.join("server"), &["-g"]).unwrap();
+    let target = Target::start(&server, &[dir.join("port").to_str().unwrap()], &dir);
+    let pid = target.pid();
+    let p = pid.to_string();
+    let load = Load::start(target.port(), 3);
+    load.wait_for(300);
+    let functions = ["malloc", "free", "pthread_mutex_lock", "write"];
+    let libc = maps_path(pid, "libc.so.6");
+    let before = code_bytes(pid, &libc_addresses(pid, &libc, &functions));
+    ok(&sockets, &["attach", &p]);
+    for f in functions {
+        ok(&sockets, &["probe", &p, "add", f, kind]);
+    }
+    load.wait_for(1000);
+    ok(&sockets, &["probe", &p, "read"]);
+    let readings = ok(&sockets, &["probe", &p, "read"]);
+    for f in functions {
+        let calls = readings["readings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["function"].as_str().is_some_and(|n| n.starts_with(f)))
+            .map(|r| r["calls"].as_u64().unwrap())
+            .sum::<u64>();
+        assert!(calls > 0, "{kind} {f}: {readings}");
+    }
+    ok(&sockets, &["probe", &p, "rm", "--all"]);
+    assert_eq!(
+        before,
+        code_bytes(pid, &libc_addresses(pid, &libc, &functions)),
+        "{kind}: code bytes identical after removing the probes"
+    );
+    ok(&sockets, &["detach", &p]);
+    let (_, failed) = load.finish();
+    assert_eq!(failed, 0);
 }

@@ -8,13 +8,22 @@
 //! [`layout`] block (paths, the addresses of `dlopen` and friends, a status word, an error
 //! buffer). It makes the target start one thread on the routine, which:
 //!
-//! 1. detaches itself (`pthread_detach(pthread_self())`) and stores its tid in the block;
-//! 2. `dlopen`s the agent shared object (or, when the agent is already loaded, skips to 3 with
-//!    the entry's address) and `dlsym`s [`ENTRY_SYMBOL`];
-//! 3. calls [`evolve_attach_entry`] with the block's address, which runs every
+//! 1. installs the signal mask of the thread that created it ([`layout::SIGMASK`]: the creator
+//!    was borrowed with its asynchronous signals blocked, and a new thread inherits the mask
+//!    of its creator), detaches itself (`pthread_detach(pthread_self())`) and stores its tid in
+//!    the block;
+//! 2. when the injector asked for a memfd ([`layout::LOAD_FROM`] is [`layout::FROM_MEMFD`]:
+//!    the agent's path is not the same file in the target's mount namespace), creates one,
+//!    stores its descriptor in [`layout::MEMFD`], reports [`layout::WAITING`] and naps until
+//!    the injector has written the agent into it (through `/proc/PID/fd/N`) and set
+//!    [`layout::LOAD_FROM`] to [`layout::MEMFD_FILLED`], then `dlopen`s `/proc/self/fd/N`
+//!    ([`layout::FD_PATH`]) and closes the descriptor;
+//! 3. otherwise `dlopen`s the agent's path (or, when the agent is already loaded, skips to 4
+//!    with the entry's address); then `dlsym`s [`ENTRY_SYMBOL`];
+//! 4. calls [`evolve_attach_entry`] with the block's address, which runs every
 //!    [`ATTACH_STARTERS`] entry (the agent registers one: it starts the control socket) and
 //!    records the outcome in the block;
-//! 4. returns; the thread exits.
+//! 5. returns; the thread exits.
 //!
 //! The status word is written last at each step ([`layout::STATUS`]): the injector polls it
 //! through `/proc/PID/mem`. After a successful start the agent owns the region: a thread started
@@ -40,10 +49,15 @@ pub const ENTRY_SYMBOL: &str = "evolve_attach_entry";
 
 /// Offsets in the loader's data page (the block), shared by the injector and the entry.
 pub mod layout {
-    /// `i32`: 0 not started, [`LOADING`], [`READY`], or a negative failure code.
+    /// `i32`: 0 not started, [`LOADING`], [`WAITING`], [`READY`], or a negative failure code.
     pub const STATUS: usize = 0;
     /// `i32`: the loader thread's kernel tid.
     pub const TID: usize = 4;
+    /// `i32`: the memfd the loader created, `-errno` if `memfd_create` failed, `i32::MIN` before.
+    pub const MEMFD: usize = 8;
+    /// `i32`: where to load the agent from: [`FROM_PATH`], [`FROM_MEMFD`], then
+    /// [`MEMFD_FILLED`] (set by the injector), or [`MEMFD_ABANDONED`].
+    pub const LOAD_FROM: usize = 12;
     /// `u64`: the `dlopen` handle.
     pub const HANDLE: usize = 16;
     /// `u64`s: addresses of `pthread_self`, `pthread_detach`, `dlopen`, `dlsym`, `dlerror`,
@@ -57,6 +71,10 @@ pub mod layout {
     pub const ENTRY: usize = 88;
     /// `u64`: the address of `mprotect` (the loader makes this page writable with it).
     pub const MPROTECT: usize = 96;
+    /// `u64`: the kernel signal set the loader thread installs first.
+    pub const SIGMASK: usize = 104;
+    /// `struct timespec`: the loader's nap while it waits for the memfd to be filled.
+    pub const NAP: usize = 112;
     /// NUL-terminated: [`super::ENTRY_SYMBOL`].
     pub const ENTRY_NAME: usize = 128;
     /// NUL-terminated: where the agent puts its socket.
@@ -67,23 +85,44 @@ pub mod layout {
     pub const ERROR: usize = 1728;
     /// Size of the error buffer.
     pub const ERROR_LEN: usize = 1024;
+    /// NUL-terminated: `/proc/self/fd/N` of the memfd (written by the injector).
+    pub const FD_PATH: usize = ERROR + ERROR_LEN;
+    /// NUL-terminated: the memfd's name (it shows in `/proc/PID/maps` as `/memfd:NAME`).
+    pub const MEMFD_NAME: usize = FD_PATH + 64;
     /// Size of the block.
-    pub const LEN: usize = ERROR + ERROR_LEN;
+    pub const LEN: usize = MEMFD_NAME + 64;
     /// Longest socket directory, with its NUL.
     pub const SOCKET_DIR_LEN: usize = PATH - SOCKET_DIR;
     /// Longest agent path, with its NUL.
     pub const PATH_LEN: usize = ERROR - PATH;
+    /// How many naps the loader waits for the memfd to be filled before it gives up.
+    pub const MAX_NAPS: u32 = 100_000;
+
+    /// Load from: `dlopen` the path.
+    pub const FROM_PATH: i32 = 0;
+    /// Load from: a memfd the loader creates and the injector fills.
+    pub const FROM_MEMFD: i32 = 1;
+    /// Load from: the memfd, now filled.
+    pub const MEMFD_FILLED: i32 = 2;
+    /// Load from: nothing; the injector could not fill the memfd (the loader reports
+    /// [`MEMFD_FAILED`]).
+    pub const MEMFD_ABANDONED: i32 = 3;
 
     /// Status: the loader thread runs.
     pub const LOADING: i32 = 1;
     /// Status: the agent serves its socket.
     pub const READY: i32 = 2;
+    /// Status: the loader waits for the injector to fill its memfd.
+    pub const WAITING: i32 = 3;
     /// Status: `dlopen` failed (the error buffer holds `dlerror()`).
     pub const DLOPEN_FAILED: i32 = -1;
     /// Status: the shared object has no [`super::ENTRY_SYMBOL`].
     pub const NO_ENTRY: i32 = -2;
     /// Status: the agent did not start (the error buffer says why).
     pub const START_FAILED: i32 = -3;
+    /// Status: `memfd_create` failed ([`MEMFD`] holds `-errno`), the injector abandoned the
+    /// memfd, or it was not filled in time.
+    pub const MEMFD_FAILED: i32 = -4;
 }
 
 /// What a starter is given: where to serve, and the loader that brought the agent in.
@@ -177,7 +216,7 @@ pub unsafe extern "C" fn evolve_attach_entry(block: *mut u8) -> i32 {
         Err(_) => Some("the agent panicked while starting (see the process's stderr)".into()),
     };
     if let Some(message) = failure {
-        // SAFETY: see above.
+        // SAFETY: `block` is the caller's writable block of `layout::LEN` bytes (see above).
         unsafe { write_error(block, &message) };
         // The injector unmaps the region after a failure.
         return layout::START_FAILED;

@@ -36,6 +36,8 @@ pub(super) struct ElfInfo {
     pub build_id: Option<Vec<u8>>,
     /// Whether the file has a `.symtab` (it does unless stripped).
     pub has_symtab: bool,
+    /// The file name in its `.gnu_debuglink` section, if it has one.
+    pub debuglink: Option<Vec<u8>>,
     /// The link-time address range of the `.got` section, if there is one.
     pub got: Option<std::ops::Range<u64>>,
 }
@@ -89,6 +91,11 @@ pub(super) fn read(open_path: &Path, shown_path: &Path) -> Result<ElfInfo> {
         &mut symbols,
     );
 
+    let debuglink = file
+        .gnu_debuglink()
+        .ok()
+        .flatten()
+        .map(|(name, _crc)| name.to_vec());
     let got = file
         .section_by_name(".got")
         .map(|got| got.address()..got.address() + got.size());
@@ -96,6 +103,7 @@ pub(super) fn read(open_path: &Path, shown_path: &Path) -> Result<ElfInfo> {
         symbols,
         build_id,
         has_symtab: !symtab.is_empty(),
+        debuglink,
         got,
     })
 }

@@ -5,9 +5,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::elf;
 use super::loaded::{LoadedObject, Segment};
 use super::symbols::{Symbol, SymbolKind, SymbolTable};
+use super::{debugfile, elf};
 use crate::error::Result;
 
 /// One loaded ELF object of this process (the executable or a shared library).
@@ -29,6 +29,7 @@ struct Inner {
     build_id: Option<Vec<u8>>,
     table: SymbolTable,
     symbol_error: Option<String>,
+    debug_file: Option<PathBuf>,
     got: Option<Range<usize>>,
 }
 
@@ -38,35 +39,32 @@ impl Image {
     /// says why.
     pub(super) fn from_loaded(object: &LoadedObject) -> Image {
         let (path, open_path) = paths(object);
-        let (table, symbol_error, got) = match open_path {
-            None => (
-                SymbolTable::default(),
-                Some("no file: the vdso or an object not loaded from a file".to_owned()),
-                None,
-            ),
-            Some(open) => match symbols(object, &open, &path) {
-                Ok((table, note, got)) => (table, note, got),
-                Err(e) => (SymbolTable::default(), Some(e.to_string()), None),
+        let found = match open_path {
+            None => Found {
+                table: SymbolTable::default(),
+                note: Some("no file: the vdso or an object not loaded from a file".to_owned()),
+                debug_file: None,
+                got: None,
             },
+            Some(open) => symbols(object, &open, &path).unwrap_or_else(|e| Found {
+                table: SymbolTable::default(),
+                note: Some(e.to_string()),
+                debug_file: None,
+                got: None,
+            }),
         };
-        Image::assemble(object, path, table, symbol_error, got)
+        Image::assemble(object, path, found)
     }
 
     /// Like [`Image::from_loaded`], but a file that cannot be read or parsed is an error.
     pub(super) fn from_loaded_strict(object: &LoadedObject) -> Result<Image> {
         let (path, open_path) = paths(object);
         let open = open_path.unwrap_or_else(|| path.clone());
-        let (table, note, got) = symbols(object, &open, &path)?;
-        Ok(Image::assemble(object, path, table, note, got))
+        let found = symbols(object, &open, &path)?;
+        Ok(Image::assemble(object, path, found))
     }
 
-    fn assemble(
-        object: &LoadedObject,
-        path: PathBuf,
-        table: SymbolTable,
-        symbol_error: Option<String>,
-        got: Option<Range<usize>>,
-    ) -> Image {
+    fn assemble(object: &LoadedObject, path: PathBuf, found: Found) -> Image {
         Image {
             inner: Arc::new(Inner {
                 path,
@@ -80,9 +78,10 @@ impl Image {
                     .collect(),
                 segments: object.segments.clone(),
                 build_id: object.build_id.clone(),
-                table,
-                symbol_error,
-                got,
+                table: found.table,
+                symbol_error: found.note,
+                debug_file: found.debug_file,
+                got: found.got,
             }),
         }
     }
@@ -228,6 +227,22 @@ impl Image {
         self.inner.symbol_error.as_deref()
     }
 
+    /// The separate debug file whose `.symtab` gave this stripped image its symbols (see
+    /// [`super::debugfile`]), if one did.
+    ///
+    /// # Example
+    /// ```
+    /// for image in evolve_code::inspect::images()? {
+    ///     if let Some(debug) = image.debug_file() {
+    ///         println!("{}: symbols from {}", image.path().display(), debug.display());
+    ///     }
+    /// }
+    /// # Ok::<(), evolve_code::error::Error>(())
+    /// ```
+    pub fn debug_file(&self) -> Option<&Path> {
+        self.inner.debug_file.as_deref()
+    }
+
     /// Runtime address range of the `.got` section: the slots through which the image's code
     /// calls and loads the address of functions it does not reach directly (`call
     /// *f@GOTPCREL(%rip)`, which rustc emits for calls into other crates and `ld` keeps). `None`
@@ -278,14 +293,19 @@ fn paths(object: &LoadedObject) -> (PathBuf, Option<PathBuf>) {
     (path, open)
 }
 
-/// Reads the symbols (and the `.got` range, biased) of `object` from `open`, refusing a file
-/// whose build id shows it is not the file that was loaded. The note is set when no symbols
-/// were found.
-fn symbols(
-    object: &LoadedObject,
-    open: &Path,
-    shown: &Path,
-) -> Result<(SymbolTable, Option<String>, Option<Range<usize>>)> {
+/// An image's symbols, why there are none, the debug file they came from, and its `.got`
+/// range (biased).
+struct Found {
+    table: SymbolTable,
+    note: Option<String>,
+    debug_file: Option<PathBuf>,
+    got: Option<Range<usize>>,
+}
+
+/// Reads the symbols (and the biased `.got` range) of `object` from `open`, refusing a file whose build id shows it is not the
+/// file that was loaded; a stripped file's `.symtab` comes from its separate debug file if one
+/// with the loaded build id is installed. The note is set when no symbols were found.
+fn symbols(object: &LoadedObject, open: &Path, shown: &Path) -> Result<Found> {
     let info = elf::read(open, shown)?;
     if let (Some(loaded), Some(file)) = (&object.build_id, &info.build_id) {
         if loaded != file {
@@ -294,16 +314,41 @@ fn symbols(
                  after loading, so its symbols would be wrong",
                 shown.display()
             );
-            return Ok((SymbolTable::default(), Some(note), None));
+            return Ok(Found {
+                table: SymbolTable::default(),
+                note: Some(note),
+                debug_file: None,
+                got: None,
+            });
         }
     }
-    let has_symtab = info.has_symtab;
-    let table = SymbolTable::new(info.symbols, object.bias);
+    let mut raw = info.symbols;
+    let mut debug_file = None;
+    if !info.has_symtab {
+        let build_id = object.build_id.as_deref().or(info.build_id.as_deref());
+        let root = debugfile::debug_root();
+        for candidate in debugfile::candidates(&root, build_id, shown, info.debuglink.as_deref()) {
+            let Ok(debug) = elf::read(&candidate, &candidate) else {
+                continue;
+            };
+            // Only the debug file of this very build: its addresses are the image's.
+            if build_id.is_none() || debug.build_id.as_deref() != build_id || !debug.has_symtab {
+                continue;
+            }
+            raw.extend(debug.symbols);
+            debug_file = Some(candidate);
+            break;
+        }
+    }
+    let has_symtab = info.has_symtab || debug_file.is_some();
+    let table = SymbolTable::new(raw, object.bias);
     let note = table.symbols().is_empty().then(|| {
         if has_symtab {
             "the file defines no function or data symbols".to_owned()
         } else {
-            "stripped: no .symtab, and .dynsym defines no function or data symbols".to_owned()
+            "stripped: no .symtab, no separate debug file with its build id, and .dynsym \
+             defines no function or data symbols"
+                .to_owned()
         }
     });
     let got = info.got.and_then(|r| {
@@ -311,5 +356,10 @@ fn symbols(
         let end = usize::try_from(r.end).ok()?.checked_add(object.bias)?;
         Some(start..end)
     });
-    Ok((table, note, got))
+    Ok(Found {
+        table,
+        note,
+        debug_file,
+        got,
+    })
 }

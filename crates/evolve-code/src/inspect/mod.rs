@@ -13,7 +13,9 @@
 //! - Symbols come from the image's file on disk (mapped memory does not contain `.symtab`). The
 //!   main executable is read through `/proc/self/exe`, which is the mapped file even if it was
 //!   replaced or deleted; a library whose file's build id no longer matches the loaded one is
-//!   reported without symbols rather than with wrong ones.
+//!   reported without symbols rather than with wrong ones. A stripped image's `.symtab` comes
+//!   from its separate debug file when one is installed ([`debugfile`]: by build id under
+//!   `/usr/lib/debug`, or `EVOLVE_DEBUG_ROOT`).
 //! - Branch sites are decoded from the live code, not the file.
 //!
 //! The main executable's image and branch index are built once and cached for the life of the
@@ -21,6 +23,7 @@
 //! with their parsed symbols cached by path, load address and build id.
 
 mod branches;
+pub mod debugfile;
 mod elf;
 mod image;
 mod loaded;

@@ -1,6 +1,9 @@
-//! The two `ptrace(2)` requests that no safe wrapper offers: the extended register state of a
+//! The `ptrace(2)` requests that no safe wrapper offers: the extended register state of a
 //! stopped thread of *another* process (`PTRACE_GETREGSET`/`PTRACE_SETREGSET` with
-//! `NT_X86_XSTATE`) and its seccomp filters (`PTRACE_SECCOMP_GET_FILTER`).
+//! `NT_X86_XSTATE`), its signal mask (`PTRACE_GETSIGMASK`/`PTRACE_SETSIGMASK`) and its seccomp
+//! filters (`PTRACE_SECCOMP_GET_FILTER`), restarting or detaching a tracee with any signal
+//! (`PTRACE_CONT`, `PTRACE_DETACH`: real-time ones too); and the re-queueing of a signal that a tracer held
+//! back, with its `siginfo` (`rt_tgsigqueueinfo(2)`).
 //!
 //! They serve `evolve attach` (crate `evolve-attach`), which borrows a thread of a process that
 //! never linked Evolve for one remote call and must give it back every register exactly as it
@@ -15,8 +18,9 @@
 //! # Safety
 //!
 //! Each call passes the kernel a pointer to a buffer we own (an `iovec` describing a `Vec<u8>`,
-//! or a `Vec<libc::sock_filter>`), sized before the call; the kernel writes at most that many
-//! bytes and reports how many. Nothing of this process other than those buffers is touched.
+//! a `u64` signal set, a `siginfo_t`, or a `Vec<libc::sock_filter>`), sized before the call; the
+//! kernel writes at most that many bytes and reports how many. Nothing of this process other
+//! than those buffers is touched.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -89,6 +93,174 @@ pub fn set_xstate(tid: i32, saved: &[u8]) -> io::Result<()> {
             tid,
             NT_X86_XSTATE as usize as *mut libc::c_void,
             &mut iov as *mut libc::iovec,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `PTRACE_GETSIGMASK` (Linux 3.11).
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+/// `PTRACE_SETSIGMASK` (Linux 3.11).
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+/// The kernel's signal set: one bit per signal, signal `n` at bit `n - 1`.
+const KERNEL_SIGSET: usize = std::mem::size_of::<u64>();
+
+/// The signal mask of stopped tracee `tid` (bit `n - 1` set: signal `n` is blocked).
+///
+/// `long ptrace(PTRACE_GETSIGMASK, pid_t tid, size_t 8, uint64_t *)`; see ptrace(2).
+///
+/// # Errors
+/// `ESRCH` if `tid` is not a stopped tracee of this thread.
+///
+/// # Example
+/// ```no_run
+/// # let tid = 0;
+/// let mask = evolve_code::ptrace::sigmask(tid)?;
+/// // Hold every asynchronous signal pending while the thread is borrowed.
+/// evolve_code::ptrace::set_sigmask(tid, mask | 1 << (libc::SIGUSR1 - 1))?;
+/// evolve_code::ptrace::set_sigmask(tid, mask)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn sigmask(tid: i32) -> io::Result<u64> {
+    let mut mask = 0u64;
+    // SAFETY: the kernel writes exactly `KERNEL_SIGSET` bytes into `mask`, which we own.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GETSIGMASK,
+            tid,
+            KERNEL_SIGSET as *mut libc::c_void,
+            &mut mask as *mut u64,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mask)
+}
+
+/// Sets the signal mask of stopped tracee `tid` (`SIGKILL` and `SIGSTOP` stay unblockable).
+///
+/// `long ptrace(PTRACE_SETSIGMASK, pid_t tid, size_t 8, uint64_t *)`; see ptrace(2).
+///
+/// # Errors
+/// As [`sigmask`].
+pub fn set_sigmask(tid: i32, mask: u64) -> io::Result<()> {
+    let mut copy = mask;
+    // SAFETY: the kernel reads exactly `KERNEL_SIGSET` bytes from `copy`, which we own.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_SETSIGMASK,
+            tid,
+            KERNEL_SIGSET as *mut libc::c_void,
+            &mut copy as *mut u64,
+        )
+    };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How [`requeue_signal`] delivered a held-back signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeued {
+    /// With its original `siginfo` (`rt_tgsigqueueinfo`).
+    Exact,
+    /// As a plain `tgkill` to the same thread: the kernel lets another process queue a
+    /// `siginfo` only if its `si_code` says it came from user space (`SI_QUEUE`, timers, …),
+    /// not the kernel or `kill`/`tgkill`; the signal is delivered, its `siginfo` details are not.
+    SignalOnly,
+}
+
+/// Queues signal `info.si_signo` again to thread `tid` of process `tgid`, with `info`.
+///
+/// `int rt_tgsigqueueinfo(pid_t tgid, pid_t tid, int sig, siginfo_t *info)`; see
+/// rt_tgsigqueueinfo(2). A tracer uses it for a signal it took from a tracee's
+/// signal-delivery stop and could not hand back through `PTRACE_DETACH`.
+///
+/// # Errors
+/// `ESRCH` if the thread is gone; `EPERM` if neither form may be sent.
+///
+/// # Example
+/// ```no_run
+/// use evolve_code::ptrace::{requeue_signal, Requeued};
+/// // `info` was read with PTRACE_GETSIGINFO at a signal-delivery stop of `tid`.
+/// fn pass_on(tgid: i32, tid: i32, info: &libc::siginfo_t) -> std::io::Result<bool> {
+///     Ok(requeue_signal(tgid, tid, info)? == Requeued::Exact)
+/// }
+/// ```
+pub fn requeue_signal(tgid: i32, tid: i32, info: &libc::siginfo_t) -> io::Result<Requeued> {
+    /// `SI_TKILL`: the kernel refuses it from another process, as codes >= 0.
+    const SI_TKILL: i32 = -6;
+    if info.si_code < 0 && info.si_code != SI_TKILL {
+        let mut copy = *info;
+        // SAFETY: `copy` is a whole `siginfo_t` we own; the kernel reads it and nothing else.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                tgid,
+                tid,
+                info.si_signo,
+                &mut copy as *mut libc::siginfo_t,
+            )
+        };
+        if r == 0 {
+            return Ok(Requeued::Exact);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EPERM) {
+            return Err(e);
+        }
+    }
+    // SAFETY: tgkill takes only integers.
+    let r = unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, info.si_signo) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Requeued::SignalOnly)
+}
+
+/// Restarts stopped tracee `tid`, delivering `signal` (0: none): any signal number, real-time
+/// ones included, which `nix`'s `Signal` cannot name.
+///
+/// `long ptrace(PTRACE_CONT, pid_t tid, 0, int signal)`; see ptrace(2).
+///
+/// # Errors
+/// `ESRCH` if `tid` is not a stopped tracee of this thread; `EIO` for a bad signal number.
+///
+/// # Example
+/// ```no_run
+/// # let tid = 0;
+/// // Pass a tracee's real-time signal on at its signal-delivery stop.
+/// evolve_code::ptrace::cont(tid, libc::SIGRTMIN() + 1)?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn cont(tid: i32, signal: i32) -> io::Result<()> {
+    restart(libc::PTRACE_CONT, tid, signal)
+}
+
+/// Detaches stopped tracee `tid`, delivering `signal` (0: none), any signal number.
+///
+/// `long ptrace(PTRACE_DETACH, pid_t tid, 0, int signal)`; see ptrace(2).
+///
+/// # Errors
+/// As [`cont`].
+pub fn detach(tid: i32, signal: i32) -> io::Result<()> {
+    restart(libc::PTRACE_DETACH, tid, signal)
+}
+
+fn restart(request: libc::c_uint, tid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: PTRACE_CONT and PTRACE_DETACH take no pointer: `addr` is ignored and `data` is
+    // the signal number, passed as an integer.
+    let r = unsafe {
+        libc::ptrace(
+            request,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            signal as libc::c_long as *mut libc::c_void,
         )
     };
     if r == -1 {
