@@ -6,6 +6,7 @@
 //!
 //! Linux only for now; another OS would be a sibling directory offering the same modules.
 
+pub mod maps;
 pub mod membarrier;
 pub mod memory;
 pub mod trap;
