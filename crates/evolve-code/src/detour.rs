@@ -64,14 +64,15 @@
 //!
 //! Writing the `jmp` over a prologue replaces several instructions, so it happens with the
 //! world stopped ([`crate::stop_the_world`]), under the engine's write lock, only when no
-//! thread's RIP lies strictly inside the replaced bytes (otherwise it resumes them and tries
-//! again). Removing writes the original 5 bytes back over the `jmp` — one instruction, so no
+//! thread can resume strictly inside the replaced bytes — its RIP, a PC saved by a signal frame
+//! on its stack, a return address ([`crate::world::World::resumable_in`]) — otherwise it
+//! resumes them and tries again. Removing writes the original 5 bytes back over the `jmp` — one instruction, so no
 //! stop: the int3 protocol, a thread that reaches the function meanwhile continues in the
 //! trampoline's relocated prologue. Prologues are decoded once per function (cached; a stale
 //! entry is caught by the byte comparison made with the world stopped).
 //!
 //! A removed trampoline is quarantined; every 16 removals (or [`reclaim_trampolines`]) one stop
-//! of the world releases those no thread is in: no thread's RIP lies in it and no thread is
+//! of the world releases those no thread is in: no thread can resume in it and no thread is
 //! inside its hook (the per-thread `active` counts sum to zero). Released blocks keep their
 //! unwind info and are reused by later trampolines in reach.
 //!
@@ -86,8 +87,8 @@
 use crate::counter::Counter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::near::NearBlock;
+use crate::sys::world::stop_the_world;
 use crate::sys::{membarrier, memory};
-use crate::world::stop_the_world;
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
     InstructionBlock,
@@ -688,17 +689,12 @@ fn eh_frame(at: usize, len: usize, rules: &[(usize, u32)]) -> Vec<u8> {
     out
 }
 
-unsafe extern "C" {
-    fn __register_frame(begin: *const u8);
-    fn __deregister_frame(begin: *const u8);
-}
-
 fn register_unwind(at: usize, prefix: &Emitter) -> Unwind {
     let eh = eh_frame(at, prefix.code.len(), &prefix.rules).leak();
     // SAFETY: `eh` is a complete, zero-terminated .eh_frame section that lives forever; it
     // describes the prefix written to the block at `at` (re-registered if a later prefix
     // differs, see `trampoline_block`); blocks are never given back to the near allocator.
-    unsafe { __register_frame(eh.as_ptr()) };
+    unsafe { crate::sys::unwind::register_frame(eh) };
     Unwind {
         eh,
         len: prefix.code.len(),
@@ -724,7 +720,7 @@ fn trampoline_block(function: usize, prefix: &Emitter) -> Result<(NearBlock, Unw
             return Ok((block, unwind));
         }
         // SAFETY: `eh` was registered by `register_unwind` and no thread is in the block.
-        unsafe { __deregister_frame(unwind.eh.as_ptr()) };
+        unsafe { crate::sys::unwind::deregister_frame(unwind.eh) };
         let unwind = register_unwind(block.address(), prefix);
         return Ok((block, unwind));
     }
@@ -744,8 +740,8 @@ fn write_stopped(
     for _attempt in 0..1000 {
         let mut w = crate::write::lock();
         let window = w.open_code_window(function, JMP_LEN)?;
-        let outcome = stop_the_world(|rips| {
-            if rips.iter().any(|r| busy.contains(r)) {
+        let outcome = stop_the_world(|world| {
+            if world.resumable_in(busy.clone()).is_some() {
                 return Ok(false);
             }
             for (i, b) in current[..expected.len()].iter_mut().enumerate() {
@@ -1085,12 +1081,17 @@ fn release(t: Trampoline) {
         .push((t.block, t.unwind));
 }
 
-/// With the world stopped: which quarantined trampolines no thread is in (no RIP inside, no
-/// thread inside the hook call).
-fn idle(q: &[Trampoline], blocks: &crate::counter::Blocks<'_>, rips: &[usize], free: &mut [bool]) {
+/// With the world stopped: which quarantined trampolines no thread is in (no thread can resume
+/// inside, no thread inside the hook call).
+fn idle(
+    q: &[Trampoline],
+    blocks: &crate::counter::Blocks<'_>,
+    world: &crate::sys::world::World<'_>,
+    free: &mut [bool],
+) {
     for (t, free) in q.iter().zip(free.iter_mut()) {
         let range = t.block.address()..t.block.address() + t.block.len();
-        *free = t.active.get_in(blocks) == 0 && !rips.iter().any(|r| range.contains(r));
+        *free = t.active.get_in(blocks) == 0 && world.resumable_in(range).is_none();
     }
 }
 
@@ -1120,7 +1121,7 @@ fn reclaim(q: &mut Vec<Trampoline>) {
     }
     let mut free = vec![false; q.len()];
     let blocks = crate::counter::blocks();
-    let stopped = stop_the_world(|rips| idle(q, &blocks, rips, &mut free));
+    let stopped = stop_the_world(|world| idle(q, &blocks, world, &mut free));
     drop(blocks);
     if stopped.is_ok() {
         release_idle(q, &free);

@@ -71,7 +71,7 @@ mod site;
 mod springboard;
 pub mod stub;
 mod sys;
-mod world;
+pub mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};

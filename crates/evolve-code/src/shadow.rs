@@ -188,7 +188,6 @@ core::arch::global_asm!(
 
 unsafe extern "C" {
     fn evolve_shadow_exit_common();
-    fn __register_frame(begin: *const u8);
     fn _Unwind_GetIP(context: *mut core::ffi::c_void) -> usize;
 }
 
@@ -363,7 +362,7 @@ fn new_block() -> Option<Block> {
     ));
     let eh = eh_frame(stubs, frames).leak();
     // SAFETY: `eh` is a complete, zero-terminated .eh_frame section that lives forever.
-    unsafe { __register_frame(eh.as_ptr()) };
+    unsafe { crate::sys::unwind::register_frame(eh) };
     Some(Block { stubs, frames })
 }
 

@@ -24,6 +24,20 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+/// How many calling threads a stress test runs: `EVOLVE_STRESS_THREADS`, 4 by default. CI also
+/// runs the stress tests with 32 on two cores, so that threads outnumber cores eightfold.
+///
+/// ```
+/// assert!(evolve_testkit::stress_threads() >= 1);
+/// ```
+pub fn stress_threads() -> usize {
+    std::env::var("EVOLVE_STRESS_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(4)
+}
+
 /// The repository's root.
 pub fn repository() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

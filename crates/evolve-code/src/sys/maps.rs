@@ -142,7 +142,8 @@ impl MapsBuffer {
             let spare = self.text.capacity() - self.text.len();
             if spare == 0 {
                 break Err(Error::new(ErrorKind::Unsupported {
-                    what: "reading /proc/self/maps into its preallocated buffer (too many mappings)",
+                    what:
+                        "reading /proc/self/maps into its preallocated buffer (too many mappings)",
                 }));
             }
             // SAFETY: writes at most `spare` bytes into the vector's spare capacity.
@@ -203,8 +204,9 @@ mod tests {
 
     #[test]
     fn lines_parse_with_and_without_a_path() {
-        let r = parse_line(b"55d0c0a00000-55d0c0a21000 r-xp 00001000 fd:01 123   /usr/bin/some thing")
-            .unwrap();
+        let r =
+            parse_line(b"55d0c0a00000-55d0c0a21000 r-xp 00001000 fd:01 123   /usr/bin/some thing")
+                .unwrap();
         assert_eq!(r.range, 0x55d0c0a00000..0x55d0c0a21000);
         assert!(r.read && !r.write && r.exec && !r.shared);
         assert_eq!((r.offset, r.inode), (0x1000, 123));

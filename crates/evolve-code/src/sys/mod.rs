@@ -6,7 +6,14 @@
 //!
 //! Linux only for now; another OS would be a sibling directory offering the same modules.
 
+pub mod loader;
 pub mod maps;
 pub mod membarrier;
 pub mod memory;
+pub mod pagemap;
+pub mod peek;
+pub mod regs;
+pub mod signal;
 pub mod trap;
+pub mod unwind;
+pub mod world;
