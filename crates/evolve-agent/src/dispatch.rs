@@ -109,12 +109,16 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
                     .map_err(|e| e.1.clone()),
             );
             result.map(|r| {
-                serde_json::json!({
-                    "unloaded": r.unloaded,
-                    "kept": r.kept.iter().map(|(name, why)| serde_json::json!({"patch": name, "references": why})).collect::<Vec<_>>(),
-                    "resident": r.resident,
-                    "max_pause_us": r.max_pause_us,
-                    "bytes_scanned": r.bytes_scanned,
+                serde_json::json!(Collected {
+                    unloaded: r.unloaded,
+                    kept: r
+                        .kept
+                        .into_iter()
+                        .map(|(patch, references)| KeptPatch { patch, references })
+                        .collect(),
+                    resident: r.resident,
+                    max_pause_us: r.max_pause_us,
+                    bytes_scanned: r.bytes_scanned,
                 })
             })
         }
@@ -216,6 +220,9 @@ pub fn serve(context: &Context, client: Client, request: Request) -> Outcome {
             result.map(|r| to_value(&r))
         }
         Request::ProbeRead { probe } => context.probes.read(probe).map(|r| to_value(&r)),
+        Request::Detach { revert } => {
+            crate::attached::detach(context, client, revert).map(|d| to_value(&d))
+        }
     }
 }
 
@@ -274,6 +281,7 @@ fn hello(context: &Context) -> Hello {
         agent: env!("CARGO_PKG_VERSION").to_string(),
         uid: rustix::process::geteuid().as_raw(),
         uptime_s: context.started.elapsed().as_secs(),
+        attached: crate::attached::is_attached(),
     }
 }
 

@@ -20,7 +20,9 @@
 //!
 //! Then, from a shell: `evolve ps`, `evolve status <pid>`, `evolve apply <pid> fix.so`,
 //! `evolve probe <pid> add 'my_crate::handle_*' --latency`.
+#![forbid(unsafe_code)]
 
+pub mod attached;
 pub mod client;
 mod dispatch;
 pub mod journal;

@@ -34,6 +34,7 @@
 //! | `probe_list` | — | [`ProbeList`]: every probe, attached or kept for its reading |
 //! | `probe_rm` | exactly one of `probe` (an id), `pattern` (a probe's pattern, or a glob over function names), `all: true` | [`ProbeList`]: the probes removed |
 //! | `probe_read` | `probe`? (an id; none = every probe) | [`ProbeReadings`] |
+//! | `detach` | `revert` (bool) | [`Detached`]: an attached agent removes its probes (refusing while patches are applied, unless `revert`) and stops |
 //!
 //! For example `{"v":1,"id":7,"op":"probe_add","pattern":"kv::*","kind":"when","expr":"arg1 >= 4096"}`
 //! or `{"v":1,"op":"probe_rm","all":true}`. A probe's id travels as `probe` (the envelope's `id`
@@ -146,6 +147,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         all: bool,
     },
+    /// Remove every probe and stop an attached agent (`evolve detach`).
+    Detach {
+        /// Revert applied patches instead of refusing.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        revert: bool,
+    },
     /// What probes recorded.
     ProbeRead {
         /// One probe's id; none: every probe.
@@ -171,6 +178,7 @@ impl Request {
         "probe_list",
         "probe_rm",
         "probe_read",
+        "detach",
     ];
 
     /// Its `op` name.
@@ -190,6 +198,7 @@ impl Request {
             Request::ProbeList => "probe_list",
             Request::ProbeRm { .. } => "probe_rm",
             Request::ProbeRead { .. } => "probe_read",
+            Request::Detach { .. } => "detach",
         }
     }
 
@@ -289,6 +298,15 @@ impl Reply {
     }
 }
 
+/// The result of `detach`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detached {
+    /// How many probes were removed.
+    pub probes_removed: usize,
+    /// The patches reverted (with `revert`).
+    pub reverted: Vec<String>,
+}
+
 /// The result of `hello`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -304,6 +322,9 @@ pub struct Hello {
     pub uid: u32,
     /// Seconds since the agent started.
     pub uptime_s: u64,
+    /// Whether the agent was brought in by `evolve attach` (the program never linked it).
+    #[serde(default)]
+    pub attached: bool,
 }
 
 /// A hot function and its versions.
@@ -437,6 +458,30 @@ pub struct Committed {
     pub unmatched: Vec<String>,
     /// Sites written.
     pub sites: usize,
+}
+
+/// The result of `gc`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    /// Patches unloaded now.
+    pub unloaded: Vec<String>,
+    /// Patches kept because something still refers to them.
+    pub kept: Vec<KeptPatch>,
+    /// Patches still loaded afterwards.
+    pub resident: usize,
+    /// The longest time the process's threads were stopped, in microseconds.
+    pub max_pause_us: u64,
+    /// Bytes of memory scanned.
+    pub bytes_scanned: usize,
+}
+
+/// A patch `gc` kept, and what still refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptPatch {
+    /// The patch's name.
+    pub patch: String,
+    /// Where references to it were found (a thread's registers or stack, a memory word).
+    pub references: Vec<String>,
 }
 
 /// One journal entry.

@@ -107,6 +107,38 @@ fn malformed_unknown_and_bad_requests_get_error_replies_and_the_connection_goes_
 }
 
 #[test]
+fn applying_a_fifo_is_refused_at_once_instead_of_hanging_the_request() {
+    let agent = agent("fifo");
+    let fifo = agent.socket().with_file_name("patch-fifo.so");
+    let _ = std::fs::remove_file(&fifo);
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    let mut c = Connection::connect(agent.socket()).unwrap();
+    // Before: the agent blocked opening the FIFO for reading, and this call failed with the
+    // client's timeout ("Resource temporarily unavailable").
+    let line = format!(
+        "{{\"v\":1,\"op\":\"apply\",\"path\":\"{}\"}}",
+        fifo.display()
+    );
+    let reply = c.raw(&line, T).expect("the agent replies");
+    assert_eq!(kind(&reply), ErrorKind::Failed);
+    let message = reply.error.as_ref().unwrap().message.clone();
+    assert!(
+        message.contains("it is a FIFO, not a regular file"),
+        "{message}"
+    );
+    // The agent goes on serving.
+    assert!(c.call(&Request::Status, T).is_ok());
+    std::fs::remove_file(&fifo).unwrap();
+}
+
+#[test]
 fn an_oversized_request_is_refused_and_closes_only_its_connection() {
     let agent = agent("oversized");
     let mut raw = UnixStream::connect(agent.socket()).unwrap();

@@ -2,7 +2,7 @@
 //! revert it, several rounds; medians of the phases `ApplyReport` measures.
 //!
 //! The functions live in `evolve-bench-hot`, linked into the bench. The patch is built once, by
-//! `evolve_hot::builder::build_patch`, from the same source against this running process
+//! `evolve_builder::so::build_patch`, from the same source against this running process
 //! (`Base::Pid(std::process::id())`, the workspace this bench was built from, its profile and
 //! target directory, found from `std::env::current_exe()`), compiled with
 //! `EVOLVE_BENCH_VARIANT=2`: every function of the patch returns a different constant (symbol
@@ -12,11 +12,13 @@
 //!
 //! There is no PSU or Ginseng to run here: their published figures are quoted in the record as
 //! reference constants, labelled as such.
+//!
+//! `--unprepared` measures unprepared functions instead: see [`crate::apply_unprepared`].
 
 use crate::stats::{median, round3};
-use evolve::hot::builder::{build_patch, Base, BuildOptions};
 use evolve::hot::patch::{apply, revert, Revert};
 use evolve_bench_hot::{expected, FUNCTIONS, VARIANT};
+use evolve_builder::so::{build_patch, Base, BuildOptions};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,6 +35,13 @@ pub struct Args {
     /// Where to write the patch (default: a scratch directory, removed afterwards).
     #[arg(long)]
     pub patch_dir: Option<PathBuf>,
+    /// Unprepared functions instead (the engine level): `evolve-plain`'s 1000 plain functions
+    /// redirected through entry jumps and reference retargeting (see `apply_unprepared`).
+    #[arg(long)]
+    pub unprepared: bool,
+    /// With `--unprepared`: threads calling the functions during every apply and revert.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
     /// Accepted for uniformity: the output is always JSON.
     #[arg(long)]
     pub json: bool,
@@ -83,6 +92,9 @@ fn check(variant: u64) -> Result<(), String> {
 
 /// Runs the scenario and returns its JSON record.
 pub fn run(args: &Args) -> Result<Value, String> {
+    if args.unprepared {
+        return crate::apply_unprepared::run(args.functions, args.rounds, args.threads);
+    }
     if args.functions != FUNCTIONS.len() {
         return Err(format!(
             "the bench links {} hot functions (evolve-bench-hot); --functions {} is not available",
@@ -240,6 +252,8 @@ mod tests {
             functions: 3,
             rounds: 1,
             patch_dir: None,
+            unprepared: false,
+            threads: 0,
             json: true
         })
         .is_err());
@@ -253,6 +267,8 @@ mod tests {
             functions: 1000,
             rounds: 2,
             patch_dir: None,
+            unprepared: false,
+            threads: 0,
             json: true,
         })
         .unwrap();

@@ -5,6 +5,10 @@
 //! engine at work.
 
 mod apply_latency;
+mod apply_unprepared;
+mod async_call;
+mod attach;
+mod build_patch_time;
 mod call_overhead;
 mod demo;
 mod kv_live_update;
@@ -51,17 +55,29 @@ enum Scenario {
     /// a direct call of the function (`--iters`, `--runs`).
     MultiverseFnptr(Raw),
     /// Hot update: a call through a hot function's stub, against a direct call and a PSU-style
-    /// trampoline (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu` for callgrind).
+    /// trampoline; an unprepared function never patched, and one patched with its call site
+    /// retargeted (`--threads`, `--iters`, `--runs`; `--only direct|hot|psu|unpatched|patched`
+    /// for callgrind).
     CallOverhead(call_overhead::Args),
+    /// Hot update: a `#[evolve::hot] async fn` awaited to its end, against the same plain
+    /// `async fn` (`--iters`, `--runs`).
+    AsyncCallOverhead(async_call::Args),
     /// Hot update: thread create+join with Evolve active, against a process without it.
     ThreadCreate(thread_create::Args),
-    /// Hot update: build a patch of 1000 hot functions against this process, apply and revert.
+    /// Hot update: build a patch of 1000 hot functions against this process, apply and revert;
+    /// with `--unprepared`, redirect 1000 unprepared functions (entry jumps and references).
     ApplyLatency(apply_latency::Args),
+    /// Hot update: build a patch of a one-line change (format 2), against an incremental
+    /// `cargo build --release` of the same change (`--runs`).
+    BuildPatchTime(build_patch_time::Args),
     /// N successive patches of one function under continuous calls, with reclamation.
     Reclaim(reclaim::Args),
     /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
     /// patch applied and reverted continuously while the benchmark runs.
     KvLiveUpdate(kv_live_update::Args),
+    /// Attach: stop time and end-to-end time of `evolve attach` to a C process with N threads,
+    /// against stopping every thread (`--threads`, `--runs`).
+    Attach(attach::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -91,10 +107,13 @@ fn main() {
         Scenario::MultiverseCommit(raw) => Ok(multiverse_commit::run(&raw.args)),
         Scenario::MultiverseFnptr(raw) => multiverse_fnptr::run(&raw.args),
         Scenario::CallOverhead(args) => call_overhead::run(args),
+        Scenario::AsyncCallOverhead(args) => async_call::run(args),
         Scenario::ThreadCreate(args) => thread_create::run(args),
         Scenario::ApplyLatency(args) => apply_latency::run(args),
+        Scenario::BuildPatchTime(args) => build_patch_time::run(args),
         Scenario::Reclaim(args) => reclaim::run(args),
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
+        Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
     };
     if let Ok(record) = &result {

@@ -3,7 +3,7 @@
 //! one core sync per site).
 
 use crate::stats::{median_ms, round3};
-use evolve::code::{Batch, FnSite, Placement, SiteInsn};
+use evolve::code::{Batch, FnSite, Placement};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -132,11 +132,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
 fn batch(sites: &[FnSite<F>], from: F, to: F) -> Batch {
     let mut batch = Batch::new();
     for site in sites {
-        batch.retarget(
-            site.patch_site(),
-            SiteInsn::Jmp(from as usize),
-            SiteInsn::Jmp(to as usize),
-        );
+        site.retarget_in(&mut batch, from, to);
     }
     batch
 }

@@ -35,6 +35,10 @@ pub struct Args {
     /// Threads calling the function at once.
     #[arg(long, default_value_t = 1)]
     pub threads: u64,
+    /// Measure in a C process that never linked Evolve, through `evolve attach` (count or
+    /// latency; see `attach.rs`).
+    #[arg(long)]
+    pub attached: bool,
     /// Accepted for uniformity: the output is always JSON.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +77,10 @@ fn sample(calls: u64, threads: u64) -> f64 {
 
 /// Runs the scenario.
 pub fn run(args: &Args) -> Result<Value, String> {
+    if args.attached {
+        return crate::attach::probe_overhead_attached(&args.kind, args.calls, args.runs.max(1))
+            .map_err(|e| format!("{e:#}"));
+    }
     let (kind, goal_ns) = match args.kind.as_str() {
         "count" => (ProbeKind::Count, Some(15.0)),
         "hist" => (ProbeKind::Histogram { arg: 0 }, None),

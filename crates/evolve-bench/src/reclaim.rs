@@ -8,9 +8,9 @@
 
 use crate::apply_latency::build_context;
 use crate::stats::round3;
-use evolve::hot::builder::{build_patch, Base, BuildOptions};
 use evolve::hot::patch::apply;
 use evolve::hot::reclaim::{collect, Policy};
+use evolve_builder::so::{build_patch, Base, BuildOptions};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

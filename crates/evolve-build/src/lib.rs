@@ -10,6 +10,7 @@
 //!     evolve_build::host();
 //! }
 //! ```
+#![forbid(unsafe_code)]
 
 /// Links this package's binaries, tests and examples with `-Wl,--export-dynamic`, so patches can
 /// bind to them, and tells the builder which profile settings matter.

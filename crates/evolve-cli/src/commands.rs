@@ -1,6 +1,7 @@
 //! The commands: each asks the agent (or the patch builder) and prints a human or JSON answer.
 
 use crate::flags::{BuildPatch, Cli, Command, SwitchAction};
+use crate::outln;
 use crate::progress::Progress;
 use crate::resolve;
 use anyhow::{bail, Context as _, Result};
@@ -33,7 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let f: Functions = typed(call(t.pid, Request::Functions, TIMEOUT)?)?;
             print(json, &f, || show_functions(&f))
         }
-        Command::BuildPatch(options) => build_patch(json, options),
+        Command::BuildPatch(options) => build_patch(json, socket, options),
         Command::Apply {
             target,
             patch,
@@ -60,7 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
             drop(progress);
             let applied: Applied = typed(result?)?;
             print(json, &applied, || {
-                println!(
+                outln!(
                     "applied {} to process {} in {:.2} ms (verify {:.2}, load {:.2}, switch {:.2}){}{}",
                     applied.patch,
                     target.pid,
@@ -73,12 +74,12 @@ pub fn run(cli: Cli) -> Result<()> {
                         .trial_ms
                         .map_or_else(String::new, |t| format!(", on trial for {t} ms"))
                 );
-                println!("  updated: {}", list(&applied.updated));
+                outln!("  updated: {}", list(&applied.updated));
                 if !applied.added.is_empty() {
-                    println!("  added: {}", list(&applied.added));
+                    outln!("  added: {}", list(&applied.added));
                 }
                 if !applied.adapted.is_empty() {
-                    println!("  through adaptors: {}", list(&applied.adapted));
+                    outln!("  through adaptors: {}", list(&applied.adapted));
                 }
             })
         }
@@ -96,7 +97,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 TIMEOUT,
             )?)?;
             print(json, &r, || {
-                println!("reverted {}; changed: {}", r.what, list(&r.changed))
+                outln!("reverted {}; changed: {}", r.what, list(&r.changed))
             })
         }
         Command::History(t) => {
@@ -113,9 +114,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 TIMEOUT,
             )?)?;
             print(json, &s, || {
-                println!(
+                outln!(
                     "{} = {} (the code follows at the next `evolve commit`)",
-                    s.name, s.value
+                    s.name,
+                    s.value
                 )
             })
         }
@@ -135,19 +137,21 @@ pub fn run(cli: Cli) -> Result<()> {
             let progress = Progress::start("reclaiming");
             let result = call(t.pid, Request::Gc, Duration::from_secs(120));
             drop(progress);
-            let v = result?;
-            print(json, &v, || println!("{v}"))
+            let c: Collected = typed(result?)?;
+            print(json, &c, || show_collected(&c))
         }
         Command::Probe { target, action } => {
             let request = crate::probe::request(&action);
             let result = call(target.pid, request, TIMEOUT)?;
             if json {
-                println!("{}", serde_json::to_string(&result)?);
+                outln!("{}", serde_json::to_string(&result)?);
                 Ok(())
             } else {
                 crate::probe::show(target.pid, &action, &result)
             }
         }
+        Command::Attach { target, agent } => crate::attach::attach(json, target.pid, agent),
+        Command::Detach { target, revert } => crate::attach::detach(json, target.pid, revert),
         Command::Top {
             target,
             once,
@@ -160,13 +164,47 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+fn show_collected(c: &Collected) {
+    outln!(
+        "unloaded: {}; {} patch{} still loaded; threads stopped at most {:.2} ms, {} scanned",
+        list(&c.unloaded),
+        c.resident,
+        if c.resident == 1 { "" } else { "es" },
+        c.max_pause_us as f64 / 1000.0,
+        bytes(c.bytes_scanned)
+    );
+    for kept in &c.kept {
+        outln!(
+            "  kept {}: referenced from {}",
+            kept.patch,
+            list(&kept.references)
+        );
+    }
+}
+
+/// A byte count for people: `512 B`, `3.4 MiB`.
+fn bytes(n: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
 fn typed<T: DeserializeOwned>(value: Value) -> Result<T> {
     serde_json::from_value(value).context("the agent's reply does not have the expected shape")
 }
 
 fn print<T: serde::Serialize>(json: bool, value: &T, human: impl FnOnce()) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(value)?);
+        outln!("{}", serde_json::to_string(value)?);
     } else {
         human();
     }
@@ -223,22 +261,31 @@ fn ps(json: bool, prune: bool) -> Result<()> {
     }
     let out = json!({"processes": live, "unreachable": stale});
     print(json, &out, || {
-        println!(
-            "{:>8}  {:<24} {:>6} {:>8}  SOCKET",
-            "PID", "PROGRAM", "UID", "UPTIME"
+        outln!(
+            "{:>8}  {:<24} {:>6} {:>8}  {:<8}  SOCKET",
+            "PID",
+            "PROGRAM",
+            "UID",
+            "UPTIME",
+            "AGENT"
         );
         for p in &live {
-            println!(
-                "{:>8}  {:<24} {:>6} {:>7}s  {}",
+            outln!(
+                "{:>8}  {:<24} {:>6} {:>7}s  {:<8}  {}",
                 p["pid"],
                 p["program"].as_str().unwrap_or(""),
                 p["uid"],
                 p["uptime_s"],
+                if p["attached"] == true {
+                    "attached"
+                } else {
+                    "linked"
+                },
                 p["socket"].as_str().unwrap_or("")
             );
         }
         for s in &stale {
-            println!(
+            outln!(
                 "{:>8}  (unreachable: {}{}) {}",
                 s["pid"],
                 s["reason"].as_str().unwrap_or(""),
@@ -256,9 +303,9 @@ fn ps(json: bool, prune: bool) -> Result<()> {
 }
 
 fn show_functions(f: &Functions) {
-    println!("hot functions ({}):", f.hot.len());
+    outln!("hot functions ({}):", f.hot.len());
     for h in &f.hot {
-        println!(
+        outln!(
             "  {:<40} v{} {}{}",
             h.name,
             h.current,
@@ -270,9 +317,9 @@ fn show_functions(f: &Functions) {
             }
         );
     }
-    println!("multiverse functions ({}):", f.multiverse.len());
+    outln!("multiverse functions ({}):", f.multiverse.len());
     for m in &f.multiverse {
-        println!(
+        outln!(
             "  {:<40} {}",
             m.name,
             if m.committed {
@@ -285,7 +332,7 @@ fn show_functions(f: &Functions) {
 }
 
 fn show_status(s: &Status) {
-    println!(
+    outln!(
         "process {} ({}), uid {}, agent {} (protocol {}), up {} s",
         s.hello.pid,
         s.hello.program,
@@ -295,17 +342,17 @@ fn show_status(s: &Status) {
         s.hello.uptime_s
     );
     let patched = s.functions.hot.iter().filter(|h| h.current > 0).count();
-    println!(
+    outln!(
         "hot functions: {} ({} patched)",
         s.functions.hot.len(),
         patched
     );
     for h in s.functions.hot.iter().filter(|h| h.current > 0) {
-        println!("  {} at v{} ({})", h.name, h.current, h.versions[h.current]);
+        outln!("  {} at v{} ({})", h.name, h.current, h.versions[h.current]);
     }
-    println!("patches: {}", s.patches.len());
+    outln!("patches: {}", s.patches.len());
     for p in &s.patches {
-        println!(
+        outln!(
             "  {:<20} {} [{}]{}",
             p.name,
             p.path,
@@ -317,7 +364,7 @@ fn show_status(s: &Status) {
             }
         );
     }
-    println!(
+    outln!(
         "reclamation: {}",
         if s.reclamation.available {
             format!("pending [{}]", s.reclamation.pending.join(", "))
@@ -325,9 +372,9 @@ fn show_status(s: &Status) {
             s.reclamation.note.clone()
         }
     );
-    println!("switches: {}", s.switches.len());
+    outln!("switches: {}", s.switches.len());
     for sw in &s.switches {
-        println!("  {} = {} (domain {:?})", sw.name, sw.value, sw.domain);
+        outln!("  {} = {} (domain {:?})", sw.name, sw.value, sw.domain);
     }
     let committed = s
         .functions
@@ -335,20 +382,20 @@ fn show_status(s: &Status) {
         .iter()
         .filter(|m| m.committed)
         .count();
-    println!(
+    outln!(
         "multiverse functions: {} ({} committed)",
         s.functions.multiverse.len(),
         committed
     );
-    println!("journal: {} entries", s.journal_entries);
+    outln!("journal: {} entries", s.journal_entries);
 }
 
 fn show_history(h: &History) {
     if h.entries.is_empty() {
-        println!("(no changes yet)");
+        outln!("(no changes yet)");
     }
     for e in &h.entries {
-        println!(
+        outln!(
             "{:>4}  {}  uid {:<5} pid {:<7} {:<16} {:<30} {:<6} {}",
             e.seq,
             format_time(e.at_ms),
@@ -361,7 +408,7 @@ fn show_history(h: &History) {
         );
     }
     if let Some(file) = &h.file {
-        println!("(journal file: {file})");
+        outln!("(journal file: {file})");
     }
 }
 
@@ -389,42 +436,75 @@ fn format_time(ms: u64) -> String {
 }
 
 fn show_committed(what: &str, c: &Committed) {
-    println!("{what}: {} ({} sites written)", list(&c.changed), c.sites);
+    outln!("{what}: {} ({} sites written)", list(&c.changed), c.sites);
     for u in &c.unmatched {
-        println!("  no variant for {u}: generic code runs");
+        outln!("  no variant for {u}: generic code runs");
     }
 }
 
-fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
-    use evolve_hot::builder::{build_patch, Base, BuildOptions};
-    let base = match (o.base, o.pid) {
-        (Some(path), None) => Base::Path(path),
+fn build_patch(json: bool, socket: Option<&Path>, o: BuildPatch) -> Result<()> {
+    let base = match (&o.base, o.pid) {
+        (Some(path), None) => evolve_builder::Base::Path(path.clone()),
         (None, Some(pid)) => {
             if !Path::new(&format!("/proc/{pid}/exe")).exists() {
                 bail!("no process {pid} (or its binary is not readable)");
             }
-            Base::Pid(pid)
+            evolve_builder::Base::Pid(pid)
         }
         _ => bail!("give exactly one of --base PATH and --pid PID"),
     };
+    let format = o.format.unwrap_or(if o.dry_run { 2 } else { 1 });
+    if o.dry_run && format == 1 {
+        bail!("--dry-run compares the rebuild function by function: it is format 2's");
+    }
+    if format == 1 {
+        build_hot_patch(json, base, o)
+    } else {
+        build_object_patch(json, socket, base, o)
+    }
+}
+
+/// The discovered features of `package` for format 1, unless the user gave them.
+fn discovered_features(
+    o: &BuildPatch,
+    base: &evolve_builder::Base,
+    package: &str,
+) -> (Vec<String>, bool) {
+    if !o.features.is_empty() || o.no_default_features {
+        return (o.features.clone(), o.no_default_features);
+    }
+    match evolve_builder::discover_package_features(&o.manifest_path, base, &[], package) {
+        Ok(Some(found)) => found,
+        _ => (Vec::new(), false),
+    }
+}
+
+fn build_hot_patch(json: bool, base: evolve_builder::Base, o: BuildPatch) -> Result<()> {
+    use evolve_builder::so::{build_patch, BuildOptions};
+    let [package] = o.package.as_slice() else {
+        bail!("format 1 builds one package's library: give it with -p PACKAGE");
+    };
+    let package = package.clone();
     let output = o
         .output
-        .unwrap_or_else(|| Path::new("target/evolve").join(format!("{}.so", o.package)));
+        .clone()
+        .unwrap_or_else(|| Path::new("target/evolve").join(format!("{package}.so")));
     if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
+    let (features, no_default_features) = discovered_features(&o, &base, &package);
     let options = BuildOptions {
         manifest_path: o.manifest_path,
-        package: o.package.clone(),
+        package: package.clone(),
         base,
         output,
-        profile: o.profile,
+        profile: o.profile.unwrap_or_else(|| "release".into()),
         env: Vec::new(),
-        features: o.features,
-        no_default_features: o.no_default_features,
+        features,
+        no_default_features,
     };
-    let progress = Progress::start(&format!("building a patch of {} (cargo)", o.package));
+    let progress = Progress::start(&format!("building a patch of {package} (cargo)"));
     let result = build_patch(&options);
     drop(progress);
     let report = result.context("building the patch")?;
@@ -435,14 +515,126 @@ fn build_patch(json: bool, o: BuildPatch) -> Result<()> {
         "compile_seconds": report.compile_seconds,
     });
     print(json, &out, || {
-        println!(
+        outln!(
             "built {} ({} hot functions) in {:.1} s",
             report.output.display(),
             report.manifest.functions.len(),
             report.compile_seconds
         );
         for w in &report.warnings {
-            println!("  warning: {w}");
+            outln!("  warning: {w}");
+        }
+    })
+}
+
+/// The format-2 patches applied to the process, oldest first, as its agent lists them (none
+/// when it has no agent: nothing can have been applied to it).
+fn applied_patches(pid: u32, socket: Option<&Path>) -> Vec<std::path::PathBuf> {
+    let Ok(mut connection) = resolve::connect(pid, socket) else {
+        return Vec::new();
+    };
+    let Ok(value) = connection.call(&Request::Status, TIMEOUT) else {
+        return Vec::new();
+    };
+    let Ok(status) = typed::<Status>(value) else {
+        return Vec::new();
+    };
+    status
+        .patches
+        .iter()
+        .filter(|p| p.reverted_at.is_none())
+        .map(|p| std::path::PathBuf::from(&p.path))
+        .filter(|p| evolve_builder::read_applied(p).is_ok())
+        .collect()
+}
+
+fn build_object_patch(
+    json: bool,
+    socket: Option<&Path>,
+    base: evolve_builder::Base,
+    o: BuildPatch,
+) -> Result<()> {
+    let output = o
+        .output
+        .clone()
+        .unwrap_or_else(|| Path::new("target/evolve").join("patch.o"));
+    let applied = match (&base, o.applied.is_empty()) {
+        (evolve_builder::Base::Pid(pid), true) => applied_patches(*pid, socket),
+        _ => o.applied.clone(),
+    };
+    let mut options = evolve_builder::BuildOptions::new(&o.manifest_path, base, output);
+    options.applied = applied;
+    options.dry_run = o.dry_run;
+    options.crates = o.package.iter().map(|p| p.replace('-', "_")).collect();
+    options.overrides = evolve_builder::Overrides {
+        profile: o.profile.clone(),
+        features: (!o.features.is_empty() || o.no_default_features).then(|| o.features.clone()),
+        no_default_features: o.no_default_features,
+    };
+    let progress = Progress::start("rebuilding the program and comparing it with the running code");
+    let result = evolve_builder::build_patch(&options);
+    drop(progress);
+    let report = result.context("building the patch")?;
+    let out = json!({
+        "output": report.output.as_ref().map(|p| p.display().to_string()),
+        "dry_run": o.dry_run,
+        "carried": report.carried.iter().map(|c| json!({
+            "name": c.name,
+            "symbol": c.symbol,
+            "crate": c.krate,
+            "reason": c.reason,
+            "replaces": c.replaces,
+            "detail": c.detail,
+        })).collect::<Vec<_>>(),
+        "compared": report.compared,
+        "configuration": {
+            "profile": report.configuration.profile,
+            "package": report.configuration.package,
+            "bin": report.configuration.bin,
+            "unit": report.configuration.unit,
+            "found_by": report.configuration.found_by,
+            "features": report.configuration.features,
+            "command": report.configuration.command,
+        },
+        "async_refused": report.manifest.async_refused,
+        "warnings": report.warnings,
+        "compile_seconds": report.compile_seconds,
+        "compare_seconds": report.compare_seconds,
+    });
+    print(json, &out, || {
+        let c = &report.configuration;
+        outln!(
+            "program: {} of {} (profile {}, features [{}]; cargo unit {} found by {})",
+            c.bin,
+            c.package,
+            c.profile,
+            c.features.join(", "),
+            c.unit,
+            c.found_by
+        );
+        outln!(
+            "compared {} functions with the running code ({:.1} s of cargo, {:.2} s of comparison)",
+            report.compared,
+            report.compile_seconds,
+            report.compare_seconds
+        );
+        match &report.output {
+            Some(path) => outln!(
+                "wrote {} carrying {} functions:",
+                path.display(),
+                report.carried.len()
+            ),
+            None => outln!(
+                "would carry {} functions (dry run, nothing written):",
+                report.carried.len()
+            ),
+        }
+        for c in &report.carried {
+            let kind = if c.replaces { "" } else { " (new)" };
+            outln!("  {}{kind}: {}", c.name, c.reason);
+        }
+        for w in &report.warnings {
+            outln!("  warning: {w}");
         }
     })
 }

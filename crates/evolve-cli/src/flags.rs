@@ -37,7 +37,7 @@ pub enum Command {
     Status(Target),
     /// Hot and multiverse functions of a process with their current versions.
     Functions(Target),
-    /// Build a thin patch from the edited source of a crate of a running program.
+    /// Build a patch from the edited source of a running program (see --format, --dry-run).
     BuildPatch(BuildPatch),
     /// Apply a patch to a running process.
     Apply {
@@ -99,6 +99,23 @@ pub enum Command {
         /// The probe operation.
         #[command(subcommand)]
         action: ProbeAction,
+    },
+    /// Load the agent into a running process that never linked Evolve (Rust, C, C++; through
+    /// ptrace: one thread is borrowed for well under a millisecond), or reuse the one it runs.
+    Attach {
+        #[command(flatten)]
+        target: Target,
+        /// The agent shared object (default: libevolve_attach_agent.so next to this binary).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+    },
+    /// Remove every probe from an attached process and stop its agent.
+    Detach {
+        #[command(flatten)]
+        target: Target,
+        /// Revert applied patches instead of refusing to detach.
+        #[arg(long)]
+        revert: bool,
     },
     /// A live view of a process's functions, versions, call counts and probes (q to quit).
     Top {
@@ -214,14 +231,20 @@ pub fn parse_when(text: &str) -> Result<WhenExpr, String> {
 }
 
 /// `build-patch` options.
+///
+/// The build configuration (profile, features of the program and of the workspace crates it
+/// links) is discovered from the program and its cargo target directory; the flags below
+/// override it.
 #[derive(Debug, Args)]
 pub struct BuildPatch {
     /// The program workspace's Cargo.toml (the one it was built from).
     #[arg(long, default_value = "Cargo.toml")]
     pub manifest_path: PathBuf,
-    /// The package whose library holds the changed code.
+    /// Format 1: the package whose library holds the changed `#[evolve::hot]` functions.
+    /// Format 2: only compare this package's crate (repeatable; default: every workspace crate
+    /// the program links, and its binary crate).
     #[arg(long, short)]
-    pub package: String,
+    pub package: Vec<String>,
     /// The program's binary.
     #[arg(
         long,
@@ -233,17 +256,30 @@ pub struct BuildPatch {
     /// The running process (its binary through /proc/PID/exe).
     #[arg(long)]
     pub pid: Option<u32>,
-    /// Where to write the patch (default: target/evolve/<package>.so).
+    /// Where to write the patch (default: target/evolve/<package>.so, or
+    /// target/evolve/patch.o for format 2).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
-    /// The cargo profile the program was built with.
-    #[arg(long, default_value = "release")]
-    pub profile: String,
-    /// The package's features as the program's build enabled them (comma-separated, like
-    /// cargo's): they are part of every symbol name, so they must match.
+    /// The patch format: 1, a shared object of `#[evolve::hot]` functions (what `evolve apply`
+    /// loads today); 2, a relocatable object carrying exactly the changed functions, any
+    /// function (the default with --dry-run).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub format: Option<u32>,
+    /// List the functions the patch would carry, each with why, and write nothing (format 2).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Format 2: a patch applied to the process, whose functions are the current versions to
+    /// compare with (repeatable, oldest first; default: asked of the process's agent).
+    #[arg(long, value_name = "PATCH")]
+    pub applied: Vec<PathBuf>,
+    /// The cargo profile the program was built with (default: discovered).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// The features the program's build enabled, comma-separated like cargo's (default:
+    /// discovered).
     #[arg(long, short = 'F', value_delimiter = ',')]
     pub features: Vec<String>,
-    /// Build the package without its default features, as the program's build did.
+    /// The program's build had no default features (default: discovered).
     #[arg(long)]
     pub no_default_features: bool,
 }

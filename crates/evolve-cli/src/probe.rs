@@ -1,6 +1,7 @@
 //! `evolve probe PID add|list|rm|read`: the requests and their human output.
 
 use crate::flags::{KindFlags, ProbeAction};
+use crate::outln;
 use anyhow::{Context as _, Result};
 use evolve_agent::protocol::{
     ProbeEntry, ProbeKindName, ProbeList, ProbeReadings, ProbeReport, Request,
@@ -64,15 +65,18 @@ pub fn show(pid: u32, action: &ProbeAction, result: &serde_json::Value) -> Resul
         ProbeAction::Add { .. } => {
             let list: ProbeList = serde_json::from_value(result.clone()).context(shape)?;
             for p in &list.probes {
-                println!(
+                outln!(
                     "added probe {}: {} on {} ({:#x})",
-                    p.id, p.kind, p.function, p.address
+                    p.id,
+                    p.kind,
+                    p.function,
+                    p.address
                 );
             }
             if let [p] = list.probes.as_slice() {
-                println!("  read it: evolve probe {pid} read {}", p.id);
+                outln!("  read it: evolve probe {pid} read {}", p.id);
             } else {
-                println!("  read them: evolve probe {pid} read");
+                outln!("  read them: evolve probe {pid} read");
             }
         }
         ProbeAction::List => {
@@ -82,20 +86,20 @@ pub fn show(pid: u32, action: &ProbeAction, result: &serde_json::Value) -> Resul
         ProbeAction::Rm { .. } => {
             let list: ProbeList = serde_json::from_value(result.clone()).context(shape)?;
             if list.probes.is_empty() {
-                println!("no probes to remove");
+                outln!("no probes to remove");
             }
             for p in &list.probes {
-                println!("removed probe {}: {} on {}", p.id, p.kind, p.function);
+                outln!("removed probe {}: {} on {}", p.id, p.kind, p.function);
             }
         }
         ProbeAction::Read { .. } => {
             let r: ProbeReadings = serde_json::from_value(result.clone()).context(shape)?;
             if r.readings.is_empty() {
-                println!("(no probes; add one with `evolve probe {pid} add PATTERN --count`)");
+                outln!("(no probes; add one with `evolve probe {pid} add PATTERN --count`)");
             }
             for (i, reading) in r.readings.iter().enumerate() {
                 if i > 0 {
-                    println!();
+                    outln!();
                 }
                 show_reading(reading, r.at_ms);
             }
@@ -106,15 +110,18 @@ pub fn show(pid: u32, action: &ProbeAction, result: &serde_json::Value) -> Resul
 
 fn show_list(probes: &[ProbeEntry]) {
     if probes.is_empty() {
-        println!("(no probes)");
+        outln!("(no probes)");
         return;
     }
-    println!(
+    outln!(
         "{:>4}  {:<22} {:<9} {:<40} PATTERN",
-        "ID", "KIND", "ATTACHED", "FUNCTION"
+        "ID",
+        "KIND",
+        "ATTACHED",
+        "FUNCTION"
     );
     for p in probes {
-        println!(
+        outln!(
             "{:>4}  {:<22} {:<9} {:<40} {}",
             p.id,
             p.kind,
@@ -165,7 +172,7 @@ fn bucket_label(low: u64, show: impl Fn(u64) -> String) -> String {
 
 fn show_reading(r: &ProbeReport, at_ms: u64) {
     let p = &r.probe;
-    println!(
+    outln!(
         "probe {}  {}  {}  ({}{})",
         p.id,
         p.kind,
@@ -176,13 +183,13 @@ fn show_reading(r: &ProbeReport, at_ms: u64) {
         ),
         if p.attached { "" } else { ", detached" }
     );
-    println!(
+    outln!(
         "  calls     {}{}",
         r.calls,
         rate(r, at_ms).map_or_else(String::new, |rate| format!("  ({rate:.1}/s since added)"))
     );
     if let Some(l) = &r.latency {
-        println!(
+        outln!(
             "  latency   mean {}  p50 ≤ {}  p99 ≤ {}  max {}  ({} timed{})",
             format_ns(l.mean_ns),
             format_ns(l.p50_ns),
@@ -197,7 +204,7 @@ fn show_reading(r: &ProbeReport, at_ms: u64) {
         );
         let max = l.histogram_ns.iter().map(|b| b.1).max().unwrap_or(0);
         for &(low, count) in &l.histogram_ns {
-            println!(
+            outln!(
                 "    {:<22} {:>10}  {}",
                 bucket_label(low, |v| format_ns(v as f64)),
                 count,
@@ -207,13 +214,13 @@ fn show_reading(r: &ProbeReport, at_ms: u64) {
     }
     if p.kind.starts_with("hist") {
         let arg = p.kind.rsplit(' ').next().unwrap_or("argument");
-        println!("  {arg} values:");
+        outln!("  {arg} values:");
         if r.histogram.is_empty() {
-            println!("    (no calls yet)");
+            outln!("    (no calls yet)");
         }
         let max = r.histogram.iter().map(|b| b.1).max().unwrap_or(0);
         for &(low, count) in &r.histogram {
-            println!(
+            outln!(
                 "    {:<22} {:>10}  {}",
                 bucket_label(low, |v| v.to_string()),
                 count,
@@ -222,24 +229,24 @@ fn show_reading(r: &ProbeReport, at_ms: u64) {
         }
     }
     if let Some(expr) = p.kind.strip_prefix("when ") {
-        println!("  hits      {} of {} calls where {expr}", r.hits, r.calls);
+        outln!("  hits      {} of {} calls where {expr}", r.hits, r.calls);
         if let Some(bt) = r.backtraces.first() {
             let (frames, only_probe) = caller_frames(bt);
             if only_probe {
-                println!(
+                outln!(
                     "  first backtrace (as captured: it does not reach past the probe's \
                      trampoline, so the callers are not known):"
                 );
             } else {
-                println!("  first backtrace (from the caller):");
+                outln!("  first backtrace (from the caller):");
             }
             for line in frames {
-                println!("    {line}");
+                outln!("    {line}");
             }
         }
     }
     if p.kind == "coverage" {
-        println!(
+        outln!(
             "  covered   {}",
             if r.covered {
                 "yes: the function ran (the probe detached itself)"

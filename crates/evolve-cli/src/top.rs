@@ -7,6 +7,7 @@
 //! it recorded. `q` or Esc quits; `--once` renders one frame to stdout (for scripts and tests),
 //! with `--json` the status object with a `probes` field (the `probe_read` result).
 
+use crate::outln;
 use crate::probe::{format_ns, rate};
 use anyhow::{Context as _, Result};
 use evolve_agent::client::{ClientError, Connection};
@@ -64,7 +65,7 @@ pub fn run(
         if json {
             let mut value = serde_json::to_value(&snapshot.status)?;
             value["probes"] = serde_json::to_value(&snapshot.probes)?;
-            println!("{value}");
+            outln!("{value}");
             return Ok(());
         }
         let status = &snapshot.status;
@@ -90,7 +91,7 @@ pub fn run(
             .rposition(|l| !l.is_empty())
             .map_or(0, |i| i + 1);
         for line in &lines[..used] {
-            println!("{line}");
+            outln!("{line}");
         }
         return Ok(());
     }

@@ -123,6 +123,38 @@ fn every_command_against_a_running_process() {
     assert_eq!(built["functions"].as_array().unwrap().len(), 1, "{built}");
     assert!(output.exists());
 
+    // build-patch --dry-run: the same edit compared function by function (format 2), the
+    // configuration discovered, nothing written.
+    let dry = evolve_with(
+        &dir,
+        &[
+            "build-patch",
+            "--manifest-path",
+            fixture.dir.join("Cargo.toml").to_str().unwrap(),
+            "--pid",
+            pid,
+            "--output",
+            fixture.dir.join("dry.o").to_str().unwrap(),
+            "--dry-run",
+            "--json",
+        ],
+        |c| {
+            c.env("CARGO_TARGET_DIR", &fixture.target);
+        },
+    )
+    .expect_json();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert!(dry["output"].is_null(), "{dry}");
+    assert!(!fixture.dir.join("dry.o").exists());
+    let carried = dry["carried"].as_array().unwrap();
+    assert_eq!(carried.len(), 1, "{dry}");
+    assert!(
+        carried[0]["name"].as_str().unwrap().contains("price"),
+        "{dry}"
+    );
+    assert_eq!(carried[0]["reason"], "changed", "{dry}");
+    assert_eq!(dry["configuration"]["bin"], "ctlhost", "{dry}");
+
     // apply, revert (last), apply --atomic --trial, revert FUNCTION
     let applied = evolve(&dir, &["apply", pid, output.to_str().unwrap(), "--json"]).expect_json();
     assert_eq!(applied["patch"], "v2");
@@ -177,6 +209,15 @@ fn every_command_against_a_running_process() {
     assert!(gc["resident"].as_u64().is_some(), "{gc}");
     let done = gc["unloaded"].as_array().unwrap().len() + gc["kept"].as_array().unwrap().len();
     assert_eq!(done, 1, "one candidate, unloaded or kept: {gc}");
+    // Without --json, gc speaks to people (it printed its JSON reply).
+    let human = evolve(&dir, &["gc", pid]);
+    assert!(human.ok(), "{}", human.stderr());
+    assert!(
+        human.stdout().starts_with("unloaded: ")
+            && serde_json::from_str::<Value>(&human.stdout()).is_err(),
+        "{}",
+        human.stdout()
+    );
 
     // history: the journal, with uid and outcome
     let history = evolve(&dir, &["history", pid, "--json"]).expect_json();
@@ -201,6 +242,7 @@ fn every_command_against_a_running_process() {
             ("revert", "ok"),
             ("apply", "failed"),
             ("gc", "ok"),
+            ("gc", "ok"),
         ]
     );
     let me = rustix::process::geteuid().as_raw();
@@ -214,6 +256,19 @@ fn every_command_against_a_running_process() {
         "the journal file has every entry"
     );
     assert!(evolve(&dir, &["history", pid]).stdout().contains("apply"));
+    // Output into a pipe whose reader is gone (`evolve history PID | head -0`): the command ends
+    // quietly with success, as `cat` does (it panicked on the closed pipe).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let closed = evolve_with(&dir, &["history", pid], |command| {
+        command.stdout(writer);
+    });
+    assert!(
+        closed.ok() && !closed.stderr().contains("panicked"),
+        "{:?}: {}",
+        closed.output.status,
+        closed.stderr()
+    );
 
     // status after all that
     let status = evolve(&dir, &["status", pid, "--json"]).expect_json();
@@ -311,6 +366,35 @@ fn a_process_without_an_agent_is_an_error_with_its_cause() {
     assert_eq!(run.json()["ok"], false);
     let run = evolve(&dir, &["status", "4000000000"]);
     assert!(run.stderr().contains("no process"), "{}", run.stderr());
+}
+
+#[test]
+fn applying_a_fifo_fails_at_once_naming_it_instead_of_timing_out() {
+    let fixture = shared();
+    let dir = socket_dir("fifo");
+    let host = fixture.start(&dir);
+    let fifo = dir.join("patch.so");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    // Before: the agent blocked reading the FIFO and the CLI gave up after its timeout with
+    // "Resource temporarily unavailable".
+    let run = evolve(
+        &dir,
+        &["apply", &host.pid().to_string(), fifo.to_str().unwrap()],
+    );
+    assert_eq!(run.output.status.code(), Some(1));
+    assert!(
+        run.stderr().contains("it is a FIFO, not a regular file"),
+        "{}",
+        run.stderr()
+    );
+    assert!(!run.stderr().contains("temporarily unavailable"));
 }
 
 #[test]

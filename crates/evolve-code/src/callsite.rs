@@ -89,7 +89,7 @@ pub fn jump_stub<F: FnPtr>(stub: F, target: F) -> Result<FnSite<F>> {
     // SAFETY: `stub` is a value of type F, so its callers call it as F; the check below makes
     // sure it was a jump to `target`, an F; later targets are Fs by `FnSite::retarget`.
     let site = unsafe { FnSite::<F>::at(address)? };
-    let original = site.patch_site().original();
+    let original = site.site().original();
     if original != SiteInsn::Jmp(target.address()) {
         return Err(Error::new(ErrorKind::InvalidArgument {
             reason: format!(
@@ -204,7 +204,9 @@ impl<F: FnPtr> DirectCalls<F> {
                 BranchKind::Call => SiteInsn::Call(new.address()),
                 BranchKind::Jmp => SiteInsn::Jmp(new.address()),
             };
-            batch.retarget(site, site.current(), insn);
+            // SAFETY: the site is a direct branch to an F with no alias (`find`); `new` is an
+            // F too, so its callers pass and expect what it takes and returns (module docs).
+            unsafe { batch.retarget(site, site.current(), insn) };
         }
     }
 
@@ -227,7 +229,10 @@ impl<F: FnPtr> DirectCalls<F> {
                 BranchKind::Call => SiteInsn::Nop,
                 BranchKind::Jmp => SiteInsn::Jmp(new.address()),
             };
-            batch.retarget(site, site.current(), insn);
+            // SAFETY: `new` is an F whose code is a bare `ret` (checked above): a NOP in place
+            // of a call to it changes nothing its caller relies on; a jump to it is a tail call
+            // of an F (module docs).
+            unsafe { batch.retarget(site, site.current(), insn) };
         }
         Ok(())
     }

@@ -17,21 +17,24 @@
 //! A slot index is reused only after the counter is dropped, which the trampoline's owner does
 //! once no thread can run the trampoline; the slot is zeroed in every block then.
 //!
-//! If thread-local storage of this crate is not at one fixed offset from the thread pointer in
-//! every thread (the crate linked into a library loaded with `dlopen`), or more than [`SLOTS`]
-//! counters are alive, counters fall back to the shared word ([`Counter::per_thread`] is false).
+//! The block pointer is a field of the thread state generated code reads ([`crate::thread_state`]).
+//! If that is not at one fixed offset from the thread pointer in every thread (the crate linked
+//! into a library loaded with `dlopen`), or more than [`SLOTS`] counters are alive, counters fall
+//! back to the shared word ([`Counter::per_thread`] is false).
 //!
 //! # Safety
 //!
 //! Blocks are leaked (`'static`). A slot in use is written only by the thread that owns the
 //! block (generated code, a plain `inc`: an aligned 8-byte store, which readers on other threads
 //! load atomically); a free slot, which no code increments, is zeroed in every block under the
-//! pool lock. The thread-local offset is checked on two threads before any code uses it.
+//! pool lock. The thread-local offset is checked on two threads before any code uses it
+//! ([`crate::thread_state::offset`]).
 #![allow(unsafe_code)]
 
+use crate::thread_state::{self, Locked, Unprobed};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// Counter slots per thread block.
 pub const SLOTS: usize = 2048;
@@ -52,13 +55,11 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
     next_slot: 0,
 });
 
-fn pool() -> std::sync::MutexGuard<'static, Pool> {
-    POOL.lock().unwrap_or_else(|p| p.into_inner())
+fn pool() -> Locked<'static, Pool> {
+    Locked::new(&POOL)
 }
 
 thread_local! {
-    /// The calling thread's block (0: none yet). Read by generated code at [`tls_offset`].
-    static BLOCK: Cell<usize> = const { Cell::new(0) };
     /// Returns the block to the pool when the thread exits.
     static OWNER: Owner = const { Owner(Cell::new(0)) };
 }
@@ -70,48 +71,29 @@ impl Drop for Owner {
         let block = self.0.replace(0);
         if block != 0 {
             // Generated code run by a later destructor of this thread adopts no block again
-            // (OWNER is gone) and counts in shared words.
-            let _ = BLOCK.try_with(|b| b.set(0));
+            // (OWNER is gone) and counts in shared words. The pool's vector may allocate:
+            // probes are off meanwhile (a probed `malloc` must not come back here).
+            let _unprobed = Unprobed::enter();
+            thread_state::with(|s| s.counters.set(0));
             // SAFETY: `block` came from the pool's leaked blocks (see `adopt`).
             pool().free.push(unsafe { &*(block as *const Block) });
         }
     }
 }
 
-pub(crate) fn thread_pointer() -> usize {
-    let tp: usize;
-    // SAFETY: on x86-64 Linux, fs:[0] holds the thread control block's own address (TLS ABI).
-    unsafe {
-        core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags))
-    };
-    tp
-}
-
-fn offset_here() -> isize {
-    BLOCK.with(|b| b as *const Cell<usize> as usize) as isize - thread_pointer() as isize
-}
-
-/// The offset of the thread's block pointer from the thread pointer, if it is the same in
-/// every thread (checked on this thread and a new one) and fits a 32-bit displacement.
+/// The offset of the thread's block pointer from the thread pointer, if generated code may use
+/// it (see [`crate::thread_state::offset`]).
 pub(crate) fn tls_offset() -> Option<i32> {
-    static OFFSET: OnceLock<Option<i32>> = OnceLock::new();
-    *OFFSET.get_or_init(|| {
-        if std::env::var_os("EVOLVE_SHARED_COUNTERS").is_some() {
-            return None;
-        }
-        let here = offset_here();
-        let there = std::thread::spawn(offset_here).join().ok()?;
-        (here == there).then(|| i32::try_from(here).ok()).flatten()
-    })
+    thread_state::offset().map(|o| o + thread_state::COUNTERS)
 }
 
-/// Gives the calling thread a block (called by trampolines, with the arguments saved, when the
-/// thread has none). Does nothing while the thread is exiting.
+/// Gives the calling thread a block (called by trampolines, with the arguments saved and probes
+/// off for the thread, when it has none). Does nothing while the thread is exiting.
 pub(crate) extern "C" fn adopt() {
-    let Some(offset) = tls_offset() else { return };
-    if offset_here() != offset as isize {
+    if !thread_state::at_offset() {
         return;
     }
+    let _unprobed = Unprobed::enter();
     let _ = OWNER.try_with(|owner| {
         if owner.0.get() != 0 {
             return;
@@ -130,13 +112,13 @@ pub(crate) extern "C" fn adopt() {
         };
         let address = block as *const Block as usize;
         owner.0.set(address);
-        BLOCK.with(|b| b.set(address));
+        thread_state::with(|s| s.counters.set(address));
     });
 }
 
 /// Every thread block, locked: take it *before* stopping the world to sum counters inside the
 /// stop ([`Counter::get_in`]), which then takes no lock.
-pub(crate) struct Blocks<'a>(std::sync::MutexGuard<'a, Pool>);
+pub(crate) struct Blocks<'a>(Locked<'a, Pool>);
 
 pub(crate) fn blocks() -> Blocks<'static> {
     Blocks(pool())

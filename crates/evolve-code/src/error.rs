@@ -103,6 +103,14 @@ pub enum ErrorKind {
         /// What is missing, and why it is needed.
         what: &'static str,
     },
+    /// Loading a shared object would run code before it could be verified (an initializer, an
+    /// IFUNC resolver, a library not loaded yet), so it is not loaded.
+    UnsafeObject {
+        /// The file.
+        path: String,
+        /// What loading it would run.
+        reason: String,
+    },
     /// An ELF image of the process could not be read or parsed.
     Image {
         /// The file involved.
@@ -126,9 +134,57 @@ pub enum ErrorKind {
         /// How long the engine waited, in milliseconds.
         waited_ms: u64,
     },
+    /// A patch object was refused by the loader (see `crate::loader`): nothing of it was mapped.
+    PatchRefused {
+        /// The patch file.
+        path: String,
+        /// Why, naming the section, symbol and relocation type involved.
+        reason: String,
+    },
+    /// A function's entry cannot be redirected to another version (see `crate::redirect`):
+    /// too short, a branch into the bytes the `jmp` replaces, a probe on it, an alias, …
+    NotRedirectable {
+        /// The function's symbol (demangled).
+        function: String,
+        /// Its address.
+        address: usize,
+        /// Why, naming the instruction, offset or symbol involved.
+        reason: String,
+    },
+    /// A thread kept a place it resumes at inside the bytes an entry redirect replaces, through
+    /// every attempt: the redirect was refused and every entry of the batch left as it was.
+    ThreadInside {
+        /// The function's symbol (demangled).
+        function: String,
+        /// Its address.
+        address: usize,
+        /// The thread.
+        tid: i32,
+        /// Where it resumes.
+        pc: usize,
+        /// How many times the world was stopped to try.
+        attempts: usize,
+    },
+    /// A data slot (a GOT entry of the executable) does not hold what a batch expected: it was
+    /// changed behind the batch's back, or the caller's view is stale.
+    UnexpectedSlot {
+        /// The slot's address.
+        slot: usize,
+        /// The value expected.
+        expected: usize,
+        /// The value found.
+        found: usize,
+    },
     /// An argument was invalid.
     InvalidArgument {
         /// What was wrong with it.
+        reason: String,
+    },
+    /// A write failed part-way and the engine could not put everything back, because the kernel
+    /// kept refusing the calls that undo it: the reason names the pages left writable or the
+    /// sites left to the trap handler (which keeps running their old instruction).
+    Incomplete {
+        /// What was left, and the system call that kept failing.
         reason: String,
     },
 }
@@ -230,6 +286,7 @@ impl fmt::Display for Error {
                 std::io::Error::from_raw_os_error(*errno)
             ),
             ErrorKind::Unsupported { what } => write!(f, "unsupported: {what}"),
+            ErrorKind::Incomplete { reason } => write!(f, "write left incomplete: {reason}"),
             ErrorKind::Image { path, reason } => write!(f, "cannot read image {path}: {reason}"),
             ErrorKind::ThreadsDidNotStop { threads, waited_ms } => write!(
                 f,
@@ -237,7 +294,43 @@ impl fmt::Display for Error {
                  nothing was done",
                 threads.join(", ")
             ),
+            ErrorKind::UnsafeObject { path, reason } => {
+                write!(f, "refusing to load {path}: {reason}; nothing was loaded")
+            }
             ErrorKind::InvalidArgument { reason } => write!(f, "invalid argument: {reason}"),
+            ErrorKind::PatchRefused { path, reason } => {
+                write!(f, "patch {path} refused: {reason}; nothing was loaded")
+            }
+            ErrorKind::NotRedirectable {
+                function,
+                address,
+                reason,
+            } => write!(
+                f,
+                "cannot redirect `{function}` ({address:#x}): {reason}; nothing was changed"
+            ),
+            ErrorKind::ThreadInside {
+                function,
+                address,
+                tid,
+                pc,
+                attempts,
+            } => write!(
+                f,
+                "cannot redirect `{function}` ({address:#x}): thread {tid} resumes at {pc:#x} \
+                 (offset {}), inside the bytes the jmp replaces, through {attempts} stops of the \
+                 world; nothing was changed",
+                pc.wrapping_sub(*address)
+            ),
+            ErrorKind::UnexpectedSlot {
+                slot,
+                expected,
+                found,
+            } => write!(
+                f,
+                "slot {slot:#x} holds {found:#x}, expected {expected:#x}: it changed behind the \
+                 batch's back; nothing was changed"
+            ),
             ErrorKind::Unrelocatable { function, reason } => write!(
                 f,
                 "cannot detour the function at {function:#x}: {reason}; nothing was changed"

@@ -15,8 +15,8 @@
 
 use crate::error::Result;
 use crate::near::NearBlock;
-use crate::site::{PatchSite, SiteInsn};
-use crate::write::BatchReport;
+use crate::site::{PatchSite, SiteInsn, SiteView};
+use crate::write::{Batch, BatchReport};
 use std::marker::PhantomData;
 
 /// A function pointer type.
@@ -172,15 +172,51 @@ impl<F: FnPtr> FnSite<F> {
     /// Changes the target from `expected` to `new`; fails, changing nothing, if the site does not
     /// jump to `expected`.
     pub fn retarget(&self, expected: F, new: F) -> Result<BatchReport> {
-        self.site.retarget(
-            SiteInsn::Jmp(expected.address()),
-            SiteInsn::Jmp(new.address()),
-        )
+        let mut batch = Batch::new();
+        self.retarget_in(&mut batch, expected, new);
+        batch.apply()
     }
 
-    /// The underlying patch site, to put in a [`crate::Batch`].
-    pub fn patch_site(&self) -> PatchSite {
-        self.site
+    /// Adds "jump to `new` instead of `expected`" to `batch`: several typed sites change in one
+    /// batch, with shared core syncs.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use evolve_code::{Batch, FnSite};
+    ///
+    /// fn double(x: u64) -> u64 { x * 2 }
+    /// fn square(x: u64) -> u64 { x * x }
+    /// type F = fn(u64) -> u64;
+    ///
+    /// let sites = [FnSite::new(double as F).unwrap(), FnSite::new(double as F).unwrap()];
+    /// let mut batch = Batch::new();
+    /// for site in &sites {
+    ///     site.retarget_in(&mut batch, double, square);
+    /// }
+    /// assert_eq!(batch.apply().unwrap().changed, 2);
+    /// assert_eq!((sites[1].entry())(5), 25);
+    /// ```
+    pub fn retarget_in(&self, batch: &mut Batch, expected: F, new: F) {
+        // SAFETY: `new` has type F, which is what callers of the entry call (module docs).
+        unsafe {
+            batch.retarget(
+                self.site,
+                SiteInsn::Jmp(expected.address()),
+                SiteInsn::Jmp(new.address()),
+            )
+        };
+    }
+
+    /// Adds "jump to the initial target again" to `batch`.
+    pub fn restore_in(&self, batch: &mut Batch) {
+        batch.restore(self.site);
+    }
+
+    /// A read-only view of the underlying patch site: retargeting goes through the typed
+    /// methods, which check that every target has type `F`.
+    pub fn site(&self) -> SiteView {
+        self.site.view()
     }
 }
 

@@ -15,8 +15,12 @@
 //! - [`FnSite`] is a generated, typed site: safe to retarget between functions of one type;
 //!   [`FnCell`] an atomically shared function pointer, and [`fn_ptr_type!`] makes any `fn` type
 //!   (higher-ranked ones too) usable by the typed APIs;
+//! - [`loader`] loads patch objects (ELF relocatable objects) within ±2 GiB of the executable
+//!   and binds them to the program's own symbols, locals included;
 //! - [`inspect`] reads the process's own ELF images: symbols, function ranges, build id, and
-//!   every `call rel32` that targets a function.
+//!   every `call rel32` that targets a function;
+//! - [`redirect`] switches an unprepared function to another version and back: a `jmp` over
+//!   its entry written with the world stopped, and its direct calls and GOT slots retargeted.
 //!
 //! All `unsafe` of Evolve lives in this crate, each block with the reason it holds.
 //!
@@ -53,32 +57,43 @@
 #![deny(unsafe_code)]
 
 mod arch;
+pub mod attached;
 pub mod callsite;
 mod counter;
 mod detour;
 pub mod dylib;
 pub mod error;
 mod fault;
+#[cfg(feature = "fault-injection")]
+pub mod fault_injection;
 mod fncell;
 mod fnsite;
 mod hidden;
 pub mod inspect;
+pub mod loader;
 mod near;
+mod overwrite;
+mod primitive;
 mod published;
+pub mod redirect;
 pub mod scan;
 pub mod shadow;
 mod site;
 mod springboard;
 pub mod stub;
+mod sync;
 mod sys;
+mod thread_state;
+mod transfer;
+mod unwind;
 pub mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};
 pub use counter::Counter;
 pub use detour::{
-    quarantined_trampolines, reclaim_trampolines, Detour, DetourHooks, Entry, EntryHook, Prologue,
-    SavedRegs,
+    quarantined_trampolines, reclaim_if_due, reclaim_trampolines, Detour, DetourHooks, Entry,
+    EntryHook, Prologue, SavedRegs,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use fncell::FnCell;
@@ -86,7 +101,10 @@ pub use fnsite::{FnPtr, FnSite, Placement};
 pub use hidden::{scrub, scrub_spare, Hidden};
 pub use near::NearBlock;
 pub use published::Published;
-pub use site::{PatchSite, SiteInsn};
+pub use site::{PatchSite, SiteInsn, SiteView};
 pub use springboard::springboard_count;
+pub use sys::ptrace;
+pub use transfer::InteriorMutable;
+pub use unwind::Unwinder;
 pub use world::{stop_signal, stop_the_world};
 pub use write::{Batch, BatchReport, WritePath};

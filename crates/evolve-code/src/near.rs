@@ -90,7 +90,7 @@ impl NearBlock {
                 return Ok(NearBlock { address, len });
             }
         }
-        let start = reserve_region(near)?;
+        let start = reserve(near, REGION_SIZE, Protection::READ_EXEC)?;
         let mut region = Region {
             start,
             end: start + REGION_SIZE,
@@ -153,8 +153,10 @@ impl NearBlock {
     }
 }
 
-/// Reserves a region within reach of `near`, as close to it as the free address space allows.
-fn reserve_region(near: usize) -> Result<usize> {
+/// Maps `len` bytes (a multiple of the page size) of fresh anonymous memory
+/// with `protection`, every byte within [`REACH`] of `near`, as close to it as the free address
+/// space allows: the regions of this allocator, and whole patch objects (see `crate::loader`).
+pub(crate) fn reserve(near: usize, len: usize, protection: Protection) -> Result<usize> {
     let maps = memory::mappings()?;
     let lowest = near.saturating_sub(REACH).max(1 << 16);
     let highest = near.saturating_add(REACH).min(0x7fff_ffff_f000);
@@ -167,7 +169,7 @@ fn reserve_region(near: usize) -> Result<usize> {
         .chain(std::iter::once(highest..highest))
     {
         let (gap_start, gap_end) = (previous_end.max(lowest), m.start.min(highest));
-        if gap_end > gap_start && gap_end - gap_start >= REGION_SIZE + (1 << 16) {
+        if gap_end > gap_start && gap_end - gap_start >= len + (1 << 16) {
             gaps.push((gap_start, gap_end));
         }
         previous_end = previous_end.max(m.end);
@@ -177,29 +179,22 @@ fn reserve_region(near: usize) -> Result<usize> {
     let mut candidates: Vec<usize> = gaps
         .iter()
         .map(|&(s, e)| {
-            let latest = (e - REGION_SIZE) & !((1 << 16) - 1);
-            align(near.clamp(s, e - REGION_SIZE))
-                .min(latest)
-                .max(align(s))
+            let latest = (e - len) & !((1 << 16) - 1);
+            align(near.clamp(s, e - len)).min(latest).max(align(s))
         })
         .collect();
     candidates.sort_by_key(|c| c.abs_diff(near));
     for candidate in candidates.into_iter().take(16) {
         let region_reaches =
-            candidate.abs_diff(near) < REACH && (candidate + REGION_SIZE).abs_diff(near) < REACH;
+            candidate.abs_diff(near) < REACH && (candidate + len).abs_diff(near) < REACH;
         if !region_reaches {
             continue;
         }
-        if let Some(start) =
-            memory::map_fixed_noreplace(candidate, REGION_SIZE, Protection::READ_EXEC)?
-        {
+        if let Some(start) = memory::map_fixed_noreplace(candidate, len, protection)? {
             return Ok(start);
         }
     }
-    Err(Error::new(ErrorKind::NoNearMemory {
-        near,
-        size: REGION_SIZE,
-    }))
+    Err(Error::new(ErrorKind::NoNearMemory { near, size: len }))
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ use crate::sys::maps::Region;
 use crate::sys::pagemap::{PageMap, Wanted};
 use crate::sys::peek;
 use crate::sys::regs::VectorRegister;
-use crate::sys::unwind::WalkEnd;
+use crate::sys::walk::WalkEnd;
 use crate::sys::world::{stop_the_world_within, ResumeKind, StoppedThread, World};
 use std::cell::Cell;
 use std::ops::Range;

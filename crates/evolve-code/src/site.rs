@@ -53,17 +53,23 @@ impl fmt::Display for SiteInsn {
 /// # Example
 ///
 /// ```
-/// use evolve_code::{FnSite, SiteInsn};
+/// use evolve_code::{FnSite, PatchSite, SiteInsn};
 ///
 /// extern "C" fn one() -> u64 { 1 }
 /// extern "C" fn two() -> u64 { 2 }
 ///
 /// // A generated jump site: calling `entry()` runs whatever the site points at.
 /// let site = FnSite::new(one as extern "C" fn() -> u64).unwrap();
-/// let patch_site = site.patch_site();
+/// // A typed site hands out a read-only view; the engine's own handle is looked up by address.
+/// let patch_site = PatchSite::lookup(site.site().address()).unwrap();
 /// assert_eq!(patch_site.current(), SiteInsn::Jmp(one as usize));
 /// site.retarget(one, two).unwrap();
 /// assert_eq!((site.entry())(), 2);
+/// // Any instruction: `unsafe`, the caller vouches for the target (typed sites do it for you).
+/// // SAFETY: `one` has the type callers of the site expect.
+/// unsafe { patch_site.retarget(SiteInsn::Jmp(two as usize), SiteInsn::Jmp(one as usize)) }
+///     .unwrap();
+/// assert_eq!((site.entry())(), 1);
 /// patch_site.restore().unwrap();
 /// assert_eq!((site.entry())(), 1);
 /// ```
@@ -118,9 +124,18 @@ impl PatchSite {
     /// Changes the site from `expected` to `new` (a batch of one).
     ///
     /// Fails, changing nothing, if the site does not hold `expected` or `new` cannot be reached.
-    pub fn retarget(self, expected: SiteInsn, new: SiteInsn) -> Result<BatchReport> {
+    ///
+    /// # Safety
+    ///
+    /// `new` must be sound for every thread that executes the site, as
+    /// [`PatchSite::register`] requires of every instruction given for it: its target is code
+    /// that the site's callers may reach with their registers and stack as they are. Typed
+    /// sites ([`crate::FnSite`], [`crate::stub::Stub`], [`crate::callsite::DirectCalls`]) check
+    /// this for their callers.
+    pub unsafe fn retarget(self, expected: SiteInsn, new: SiteInsn) -> Result<BatchReport> {
         let mut batch = Batch::new();
-        batch.retarget(self, expected, new);
+        // SAFETY: forwarded from the caller.
+        unsafe { batch.retarget(self, expected, new) };
         batch.apply()
     }
 
@@ -135,5 +150,56 @@ impl PatchSite {
     /// about to be unmapped with no thread inside.
     pub fn unregister(self) -> Result<()> {
         write::unregister(self.address)
+    }
+
+    /// A read-only view of the site.
+    pub fn view(self) -> SiteView {
+        SiteView {
+            address: self.address,
+        }
+    }
+}
+
+/// A read-only view of a registered site: what it holds, never a way to change it.
+///
+/// Typed sites hand these out ([`crate::FnSite::site`]), so that code holding one can inspect
+/// the site but change it only through the typed API, which checks every new target's type.
+///
+/// # Example
+///
+/// ```
+/// use evolve_code::{FnSite, SiteInsn};
+///
+/// extern "C" fn one() -> u64 { 1 }
+/// let site = FnSite::new(one as extern "C" fn() -> u64).unwrap();
+/// let view = site.site();
+/// assert_eq!(view.current(), SiteInsn::Jmp(one as usize));
+/// assert_eq!(view.current(), view.original());
+/// assert_eq!(view.bytes()[0], 0xe9);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteView {
+    address: usize,
+}
+
+impl SiteView {
+    /// The site's address.
+    pub fn address(self) -> usize {
+        self.address
+    }
+
+    /// The instruction the site holds now.
+    pub fn current(self) -> SiteInsn {
+        write::current(self.address).expect("registered site")
+    }
+
+    /// The instruction the site held when it was registered.
+    pub fn original(self) -> SiteInsn {
+        write::original(self.address).expect("registered site")
+    }
+
+    /// The bytes at the site now.
+    pub fn bytes(self) -> [u8; crate::SITE_LEN] {
+        write::read_registered(self.address)
     }
 }

@@ -10,7 +10,10 @@
 //! the number of 4 GiB neighbourhoods that use them), 16 bytes each.
 //!
 //! The springboards a batch needs are allocated while it is planned and written together, in
-//! one write window with one core sync, before any of its sites; a refused batch frees them.
+//! one write window with one core sync, before any of its sites; a batch refused before they
+//! are written (validation, or a failure writing them) frees them. A batch that fails after
+//! they were published keeps them, interned for the next batch: its sites were undone, but a
+//! thread that ran a site's new branch may still be on its way through the springboard.
 //!
 //! # Safety
 //!
@@ -24,7 +27,7 @@ use crate::hidden::Hidden;
 use crate::near::NearBlock;
 use crate::site::SiteInsn;
 use crate::write::Writer;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 /// The springboards made so far.
 #[derive(Debug, Default)]
@@ -96,7 +99,13 @@ impl Writer {
             .collect();
         // The blocks are fresh: no thread can execute them before a site is written to reach
         // them, which happens after this returns.
-        self.write_fresh_code_many(&code)?;
+        let written = self.write_fresh_code_many(&code);
+        crate::hidden::scrub_plain(code);
+        if let Err(e) = written {
+            // Still unreachable: the refused batch frees them (`abandon_springboards`).
+            self.springboards.pending = pending;
+            return Err(e);
+        }
         for (block, target) in pending {
             // Never freed (see module docs): only the address is kept.
             let board = block.address();

@@ -177,11 +177,15 @@ impl Stub {
                 found: new.fingerprint,
             }));
         }
-        batch.retarget(
-            self.site,
-            SiteInsn::Jmp(expected),
-            SiteInsn::Jmp(new.address),
-        );
+        // SAFETY: `new` carries the stub's fingerprint (checked above): it is code of the
+        // signature the stub's callers call (`StubEntry::new`, `Code`).
+        unsafe {
+            batch.retarget(
+                self.site,
+                SiteInsn::Jmp(expected),
+                SiteInsn::Jmp(new.address),
+            )
+        };
         Ok(())
     }
 }

@@ -10,7 +10,7 @@
 //! ```
 
 pub use crate::sys::regs::{Registers, VectorRegister, GENERAL};
-pub use crate::sys::unwind::{Frame, FrameKind, WalkEnd};
+pub use crate::sys::walk::{Frame, FrameKind, WalkEnd};
 pub use crate::sys::world::{
     stop_signal, stop_the_world, stop_the_world_within, Resumable, ResumeKind, StoppedThread,
     World, DEFAULT_TIMEOUT,

@@ -6,25 +6,43 @@
 //! new ones it executes a torn instruction and the process dies, or worse, jumps somewhere
 //! plausible. Cores may also run stale bytes they fetched before the write (cross-modifying code).
 //!
-//! # The protocol
+//! # The invariant
 //!
-//! All writes happen under one global lock ([`WRITER`]), in batches ([`Batch`]). A batch is
-//! validated completely before the first byte changes; then:
+//! *At every instant, every thread that fetches a registered site executes either the whole
+//! old instruction, the whole new instruction, or an `int3` whose trap slot makes the handler
+//! run one of them.* The writer establishes it, one batch at a time, under the write lock
+//! ([`WRITER`]); the `SIGTRAP` handler ([`crate::sys::trap`]) relies on it. A batch is validated
+//! completely (registered sites, expected instructions, reachable targets, bytes as the engine
+//! left them) before its first byte changes.
 //!
-//! 1. **Permissions.** Every page holding a site of the batch is made `rwx` (never writable
-//!    without exec: a thread executing there must not fault), contiguous pages in one `mprotect`,
-//!    and restored to its original protection after the batch. If the kernel forbids writable
-//!    executable pages (W^X policies), the engine writes through `/proc/self/mem` instead, as a
-//!    debugger does, and uses only the int3 path (those writes are not guaranteed atomic).
-//! 2. **Aligned sites** — the 5 bytes lie in one naturally aligned 8-byte word — change with one
-//!    atomic 8-byte store of the whole word (read-modify-write; only the writer stores to code,
-//!    under the lock). A fetch sees the old or the new instruction, never a mix.
-//! 3. **Other sites** follow the kernel's `text_poke_bp`: arm the trap table with the new bytes
-//!    (see [`crate::sys::trap`]), write `int3` on the first byte of every such site, sync cores;
-//!    write bytes 1..4, sync cores; write the first byte, (sync cores: step 4). A thread that
-//!    reaches a site meanwhile traps and the handler emulates the new instruction.
-//! 4. **Sync cores** once more ([`crate::sys::membarrier`]): every thread now executes the new
-//!    bytes. Only then are the trap slots disarmed and springboards no longer in use considered.
+//! # The protocol, and why each step is there
+//!
+//! 1. **Springboards** the batch needs are written first, in a window of their own, and synced
+//!    to every core ([`crate::springboard`]): fresh code must be visible before a site branches
+//!    to it.
+//! 2. **Window.** Every page holding a site becomes `rwx` — never writable without exec: a thread
+//!    executing there must not fault — with one `mprotect` per run of pages of one mapping
+//!    ([`window`]). Where the kernel forbids writable code, writes go through `/proc/self/mem`
+//!    instead and every site takes the int3 path (those writes are not single stores).
+//! 3. **Int3 sites** (not inside one aligned 8-byte word), the kernel's `text_poke_bp`: insert
+//!    their keys in the trap table, begin a write epoch, arm every slot with the new instruction
+//!    (so that a trap finds it), store `int3` on every first byte with `Release` (so that a
+//!    handler that reads the `int3` sees the armed slot), **sync cores** (no core still runs the
+//!    old first byte with a new tail), write every tail, **sync cores** (no core runs the new
+//!    first byte with an old tail), store every new first byte with `Release`.
+//! 4. **Aligned sites**: one atomic 8-byte store of the whole word (read-modify-write; only the
+//!    writer stores to code, under the lock). A fetch sees the old or the new instruction.
+//! 5. **Sync cores** once more: every thread now executes the new bytes. Only then are the slots
+//!    disarmed (`Release`: a handler that reads "disarmed" sees the new first byte) and the
+//!    epoch ended (`Release`: a handler that reads the even epoch sees every byte as left). The
+//!    handler's side of these orderings, and a loom model of them, are in
+//!    [`crate::sys::trap::slots`].
+//! 6. The engine records the new bytes, then closes the window (protections back).
+//!
+//! "Sync cores" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`
+//! ([`crate::sys::membarrier`]): every core running a thread of the process executes a
+//! serializing instruction, and threads not running do so before they next run. Code bytes are
+//! only ever accessed as atomics ([`crate::sys::memory`]).
 //!
 //! A batch therefore costs one core sync if all its sites are aligned, three otherwise, plus two
 //! `mprotect` calls per run of contiguous pages: cheap enough to retarget thousands of sites at
@@ -35,9 +53,23 @@
 //!
 //! # Failure
 //!
-//! Nothing is written until every edit is validated (registered site, expected instruction
-//! present, target reachable, bytes in memory as the engine left them) and every page is
-//! writable. A failure before that point leaves the process exactly as it was.
+//! A batch either completes or leaves the process exactly as it was: bytes, page protections,
+//! trap table. A failure before step 3 (validation, springboards, opening the window) changes
+//! no site. A failure or panic during steps 3-5 (an `mprotect`, a `/proc/self/mem` write or a
+//! `membarrier` that fails) is undone by the batch's [`transaction`], in the protocol's reverse
+//! order and inside the same write epoch; the window, a guard, puts every protection back on
+//! every exit path. A failing `mprotect` that *restores* a protection is retried, and the batch
+//! stands (its bytes were written and recorded before the window closes). The fault-injection
+//! tests (`tests/failed_writes*.rs`) fail each of these calls in turn, for every call a batch
+//! makes, under calling threads.
+//!
+//! # The safe boundary
+//!
+//! Retargeting a [`PatchSite`] or adding a raw edit to a [`Batch`] is `unsafe`: the caller
+//! vouches that the new instruction suits every thread that executes the site. The typed sites
+//! check it instead and are safe: [`crate::FnSite`] (targets of its type `F`),
+//! [`crate::stub::Stub`] (code with its fingerprint), [`crate::callsite::DirectCalls`] (functions
+//! of its type). Restoring a site's original bytes is always safe.
 //!
 //! # Knobs
 //!
@@ -47,22 +79,24 @@
 //!
 //! # Safety
 //!
-//! The unsafe blocks here read and write site bytes. Sites are mapped while registered
-//! (the contract of [`PatchSite::register`]); writes happen only inside a [`Window`] that made
-//! the pages writable, under the write lock, in the order the protocol above requires.
+//! The unsafe blocks here read site bytes and trampoline slots. Sites are mapped while
+//! registered (the contract of [`PatchSite::register`]); writes happen only inside a
+//! [`window`] that made the pages writable, under the write lock, in the order above.
 #![allow(unsafe_code)]
 
-use crate::arch::{self, INT3, SITE_LEN};
+mod transaction;
+mod window;
+
+use crate::arch::{self, SITE_LEN};
 use crate::error::{Error, ErrorKind, Result};
 use crate::hidden::{hide_insn, reveal_insn, Hidden};
 use crate::site::{PatchSite, SiteInsn};
 use crate::springboard::Springboards;
 use crate::sys::memory::{self, Protection};
 use crate::sys::{membarrier, trap::TrapSites};
-use std::collections::{HashMap, HashSet};
-use std::ops::Range;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use transaction::{take_undo_failure, SiteWrite, Transaction};
 
 /// How a batch writes its sites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,6 +109,10 @@ pub enum WritePath {
 }
 
 /// The engine's state, all of it behind the write lock.
+///
+/// Its maps are keyed by addresses and hashed with FxHash (a multiply): a batch of 80 sites
+/// makes hundreds of lookups, and SipHash's resistance to chosen keys buys nothing for code
+/// addresses the engine itself registered.
 pub(crate) struct Writer {
     /// Keyed by hidden address (see [`crate::hidden`]): reclamation scans must not see them.
     sites: HashMap<Hidden, SiteState>,
@@ -113,31 +151,34 @@ struct SiteState {
     bytes: [u8; SITE_LEN],
 }
 
-static WRITER: Mutex<Option<Writer>> = Mutex::new(None);
+/// The write lock. `parking_lot`'s mutex, for its eventual fairness: with more threads than
+/// cores, `std`'s mutex let a writer that releases and retakes the lock in a loop win every
+/// time, while a waiter woken on the futex was still waiting for a CPU — one writer made 1
+/// batch in 20 s while others made thousands (`EVOLVE_STRESS_THREADS=32`, `live_writes`).
+/// `parking_lot` hands the lock to the longest waiter whenever it has waited over 0.5 ms.
+static WRITER: parking_lot::Mutex<Option<Writer>> = parking_lot::const_mutex(None);
 static DEFAULT_PATH: AtomicU8 = AtomicU8::new(0);
 
 /// The write lock, with the engine state created on first use.
 pub(crate) fn lock() -> WriterGuard {
-    let mut guard = WRITER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard = WRITER.lock();
     if guard.is_none() {
         *guard = Some(Writer {
-            sites: HashMap::new(),
+            sites: HashMap::default(),
             traps: TrapSites::new(),
-            protections: HashMap::new(),
+            protections: HashMap::default(),
             springboards: Springboards::default(),
             via_proc_mem: std::env::var_os("EVOLVE_WRITE_VIA_PROC_MEM").is_some(),
             executable: Vec::new(),
-            interposed: HashMap::new(),
-            follows: HashMap::new(),
+            interposed: HashMap::default(),
+            follows: HashMap::default(),
         });
     }
     WriterGuard(guard)
 }
 
 /// Holds the write lock.
-pub(crate) struct WriterGuard(MutexGuard<'static, Option<Writer>>);
+pub(crate) struct WriterGuard(parking_lot::MutexGuard<'static, Option<Writer>>);
 
 impl std::ops::Deref for WriterGuard {
     type Target = Writer;
@@ -369,18 +410,16 @@ pub(crate) fn replace_instruction(
     crate::sys::trap::install()?;
     let window = w.open_code_window(address, SITE_LEN)?;
     w.traps.insert(address);
-    w.traps.arm(address, armed);
-    let written = (|| {
-        window.write(address, &[INT3])?;
-        membarrier::sync_cores()?;
-        window.write(address + 1, &new[1..])?;
-        membarrier::sync_cores()?;
-        window.write(address, &new[..1])?;
-        membarrier::sync_cores()
-    })();
-    w.traps.disarm(address);
-    window.close()?;
-    written
+    let write = [SiteWrite {
+        site: address,
+        old: expected,
+        new,
+        emulate: armed,
+    }];
+    Transaction::new(&window.0, &mut w.traps, &write, &[])
+        .run()
+        .map_err(with_undo_failure)?;
+    window.close()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -412,7 +451,7 @@ struct Edit {
 /// let sites: Vec<FnSite<F>> = (0..3).map(|_| FnSite::new(a as F).unwrap()).collect();
 /// let mut batch = Batch::new();
 /// for s in &sites {
-///     batch.retarget(s.patch_site(), s.patch_site().current(), evolve_code::SiteInsn::Jmp(b as usize));
+///     s.retarget_in(&mut batch, a, b);
 /// }
 /// let report = batch.apply().unwrap();
 /// assert_eq!(report.changed, 3);
@@ -456,7 +495,19 @@ impl Batch {
     }
 
     /// Adds: change `site` from `expected` to `new`.
-    pub fn retarget(&mut self, site: PatchSite, expected: SiteInsn, new: SiteInsn) -> &mut Batch {
+    ///
+    /// # Safety
+    ///
+    /// `new` must be sound for every thread that executes the site (see
+    /// [`PatchSite::retarget`]). The typed sites add their edits through safe methods that
+    /// check it: [`crate::FnSite::retarget_in`], [`crate::stub::Stub::retarget_in`],
+    /// [`crate::callsite::DirectCalls::retarget_in`].
+    pub unsafe fn retarget(
+        &mut self,
+        site: PatchSite,
+        expected: SiteInsn,
+        new: SiteInsn,
+    ) -> &mut Batch {
         // Hidden: a batch may outlive its use in freed memory (see `crate::hidden`).
         self.edits.push(Edit {
             site: Hidden::new(site.address()),
@@ -501,6 +552,9 @@ impl Batch {
             }
         };
         let result = w.write(&plan, path);
+        if result.is_err() {
+            w.abandon_springboards();
+        }
         // The plan holds plain addresses: leave no stale copies (see `crate::scrub`).
         crate::hidden::scrub_plain(plan.0);
         result
@@ -552,13 +606,16 @@ impl Writer {
             }
         };
         let result = self.write(&plan, default_write_path());
+        if result.is_err() {
+            self.abandon_springboards();
+        }
         crate::hidden::scrub_plain(plan.0);
         result.map(|_| ())
     }
 
     fn plan(&mut self, edits: &[Edit]) -> Result<(Vec<Planned>, usize)> {
         // Hidden: the set is freed after planning (see `crate::hidden`).
-        let mut seen = HashSet::with_capacity(edits.len());
+        let mut seen = HashSet::with_capacity_and_hasher(edits.len(), Default::default());
         let mut planned = Vec::with_capacity(edits.len());
         let mut unchanged = 0;
         for edit in edits {
@@ -732,204 +789,125 @@ impl Writer {
         }
         membarrier::ensure_registered()?;
         self.publish_springboards()?;
-        // Slots first: a site newly routed to its trampoline must find the target there.
+        // Slots first: a site newly routed to its trampoline must find the target there. Their
+        // old values are put back if the bytes cannot be written (error or panic).
+        let mut slots = SlotChanges(Vec::new());
         for p in planned {
             if let Some((slot, target)) = p.slot {
                 // SAFETY: the slot is alive while its site is interposed (see `interpose`).
-                unsafe { &*(slot as *const AtomicUsize) }.store(target, Ordering::Release);
+                let slot = unsafe { &*(slot as *const AtomicUsize) };
+                slots.0.push((slot, slot.swap(target, Ordering::AcqRel)));
             }
         }
-        let writes: Vec<&Planned> = planned.iter().filter(|p| p.write_bytes).collect();
-        let mut window = self.open_window(writes.iter().map(|p| p.site))?;
-        report.mprotects += window.runs.len();
-        let store_atomically = |site: usize| {
-            path == WritePath::Auto && !window.via_proc_mem && site % 8 + SITE_LEN <= 8
-        };
-        let (stored, trapped): (Vec<&Planned>, Vec<&Planned>) =
-            writes.iter().partition(|p| store_atomically(p.site));
-
-        if !trapped.is_empty() {
-            crate::sys::trap::install()?;
-            // Keys first (may grow the table), then arm: growth never happens while armed.
-            for p in &trapped {
-                self.traps.insert(p.site);
-            }
-            for p in &trapped {
-                self.traps.arm(p.site, p.bytes);
-            }
-            for p in &trapped {
-                window.write(p.site, &[INT3])?;
-            }
-            membarrier::sync_cores()?;
-            for p in &trapped {
-                window.write(p.site + 1, &p.bytes[1..])?;
-            }
-            membarrier::sync_cores()?;
-            for p in &trapped {
-                window.write(p.site, &p.bytes[..1])?;
-            }
-            report.core_syncs += 2;
-        }
-        for p in &stored {
-            // SAFETY: the window made the page writable; the site lies in one aligned word
-            // (checked by `store_atomically`); we hold the write lock.
-            unsafe { memory::store_in_word(p.site, &p.bytes) };
-        }
-        membarrier::sync_cores()?;
-        report.core_syncs += 1;
-        for p in &trapped {
-            self.traps.disarm(p.site);
-        }
+        let window = self.write_bytes(planned, path, &mut report)?;
+        // The bytes are written: record them before anything else can fail (closing the window).
+        slots.keep();
         for p in planned {
             let state = self.sites.get_mut(&Hidden::new(p.site)).expect("validated");
             state.bytes = p.bytes;
             state.current = hide_insn(p.insn);
         }
         report.changed = planned.len();
-        report.stored = stored.len();
-        report.via_int3 = trapped.len();
         report.via_springboard = planned.iter().filter(|p| p.via_springboard).count();
-        report.mprotects += window.close()?;
+        if let Some(window) = window {
+            report.mprotects += window.close()?;
+        }
         Ok(report)
     }
 
-    /// Makes the pages of `addresses` (each the start of `SITE_LEN` bytes) writable.
-    fn open_window(&mut self, addresses: impl Iterator<Item = usize>) -> Result<Window> {
-        // Page lists hold plain addresses: scrubbed below (see `crate::scrub`).
-        let mut pages: Vec<usize> = addresses
-            .flat_map(|a| [memory::page_of(a), memory::page_of(a + SITE_LEN - 1)])
-            .collect();
-        pages.sort_unstable();
-        pages.dedup();
-        let missing: Vec<usize> = pages
-            .iter()
-            .copied()
-            .filter(|p| !self.protections.contains_key(&Hidden::new(*p)))
-            .collect();
-        if !missing.is_empty() {
-            let maps = memory::mappings()?;
-            for &page in &missing {
-                let m = memory::mapping_containing(&maps, page)
-                    .filter(|m| m.protection.exec)
-                    .ok_or(ErrorKind::NotExecutable { address: page })?;
-                self.protections.insert(
-                    Hidden::new(page),
-                    (
-                        m.protection,
-                        Hidden::new(m.range.start),
-                        Hidden::new(m.range.end),
-                    ),
-                );
-            }
-        }
-        // One mprotect per mapping, from its first to its last page of the batch: the pages in
-        // between are made writable too (they keep exec, and nothing writes them), which is far
-        // cheaper than one call per scattered page.
-        let page_size = memory::page_size();
-        let mut runs: Vec<(Range<usize>, Protection)> = Vec::new();
-        let mut run_mapping: Option<(Hidden, Hidden)> = None;
-        crate::hidden::scrub_plain(missing);
-        for &page in &pages {
-            let (protection, start, end) = self.protections[&Hidden::new(page)];
-            let mapping = (start, end);
-            match runs.last_mut() {
-                Some((range, p)) if *p == protection && run_mapping.as_ref() == Some(&mapping) => {
-                    range.end = page + page_size
-                }
-                _ => {
-                    runs.push((page..page + page_size, protection));
-                    run_mapping = Some(mapping);
-                }
-            }
-        }
-        crate::hidden::scrub_plain(pages);
-        let mut window = Window {
-            runs: Vec::with_capacity(runs.len()),
-            via_proc_mem: self.via_proc_mem,
-        };
-        if window.via_proc_mem {
-            crate::hidden::scrub_plain(runs);
-            return Ok(window);
-        }
-        for (range, protection) in runs.iter().cloned() {
-            let writable = Protection {
-                write: true,
-                ..protection
-            };
-            if let Err(e) = memory::mprotect(range.clone(), writable) {
-                window.close()?;
-                if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::EACCES) {
-                    // W^X policy: fall back to /proc/self/mem for good (see module docs).
-                    self.via_proc_mem = true;
-                    window.via_proc_mem = true;
-                    return Ok(window);
-                }
-                if matches!(e.kind(), ErrorKind::Os { errno, .. } if *errno == libc::ENOMEM) {
-                    // Unmapped since we cached it: forget, so the next attempt re-reads maps.
-                    self.protections.retain(|p, _| !range.contains(&p.get()));
-                }
-                crate::hidden::scrub_plain(runs);
-                return Err(e);
-            }
-            window.runs.push((range, protection));
-        }
-        crate::hidden::scrub_plain(runs);
-        Ok(window)
-    }
-
-    /// Writes fresh code (not yet reachable by any thread) and syncs cores, so that a later
-    /// site write publishing it is seen after the code.
-    pub(crate) fn write_fresh_code(&mut self, address: usize, code: &[u8]) -> Result<()> {
-        self.write_fresh_code_many(&[(address, code)])
-    }
-
-    /// Writes several pieces of fresh code in one window, then syncs cores once.
-    pub(crate) fn write_fresh_code_many<C: AsRef<[u8]>>(
+    /// Writes the bytes of `planned` in one window and one transaction: all of them, or none
+    /// (see [`transaction`]). Returns the window, still open, for the caller to close once it
+    /// recorded the new bytes.
+    fn write_bytes(
         &mut self,
-        pieces: &[(usize, C)],
-    ) -> Result<()> {
-        membarrier::ensure_registered()?;
-        let spans = pieces.iter().flat_map(|(address, code)| {
-            let (address, len) = (*address, code.as_ref().len());
-            (address..address + len)
-                .step_by(memory::page_size())
-                .chain([address + len.saturating_sub(SITE_LEN)])
-        });
-        let mut window = self.open_window(spans)?;
-        for (address, code) in pieces {
-            window.write(*address, code.as_ref())?;
+        planned: &[Planned],
+        path: WritePath,
+        report: &mut BatchReport,
+    ) -> Result<Option<window::Window>> {
+        let to_write = || planned.iter().filter(|p| p.write_bytes);
+        if to_write().next().is_none() {
+            return Ok(None);
         }
-        window.close()?;
-        membarrier::sync_cores()
+        let window = self.open_window(to_write().map(|p| p.site))?;
+        report.mprotects += window.runs();
+        let atomic = path == WritePath::Auto && !window.via_proc_mem();
+        let stores = |site: usize| atomic && site % 8 + SITE_LEN <= 8;
+        if to_write().any(|p| !stores(p.site)) {
+            crate::sys::trap::install()?;
+        }
+        // Plain addresses: sized once (a growing vector would leave stale copies in freed
+        // memory) and scrubbed below (see `crate::hidden`).
+        let (mut stored, mut trapped) = (
+            Vec::with_capacity(planned.len()),
+            Vec::with_capacity(planned.len()),
+        );
+        for p in to_write() {
+            let write = SiteWrite {
+                site: p.site,
+                old: self.sites[&Hidden::new(p.site)].bytes,
+                new: p.bytes,
+                emulate: p.bytes,
+            };
+            if stores(p.site) {
+                stored.push(write);
+            } else {
+                trapped.push(write);
+            }
+        }
+        // Keys before the write begins: the table may grow, which it must not while armed.
+        for w in &trapped {
+            self.traps.insert(w.site);
+        }
+        let result = Transaction::new(&window, &mut self.traps, &trapped, &stored).run();
+        report.stored = stored.len();
+        report.via_int3 = trapped.len();
+        crate::hidden::scrub_plain(stored);
+        crate::hidden::scrub_plain(trapped);
+        match result {
+            Ok(core_syncs) => report.core_syncs += core_syncs,
+            Err(e) => return Err(with_undo_failure(e)),
+        }
+        Ok(Some(window))
     }
 }
 
-/// Pages made writable for one batch.
-struct Window {
-    runs: Vec<(Range<usize>, Protection)>,
-    via_proc_mem: bool,
+/// Trampoline slots a batch changed, with their old values: put back when dropped, unless the
+/// batch's bytes were written ([`SlotChanges::keep`]).
+struct SlotChanges<'a>(Vec<(&'a AtomicUsize, usize)>);
+
+impl SlotChanges<'_> {
+    fn keep(mut self) {
+        crate::hidden::scrub_plain(std::mem::take(&mut self.0));
+    }
 }
 
-impl Window {
-    fn write(&self, address: usize, bytes: &[u8]) -> Result<()> {
-        if self.via_proc_mem {
-            return memory::write_via_proc_mem(address, bytes);
+impl Drop for SlotChanges<'_> {
+    fn drop(&mut self) {
+        for (slot, old) in &self.0 {
+            slot.store(*old, Ordering::Release);
         }
-        // SAFETY: the window made every page of the batch writable (and kept them executable);
-        // the protocol guarantees no thread executes a partially written instruction.
-        unsafe { memory::write(address, bytes) };
-        Ok(())
+        crate::hidden::scrub_plain(std::mem::take(&mut self.0));
     }
+}
 
-    /// Restores the original protections; returns the number of `mprotect` calls.
-    fn close(&mut self) -> Result<usize> {
-        let n = self.runs.len();
-        for (range, protection) in self.runs.iter().cloned() {
-            memory::mprotect(range, protection)?;
-        }
-        crate::hidden::scrub_plain(std::mem::take(&mut self.runs));
-        Ok(n)
+/// The batch's error, or the undo's if undoing it failed too (the graver news).
+fn with_undo_failure(error: Error) -> Error {
+    match take_undo_failure() {
+        None => error,
+        Some(undo) => Error::new(ErrorKind::Incomplete {
+            reason: format!(
+                "{error}; undoing it failed too ({}): the sites touched stay armed, running \
+                 their old instruction through the trap handler",
+                Error::new(undo)
+            ),
+        }),
     }
+}
+
+/// The trap table's state (for the fault-injection tests).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn trap_table() -> crate::sys::trap::TrapTable {
+    lock().traps.snapshot()
 }
 
 /// Whether the engine has fallen back to writing through `/proc/self/mem`.
@@ -945,51 +923,33 @@ pub struct TrapCounts {
     pub emulated: u64,
     /// The write had completed before the handler ran; the thread re-executed the site.
     pub rewound: u64,
+    /// An `int3` at a site with no write in flight (a debugger's, the program's own) was passed
+    /// to the program's handler.
+    pub foreign: u64,
 }
 
 /// How often threads have met a site under the int3 protocol (see [`TrapCounts`]).
 pub fn trap_counts() -> TrapCounts {
-    let (emulated, rewound) = crate::sys::trap::counts();
-    TrapCounts { emulated, rewound }
+    let (emulated, rewound, foreign) = crate::sys::trap::counts();
+    TrapCounts {
+        emulated,
+        rewound,
+        foreign,
+    }
 }
 
 /// Reads the current bytes at a registered site (for tests and diagnostics).
 pub fn site_bytes(site: PatchSite) -> [u8; SITE_LEN] {
-    read_site(site.address())
+    read_registered(site.address())
 }
 
-/// A write window over arbitrary code bytes, for multi-instruction overwrites made while the
-/// world is stopped ([`crate::detour`]). Opened and closed under the write lock; writing through
-/// it allocates nothing (unless the engine writes via `/proc/self/mem`, whose file is opened
-/// when the window opens).
-pub(crate) struct CodeWindow(Window);
-
-impl Writer {
-    /// Makes `address..address + len` (`len >= SITE_LEN`) writable, keeping it executable.
-    pub(crate) fn open_code_window(&mut self, address: usize, len: usize) -> Result<CodeWindow> {
-        membarrier::ensure_registered()?;
-        let len = len.max(SITE_LEN);
-        let window = self.open_window(
-            (address..address + len)
-                .step_by(memory::page_size())
-                .chain([address + len - SITE_LEN]),
-        )?;
-        if window.via_proc_mem {
-            // Open the file now: the write must not allocate while the world is stopped.
-            memory::write_via_proc_mem(address, &read_site(address))?;
-        }
-        Ok(CodeWindow(window))
-    }
-}
-
-impl CodeWindow {
-    /// Writes `bytes` at `address` (inside the window) with plain stores.
-    pub(crate) fn write(&self, address: usize, bytes: &[u8]) -> Result<()> {
-        self.0.write(address, bytes)
-    }
-
-    /// Restores the pages' protection.
-    pub(crate) fn close(mut self) -> Result<()> {
-        self.0.close().map(|_| ())
-    }
+/// The bytes at `address` if it is a registered site (read under the write lock, so they are
+/// the bytes of a whole instruction).
+pub(crate) fn read_registered(address: usize) -> [u8; SITE_LEN] {
+    let w = lock();
+    assert!(
+        w.sites.contains_key(&Hidden::new(address)),
+        "{address:#x} is not a registered site"
+    );
+    read_site(address)
 }

@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{flip, hammer, one, F};
-use evolve_code::{FnSite, Placement};
+use common::{flip_fns, hammer, one, threads, F};
+use evolve_code::{FnSite, PatchSite, Placement};
 use std::time::Duration;
 
 #[test]
@@ -15,13 +15,22 @@ fn writes_through_proc_self_mem_are_safe_under_threads() {
     let site = FnSite::with_placement(one as F, Placement::Aligned).unwrap();
     assert!(evolve_code::write::writes_via_proc_mem());
     let mut via_int3 = 0;
-    let (calls, rounds) = hammer(&[site.entry()], 4, 20_000, Duration::from_secs(15), |i| {
-        let (from, to) = flip(i, false);
-        via_int3 += site.patch_site().retarget(from, to).unwrap().via_int3;
-    });
+    let (calls, rounds) = hammer(
+        &[site.entry()],
+        threads(),
+        20_000,
+        Duration::from_secs(15),
+        |i| {
+            let (from, to) = flip_fns(i);
+            via_int3 += site.retarget(from, to).unwrap().via_int3;
+        },
+    );
     assert!(rounds >= 1000 && calls > rounds as u64);
     // Even an aligned site avoids the plain store: /proc/self/mem writes are not atomic.
     assert_eq!(via_int3, rounds);
-    site.patch_site().restore().unwrap();
+    PatchSite::lookup(site.site().address())
+        .unwrap()
+        .restore()
+        .unwrap();
     assert_eq!((site.entry())(), 1);
 }

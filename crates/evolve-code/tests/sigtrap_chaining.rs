@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{flip, hammer, one, F};
+use common::{flip_fns, hammer, one, threads, F};
 use evolve_code::{Batch, FnSite, Placement, WritePath};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -42,14 +42,18 @@ fn foreign_breakpoint() {
 }
 
 fn int3_stress(site: &FnSite<F>) {
-    let (_, rounds) = hammer(&[site.entry()], 4, 20_000, Duration::from_secs(10), |i| {
-        let (from, to) = flip(i, false);
-        let mut batch = Batch::new();
-        batch
-            .path(WritePath::Int3)
-            .retarget(site.patch_site(), from, to);
-        batch.apply().unwrap();
-    });
+    let (_, rounds) = hammer(
+        &[site.entry()],
+        threads(),
+        20_000,
+        Duration::from_secs(10),
+        |i| {
+            let (from, to) = flip_fns(i);
+            let mut batch = Batch::new();
+            site.retarget_in(batch.path(WritePath::Int3), from, to);
+            batch.apply().unwrap();
+        },
+    );
     assert!(rounds >= 1000);
 }
 

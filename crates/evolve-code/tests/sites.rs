@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{call_thunk, flip, hammer, one, two, F};
+use common::{
+    call_thunk, far_from_executable, flip, forty_two_near, hammer, one, retarget, retarget_in,
+    threads, two, F,
+};
 use evolve_code::{
     write::site_bytes, Batch, ErrorKind, FnSite, NearBlock, PatchSite, Placement, SiteInsn,
 };
@@ -60,11 +63,11 @@ fn text_sites_in_the_executable_switch_under_threads_and_restore_byte_for_byte()
         ]
     };
     let entries: [F; 2] = [evolve_test_text_site_aligned, evolve_test_text_site_cross];
-    let (calls, rounds) = hammer(&entries, 4, 20_000, Duration::from_secs(20), |i| {
+    let (calls, rounds) = hammer(&entries, threads(), 20_000, Duration::from_secs(20), |i| {
         let mut batch = Batch::new();
         for s in sites {
             let (from, to) = flip(i, false);
-            batch.retarget(s, from, to);
+            retarget_in(&mut batch, s, from, to);
         }
         let report = batch.apply().unwrap();
         assert_eq!((report.stored, report.via_int3), (1, 1));
@@ -89,41 +92,21 @@ fn retarget_then_restore_gives_back_the_original_bytes_exactly() {
     for placement in [Placement::Aligned, Placement::CrossWord] {
         let (thunk, site) = call_thunk(one, placement);
         let original = site_bytes(site);
-        site.retarget(
+        retarget(
+            site,
             SiteInsn::Call(one as F as usize),
             SiteInsn::Call(two as F as usize),
         )
         .unwrap();
         assert_ne!(site_bytes(site), original);
         assert_eq!(thunk(), 2);
-        site.retarget(SiteInsn::Call(two as F as usize), SiteInsn::Nop)
-            .unwrap();
+        retarget(site, SiteInsn::Call(two as F as usize), SiteInsn::Nop).unwrap();
         assert_eq!(site_bytes(site), evolve_code::NOP5);
         site.restore().unwrap();
         assert_eq!(site_bytes(site), original);
         assert_eq!(site.current(), site.original());
         assert_eq!(thunk(), 1);
     }
-}
-
-/// A function `mov eax, 42; ret` placed near `near`.
-fn forty_two_near(near: usize) -> F {
-    let block = NearBlock::alloc(near, 16).unwrap();
-    // SAFETY: the block is fresh; nothing executes it yet.
-    unsafe { block.write(0, &[0xb8, 42, 0, 0, 0, 0xc3]).unwrap() };
-    // SAFETY: the bytes written are a complete function of type F.
-    unsafe { std::mem::transmute::<usize, F>(block.address()) }
-}
-
-/// An address more than 4 GiB from the executable's code (a large heap block is mmapped).
-fn far_from_executable() -> usize {
-    let far = Box::leak(vec![0u8; 4 << 20].into_boxed_slice()).as_ptr() as usize;
-    let exe = one as F as usize;
-    assert!(
-        far.abs_diff(exe) > 1 << 32,
-        "heap {far:#x} is near the executable {exe:#x}"
-    );
-    far
 }
 
 #[test]
@@ -136,18 +119,18 @@ fn a_target_beyond_rel32_range_is_reached_through_a_springboard() {
     assert_eq!(report.via_springboard, 1);
     assert_eq!((site.entry())(), 42);
     // The caller sees the real target, not the springboard.
-    assert_eq!(site.patch_site().current(), SiteInsn::Jmp(far as usize));
+    assert_eq!(site.site().current(), SiteInsn::Jmp(far as usize));
     assert_eq!(site.target() as usize, far as usize);
     assert!(evolve_code::springboard_count() > boards_before);
 
     // A call site reaches the same far function through a springboard and returns to its caller.
     let (thunk, call_site) = call_thunk(one, Placement::CrossWord);
-    let report = call_site
-        .retarget(
-            SiteInsn::Call(one as F as usize),
-            SiteInsn::Call(far as usize),
-        )
-        .unwrap();
+    let report = retarget(
+        call_site,
+        SiteInsn::Call(one as F as usize),
+        SiteInsn::Call(far as usize),
+    )
+    .unwrap();
     assert_eq!(report.via_springboard, 1);
     assert_eq!(thunk(), 42);
 
@@ -196,18 +179,18 @@ fn non_code_and_non_site_bytes_cannot_be_registered() {
 #[test]
 fn a_wrong_expectation_is_refused_and_nothing_changes() {
     let site = FnSite::new(one as F).unwrap();
-    let bytes = site_bytes(site.patch_site());
+    let bytes = site.site().bytes();
     let err = site.retarget(two, one).unwrap_err();
     assert_eq!(
         err.kind(),
         &ErrorKind::UnexpectedInstruction {
-            address: site.patch_site().address(),
+            address: site.site().address(),
             expected: SiteInsn::Jmp(two as F as usize),
             found: SiteInsn::Jmp(one as F as usize),
         }
     );
     assert!(err.to_string().contains("nothing was changed"), "{err}");
-    assert_eq!(site_bytes(site.patch_site()), bytes);
+    assert_eq!(site.site().bytes(), bytes);
     assert_eq!((site.entry())(), 1);
 }
 
@@ -216,14 +199,17 @@ fn a_target_outside_executable_memory_is_refused() {
     let site = FnSite::new(one as F).unwrap();
     let data = Box::leak(Box::new(0u64)) as *mut u64 as usize;
     for target in [0, data] {
-        let err = site
-            .patch_site()
-            .retarget(SiteInsn::Jmp(one as F as usize), SiteInsn::Jmp(target))
-            .unwrap_err();
+        let site_handle = PatchSite::lookup(site.site().address()).unwrap();
+        let err = retarget(
+            site_handle,
+            SiteInsn::Jmp(one as F as usize),
+            SiteInsn::Jmp(target),
+        )
+        .unwrap_err();
         assert_eq!(
             err.kind(),
             &ErrorKind::TargetNotExecutable {
-                site: site.patch_site().address(),
+                site: site.site().address(),
                 target
             }
         );
@@ -234,7 +220,7 @@ fn a_target_outside_executable_memory_is_refused() {
 #[test]
 fn a_batch_with_one_bad_edit_changes_no_site() {
     let sites: Vec<FnSite<F>> = (0..4).map(|_| FnSite::new(one as F).unwrap()).collect();
-    let before: Vec<_> = sites.iter().map(|s| site_bytes(s.patch_site())).collect();
+    let before: Vec<_> = sites.iter().map(|s| s.site().bytes()).collect();
     let (good, bad) = (
         SiteInsn::Jmp(one as F as usize),
         SiteInsn::Jmp(two as F as usize),
@@ -243,21 +229,21 @@ fn a_batch_with_one_bad_edit_changes_no_site() {
     for (i, s) in sites.iter().enumerate() {
         // The last edit expects `two`, but the site holds `one`.
         let expected = if i == 3 { bad } else { good };
-        batch.retarget(s.patch_site(), expected, bad);
+        let handle = PatchSite::lookup(s.site().address()).unwrap();
+        retarget_in(&mut batch, handle, expected, bad);
     }
     assert!(batch.apply().is_err());
     let mut duplicate = Batch::new();
-    duplicate
-        .retarget(sites[0].patch_site(), good, bad)
-        .retarget(sites[0].patch_site(), good, bad);
+    sites[0].retarget_in(&mut duplicate, one, two);
+    sites[0].retarget_in(&mut duplicate, one, two);
     let err = duplicate.apply().unwrap_err();
     assert_eq!(
         err.kind(),
         &ErrorKind::DuplicateSite {
-            address: sites[0].patch_site().address()
+            address: sites[0].site().address()
         }
     );
-    let after: Vec<_> = sites.iter().map(|s| site_bytes(s.patch_site())).collect();
+    let after: Vec<_> = sites.iter().map(|s| s.site().bytes()).collect();
     assert_eq!(before, after);
     assert!(sites.iter().all(|s| (s.entry())() == 1));
 }
@@ -279,9 +265,7 @@ fn bytes_changed_behind_the_engines_back_are_detected_and_left_alone() {
     // SAFETY: nothing executes the block.
     unsafe { block.write(0, &jmp(two as F as usize)).unwrap() };
     let tampered = site_bytes(site);
-    let err = site
-        .retarget(SiteInsn::Jmp(one as F as usize), SiteInsn::Nop)
-        .unwrap_err();
+    let err = retarget(site, SiteInsn::Jmp(one as F as usize), SiteInsn::Nop).unwrap_err();
     assert!(matches!(err.kind(), ErrorKind::UnexpectedBytes { found, .. } if *found == tampered));
     assert!(
         err.to_string().contains("behind the engine's back"),

@@ -93,7 +93,8 @@ fn a_thread_interrupted_inside_the_replaced_bytes_by_a_running_handler_delays_th
     }
     // The caller's RIP is in the handler; the PC it resumes at is `function + 3`.
     let install = std::thread::spawn(move || {
-        let result = Detour::install(function, CODE.len(), hooks());
+        // SAFETY: `CODE` is one whole function of mapped code, `CODE.len()` bytes at `function`.
+        let result = unsafe { Detour::install(function, CODE.len(), hooks()) };
         (result, LEFT.load(Ordering::SeqCst))
     });
     // Give a wrong implementation every chance to write the jump now.
@@ -120,7 +121,8 @@ fn a_thread_interrupted_inside_the_replaced_bytes_by_a_running_handler_delays_th
     assert_eq!(call.join().unwrap(), 42);
     // Once nothing can resume inside, the detour goes in and counts calls.
     let hooks = hooks();
-    let d = Detour::install(function, CODE.len(), hooks.clone()).unwrap();
+    // SAFETY: as above.
+    let d = unsafe { Detour::install(function, CODE.len(), hooks.clone()) }.unwrap();
     // SAFETY: as above; the detour keeps the function's behaviour.
     let f: extern "C" fn(usize) -> u64 = unsafe { std::mem::transmute(function) };
     let ok = Box::new(7u8);

@@ -7,7 +7,7 @@
 //! versions). All copies share one cargo target directory, so dependencies compile once.
 
 use anyhow::{anyhow, bail, Context, Result};
-use evolve_hot::builder::{build_patch, Base, BuildOptions, BuildReport};
+use evolve_builder::so::{build_patch, Base, BuildOptions, BuildReport};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -88,6 +88,14 @@ impl KvWorkspace {
         // Not a hard link: the next build rewrites the target's file in place.
         std::fs::copy(self.target.join("release/kv-server"), &binary)?;
         Ok(binary)
+    }
+
+    /// Rebuilds the server (release profile, Evolve flavor) after an edit: the user's
+    /// incremental `cargo build --release`.
+    pub fn rebuild(&self) -> Result<()> {
+        let mut cargo = self.cargo("build");
+        cargo.args(["-p", "kv-server"]);
+        run(&mut cargo, "rebuilding the kv server")
     }
 
     fn cargo(&self, command: &str) -> Command {

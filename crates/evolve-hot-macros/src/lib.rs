@@ -15,8 +15,16 @@
 //! so the host and a patch built from edited source agree on it; the fingerprint hashes the
 //! parameter and return types, so a patch that changes a signature is recognised.
 //!
-//! Generic, `async` and `const` functions, trait impls and C-variadic functions are refused with
-//! an error that says what to do instead.
+//! An `async fn` (free or method) becomes a hot function returning its future boxed, so that
+//! futures in flight finish on the version they started with (see `async_fn`).
+//!
+//! Generic and `const` functions, trait impls and C-variadic functions are refused with an error
+//! that says what to do instead; in an `impl` block, such methods stay ordinary methods and the
+//! others are prepared. Lifetime parameters (of the function or of the impl) are fine.
+
+#![forbid(unsafe_code)]
+
+mod async_fn;
 
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
@@ -37,15 +45,24 @@ use syn::{
 /// ```
 #[proc_macro_attribute]
 pub fn hot(attr: TokenStream, item: TokenStream) -> TokenStream {
-    if !attr.is_empty() {
-        return syn::Error::new(Span::call_site(), "#[evolve::hot] takes no arguments")
+    // `local`: the futures of async functions need not be `Send`.
+    let send = match attr.to_string().as_str() {
+        "" => true,
+        "local" => false,
+        _ => {
+            return syn::Error::new(
+                Span::call_site(),
+                "#[evolve::hot] takes no arguments, or `local` (async functions whose futures \
+                 are not Send)",
+            )
             .to_compile_error()
-            .into();
-    }
+            .into()
+        }
+    };
     let item = parse_macro_input!(item as Item);
     let result = match item {
-        Item::Fn(f) => hot_fn(f),
-        Item::Impl(i) => hot_impl(i),
+        Item::Fn(f) => hot_fn(f, send),
+        Item::Impl(i) => hot_impl(i, send),
         other => Err(syn::Error::new_spanned(
             other,
             "#[evolve::hot] applies to a function or an inherent impl block",
@@ -96,7 +113,7 @@ fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
     // The adaptor's identity is the hot function's; its fingerprint is its own (old) signature.
     let mut as_target = f.sig.clone();
     as_target.ident = name;
-    let p = prepare(&as_target, self_ty.as_ref())?;
+    let p = prepare(&as_target, self_ty.as_ref(), &[])?;
     let export = format!("__evolve_adaptor_{}_{:016x}", p.id, p.fingerprint);
     // Old callers reach the adaptor through the stub: it needs the stubs' ABI.
     let mut f = f;
@@ -115,7 +132,8 @@ fn adaptor_fn(target: syn::Path, f: ItemFn) -> syn::Result<TokenStream2> {
 /// every thread that uses safe points is held at one, before the patch's functions take over.
 ///
 /// The static must have interior mutability (atomics, `Mutex`, ...), since its new value is
-/// written in place. Code outside the patch compiled against the old layout keeps the old
+/// written in place: a static of another type is a compile error (the type must implement
+/// `evolve::code::InteriorMutable`). Code outside the patch compiled against the old layout keeps the old
 /// static; make the readers hot functions of the patched crate.
 ///
 /// ```ignore
@@ -156,8 +174,18 @@ fn transfer_fn(target: syn::Ident, f: ItemFn) -> syn::Result<TokenStream2> {
     let export = format!("__evolve_transfer_{}__{}", symbol_safe(&crate_name), target);
     let name = &f.sig.ident;
     let wrapper = format_ident!("__evolve_transfer_{}", target);
+    let check = format_ident!("__evolve_transfer_target_is_interior_mutable_{}", target);
     Ok(quote! {
         #f
+
+        // The write below is sound only over interior-mutable memory: refuse anything else at
+        // compile time.
+        #[doc(hidden)]
+        #[allow(non_snake_case, dead_code)]
+        fn #check() {
+            fn require<T: ?Sized + ::evolve::hot::__private::InteriorMutable>(_: &T) {}
+            require(&#target);
+        }
 
         #[doc(hidden)]
         #[allow(unsafe_code, non_snake_case)]
@@ -165,9 +193,9 @@ fn transfer_fn(target: syn::Ident, f: ItemFn) -> syn::Result<TokenStream2> {
         extern "C" fn #wrapper(old: *const u8) {
             // SAFETY: Evolve calls this once, at a safe point, with the address of the running
             // program's instance of the static in its old layout (`&OldType`), which stays
-            // valid; the new value is written over the patch's own instance, whose type has
-            // interior mutability (required by #[evolve::transfer]), so no shared reference to
-            // it is invalidated by the write.
+            // valid (`PatchObject::transfer_static` finds it by name); the new value is written
+            // over the patch's own instance, whose type is `InteriorMutable` (checked above at
+            // compile time), so no shared reference to it is invalidated by the write.
             unsafe {
                 let old = &*(old as *const #old_type);
                 let new = #name(old);
@@ -206,8 +234,8 @@ fn check_signature(sig: &Signature) -> syn::Result<()> {
     if sig.asyncness.is_some() {
         return refuse(
             &sig.asyncness,
-            "an async fn: make a hot non-async function that does the work and call it from \
-             the async one",
+            "an async adaptor: give it the signature the hot async fn has once prepared, \
+             `fn(…) -> Pin<Box<dyn Future<Output = T> + Send + '_>>`",
         );
     }
     if sig.constness.is_some() {
@@ -262,6 +290,17 @@ impl VisitMut for ReplaceSelf<'_> {
     }
 }
 
+/// Replaces every named lifetime with `'_`.
+struct ElideLifetimes;
+
+impl VisitMut for ElideLifetimes {
+    fn visit_lifetime_mut(&mut self, lifetime: &mut syn::Lifetime) {
+        if lifetime.ident != "static" {
+            *lifetime = syn::Lifetime::new("'_", lifetime.span());
+        }
+    }
+}
+
 /// What the generated pieces need to know about one function.
 struct Prepared {
     /// The parameter types, `Self` replaced, receiver included.
@@ -271,10 +310,19 @@ struct Prepared {
     fingerprint: u64,
     /// The function's display path below `module_path!()`.
     display: String,
+    /// The lifetime parameters the signature uses (the impl's and the function's): the stub,
+    /// a module-level item, declares them itself.
+    lifetimes: Vec<syn::LifetimeParam>,
 }
 
-fn prepare(sig: &Signature, self_ty: Option<&Type>) -> syn::Result<Prepared> {
+fn prepare(
+    sig: &Signature,
+    self_ty: Option<&Type>,
+    impl_lifetimes: &[syn::LifetimeParam],
+) -> syn::Result<Prepared> {
     check_signature(sig)?;
+    let mut lifetimes = impl_lifetimes.to_vec();
+    lifetimes.extend(sig.generics.lifetimes().cloned());
     let replace = |ty: &Type| {
         let mut ty = ty.clone();
         if let Some(s) = self_ty {
@@ -329,6 +377,7 @@ fn prepare(sig: &Signature, self_ty: Option<&Type>) -> syn::Result<Prepared> {
         id,
         fingerprint: fnv1a(&signature_text),
         display,
+        lifetimes,
     })
 }
 
@@ -368,6 +417,7 @@ fn forwarding(sig: &Signature) -> (Vec<TokenStream2>, Vec<TokenStream2>) {
 /// `C-unwind` ABI (naked functions cannot use the Rust ABI on stable); both are compiled by rustc
 /// from the same signature, so they agree, and panics unwind through them.
 fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
+    let lifetimes = &p.lifetimes;
     let stub = format_ident!("__evolve_stub_{}", p.id);
     let stub_name = stub.to_string();
     let entry = format_ident!("__EVOLVE_HOT_ENTRY_{}", p.id.to_uppercase());
@@ -378,7 +428,7 @@ fn module_items(p: &Prepared, implementation: TokenStream2) -> TokenStream2 {
         #[unsafe(naked)]
         #[allow(improper_ctypes_definitions, unsafe_code)]
         #[unsafe(link_section = ".text.evolve_stubs")]
-        extern "C-unwind" fn #stub(#(_: #param_types),*) #output {
+        extern "C-unwind" fn #stub <#(#lifetimes),*> (#(_: #param_types),*) #output {
             ::core::arch::naked_asm!(
                 ".balign 8, 0xcc",
                 concat!(".globl ", #stub_name),
@@ -422,8 +472,19 @@ fn impl_attrs(p: &Prepared) -> TokenStream2 {
     }
 }
 
-fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
-    let p = prepare(&f.sig, None)?;
+fn hot_fn(mut f: ItemFn, send: bool) -> syn::Result<TokenStream2> {
+    if f.sig.asyncness.is_some() && f.sig.receiver().is_none() {
+        async_fn::desugar(&mut f.sig, &mut f.block, send);
+    }
+    if let Some(receiver) = f.sig.receiver() {
+        return Err(syn::Error::new_spanned(
+            receiver,
+            "#[evolve::hot] on a single method: put #[evolve::hot] on its impl block instead \
+             (the attribute on a method cannot see the type it belongs to); every method the \
+             block's attribute can prepare becomes hot",
+        ));
+    }
+    let p = prepare(&f.sig, None, &[])?;
     let (params, args) = forwarding(&f.sig);
     let stub = format_ident!("__evolve_stub_{}", p.id);
     let implementation = format_ident!("__evolve_impl_{}", f.sig.ident);
@@ -453,7 +514,7 @@ fn hot_fn(f: ItemFn) -> syn::Result<TokenStream2> {
     })
 }
 
-fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
+fn hot_impl(mut block: ItemImpl, send: bool) -> syn::Result<TokenStream2> {
     if let Some((_, path, _)) = &block.trait_ {
         return Err(syn::Error::new_spanned(
             path,
@@ -461,22 +522,40 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
              methods the trait impl calls",
         ));
     }
-    if !block.generics.params.is_empty() {
+    if let Some(param) = block
+        .generics
+        .params
+        .iter()
+        .find(|p| !matches!(p, syn::GenericParam::Lifetime(_)))
+    {
         return Err(syn::Error::new_spanned(
-            &block.generics,
+            param,
             "#[evolve::hot] cannot prepare methods of a generic type: make hot methods on a \
              concrete type",
         ));
     }
+    let impl_lifetimes: Vec<syn::LifetimeParam> = block.generics.lifetimes().cloned().collect();
     let self_ty = (*block.self_ty).clone();
+    // The module-level table entry names the implementation with the impl's lifetimes left to
+    // inference: they are not declared there.
+    let mut self_ty_elided = self_ty.clone();
+    ElideLifetimes.visit_type_mut(&mut self_ty_elided);
     let mut module = TokenStream2::new();
     let mut items = Vec::new();
     for item in block.items.drain(..) {
-        let ImplItem::Fn(method) = item else {
+        let ImplItem::Fn(mut method) = item else {
             items.push(item);
             continue;
         };
-        let p = prepare(&method.sig, Some(&self_ty))?;
+        if method.sig.asyncness.is_some() {
+            async_fn::desugar(&mut method.sig, &mut method.block, send);
+        }
+        // A method that cannot be prepared (generic, async, const, ...) stays an ordinary
+        // method: the others of the block are still prepared, and nothing else breaks.
+        let Ok(p) = prepare(&method.sig, Some(&self_ty), &impl_lifetimes) else {
+            items.push(ImplItem::Fn(method));
+            continue;
+        };
         let (params, args) = forwarding(&method.sig);
         let stub = format_ident!("__evolve_stub_{}", p.id);
         let implementation = format_ident!("__evolve_impl_{}", method.sig.ident);
@@ -503,7 +582,7 @@ fn hot_impl(mut block: ItemImpl) -> syn::Result<TokenStream2> {
             #impl_attrs
             #vis #impl_sig #body
         });
-        module.extend(module_items(&p, quote!(<#self_ty>::#implementation)));
+        module.extend(module_items(&p, quote!(<#self_ty_elided>::#implementation)));
     }
     block.items = items;
     Ok(quote! {

@@ -8,7 +8,8 @@
 //! the code they started with; new calls run the new code; statics of the program (and of every
 //! dependency) are shared, so state, connections, loggers and runtimes carry over.
 //!
-//! Patches are built by [`builder`] (the `evolve build-patch` command calls the same code).
+//! Patches are built by the control layer's `evolve-builder` crate (the `evolve build-patch`
+//! command calls it); a server links no code that runs cargo.
 //!
 //! # Example
 //!
@@ -27,8 +28,8 @@
 //! println!("updated {:?} in {:.2} ms", report.updated, report.total_ms);
 //! # Ok::<(), evolve::hot::Error>(())
 //! ```
+#![forbid(unsafe_code)]
 
-pub mod builder;
 mod error;
 pub mod manifest;
 pub mod patch;
@@ -43,5 +44,6 @@ pub use safepoint::safe_point;
 #[doc(hidden)]
 pub mod __private {
     pub use evolve_code::stub::{StubEntry, STUBS};
+    pub use evolve_code::InteriorMutable;
     pub use linkme;
 }

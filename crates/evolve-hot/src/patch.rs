@@ -2,13 +2,18 @@
 //!
 //! # Apply
 //!
-//! 1. **Read** the manifest from the file without loading it ([`Manifest`]); a file without one
-//!    is not a patch, one whose manifest does not parse is corrupt.
+//! 1. **Read** the file once, a regular file only (a FIFO, device or directory is refused before
+//!    anything is read), and its manifest without loading it ([`Manifest`]); a file without one
+//!    is not a patch, one whose manifest does not parse, or whose bytes do not match the
+//!    manifest's SHA-256 ([`crate::manifest::content_digest`]), is corrupt.
 //! 2. **Verify** it against the running program: its build id, its toolchain, and for every hot
 //!    function it implements, the signature fingerprint — a changed signature needs an adaptor
 //!    with the old one.
-//! 3. **Load** it (`RTLD_NOW`: every undefined symbol binds to the program now, or the load fails
-//!    naming the symbol; the engine refuses objects with initializers, so loading runs no code).
+//! 3. **Load** exactly the bytes read and verified ([`evolve_code::dylib::PatchObject::load`]:
+//!    from a sealed copy, never the path again; `RTLD_NOW`: every undefined symbol binds to the
+//!    program now, or the load fails naming the symbol). The engine first checks, the way the
+//!    dynamic loader reads the object, that loading runs none of its code: no initializers, no
+//!    IFUNC resolvers, no library the program has not loaded.
 //! 4. **Bind** in one engine batch: every changed function's stub in the program jumps to the
 //!    patch's implementation (or adaptor). The patch's own stubs already jump to its (newest)
 //!    implementations; older patches' stubs of the same functions now jump to the program's
@@ -28,8 +33,8 @@
 //! to the version below); reverting a function to version `k` drops the versions above `k`.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{hex, Manifest, FORMAT, MANIFEST_SYMBOL};
-use evolve_code::dylib::PatchObject;
+use crate::manifest::{content_digest, hex, Manifest, FORMAT, MANIFEST_SYMBOL};
+use evolve_code::dylib::{PatchFile, PatchObject};
 use evolve_code::stub::{Code, Stub, StubEntry, STUBS};
 use evolve_code::Batch;
 use std::collections::HashMap;
@@ -250,10 +255,23 @@ impl State {
     }
 }
 
-/// Reads and checks a patch's manifest against the running program.
-pub fn read_manifest(path: &Path) -> Result<Manifest> {
+/// Reads a patch's manifest and checks that the file is intact (its SHA-256, see
+/// [`crate::manifest`]). What it was built for is checked at apply.
+///
+/// # Example
+///
+/// ```
+/// let err = evolve_hot::patch::read_manifest("/dev/zero").unwrap_err();
+/// assert!(err.to_string().contains("it is a character device, not a regular file"), "{err}");
+/// ```
+pub fn read_manifest(path: impl AsRef<Path>) -> Result<Manifest> {
+    read_patch(path.as_ref()).map(|(_, manifest)| manifest)
+}
+
+/// The patch file, read once, and its manifest, checked against the file's bytes.
+fn read_patch(path: &Path) -> Result<(PatchFile, Manifest)> {
     let shown = path.display().to_string();
-    let bytes = evolve_code::dylib::read_symbol_bytes(path, MANIFEST_SYMBOL).map_err(|e| {
+    let not_a_patch = |e: evolve_code::Error| {
         let reason = match e.kind() {
             evolve_code::ErrorKind::Image { reason, .. } => reason.clone(),
             _ => e.to_string(),
@@ -267,25 +285,45 @@ pub fn read_manifest(path: &Path) -> Result<Manifest> {
             path: shown.clone(),
             reason,
         })
-    })?;
+    };
+    let corrupt = |reason: String| {
+        Error::new(ErrorKind::Corrupt {
+            path: shown.clone(),
+            reason,
+        })
+    };
+    let file = PatchFile::read(path).map_err(not_a_patch)?;
+    let range = file.symbol(MANIFEST_SYMBOL).map_err(not_a_patch)?;
+    let bytes = &file.bytes()[range.clone()];
     // The symbol is a C string: its size counts the terminating NUL.
     let text = bytes.split(|b| *b == 0).next().unwrap_or_default();
     let manifest: Manifest = serde_json::from_slice(text).map_err(|e| {
-        Error::new(ErrorKind::Corrupt {
-            path: shown.clone(),
-            reason: format!("manifest: {e}"),
-        })
+        // An older manifest has no digest: say which format it is rather than "missing field".
+        match serde_json::from_slice::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v["format"].as_u64())
+        {
+            Some(format) if format != u64::from(FORMAT) => corrupt(format!(
+                "manifest format {format} (this Evolve reads {FORMAT}): rebuild the patch"
+            )),
+            _ => corrupt(format!("manifest: {e}")),
+        }
     })?;
     if manifest.format != FORMAT {
-        return Err(Error::new(ErrorKind::Corrupt {
-            path: shown,
-            reason: format!(
-                "manifest format {} (this Evolve reads {FORMAT})",
-                manifest.format
-            ),
-        }));
+        return Err(corrupt(format!(
+            "manifest format {} (this Evolve reads {FORMAT}): rebuild the patch",
+            manifest.format
+        )));
     }
-    Ok(manifest)
+    let digest = hex(&content_digest(file.bytes(), range));
+    if manifest.sha256 != digest {
+        return Err(corrupt(format!(
+            "its contents do not match its manifest's SHA-256 (the manifest says {}, the file \
+             hashes to {digest}): it was damaged or changed after it was built",
+            manifest.sha256
+        )));
+    }
+    Ok((file, manifest))
 }
 
 /// What the manifest asks of each function, verified.
@@ -293,8 +331,8 @@ struct Plan {
     /// (entry, patch fingerprint, via adaptor)
     changes: Vec<(&'static StubEntry, u64, bool)>,
     added: Vec<String>,
-    /// (transfer symbol, address of the program's old static)
-    transfers: Vec<(String, usize)>,
+    /// (transfer symbol, the program's old static's symbol)
+    transfers: Vec<(String, String)>,
 }
 
 fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
@@ -330,16 +368,16 @@ fn verify(manifest: &Manifest, path: &Path) -> Result<Plan> {
                 patch: changed.patch,
             }));
         }
-        let old = evolve_code::inspect::executable()?
+        if evolve_code::inspect::executable()?
             .symbol_by_name(&changed.running_symbol)
-            .ok_or_else(|| {
-                Error::new(ErrorKind::Corrupt {
-                    path: path.display().to_string(),
-                    reason: format!("the program has no static {}", changed.running_symbol),
-                })
-            })?
-            .address;
-        transfers.push((symbol, old));
+            .is_none()
+        {
+            return Err(Error::new(ErrorKind::Corrupt {
+                path: path.display().to_string(),
+                reason: format!("the program has no static {}", changed.running_symbol),
+            }));
+        }
+        transfers.push((symbol, changed.running_symbol.clone()));
     }
     let corrupt = |reason: String| {
         Error::new(ErrorKind::Corrupt {
@@ -433,12 +471,12 @@ pub fn apply(path: impl AsRef<Path>) -> Result<ApplyReport> {
 pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<ApplyReport> {
     let path = path.as_ref();
     let start = Instant::now();
-    let manifest = read_manifest(path)?;
+    let (file, manifest) = read_patch(path)?;
     let plan = verify(&manifest, path)?;
     let verify_ms = ms(start);
 
     let load_start = Instant::now();
-    let object = PatchObject::open(path).map_err(|e| match e.kind() {
+    let object = PatchObject::load(&file).map_err(|e| match e.kind() {
         evolve_code::ErrorKind::Image { reason, .. } if reason.contains("undefined symbol") => {
             Error::new(ErrorKind::Unresolved {
                 path: path.display().to_string(),
@@ -481,7 +519,7 @@ pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<Appl
             // State transfer runs with every safe-point thread held, right before the switch.
             crate::safepoint::at_safe_point(options.safe_point_timeout, || {
                 for (symbol, old) in &plan.transfers {
-                    object.run_transfer(symbol, *old)?;
+                    object.transfer_static(symbol, old)?;
                 }
                 batch.apply().map_err(Error::from)
             })??;

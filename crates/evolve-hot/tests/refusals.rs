@@ -37,6 +37,50 @@ fn doctored(patch: &Path, name: &str, old: &str, new: &str) -> std::path::PathBu
     path
 }
 
+/// A copy of `patch` whose first `__evolve_stub_*` function's bytes are all `0xff`.
+fn damaged_stub(patch: &Path, name: &str) -> std::path::PathBuf {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let mut bytes = std::fs::read(patch).unwrap();
+    let file = object::File::parse(&*bytes).unwrap();
+    let stub = file
+        .symbols()
+        .find(|s| s.name().is_ok_and(|n| n.starts_with("__evolve_stub_")))
+        .expect("the patch has a stub");
+    let section = file
+        .section_by_index(stub.section_index().unwrap())
+        .unwrap();
+    let at = (section.file_range().unwrap().0 + stub.address() - section.address()) as usize;
+    drop(file);
+    bytes[at..at + 5].fill(0xff);
+    let path = patch.with_file_name(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn a_patch_damaged_outside_its_manifest_is_refused_as_corrupt_not_by_the_check_it_trips() {
+    let fixture = Fixture::new("damaged");
+    let mut host = fixture.start();
+    host.stats_after(100);
+    fixture.edit(V2);
+    let good = fixture.build_patch(&host, "good").unwrap().output;
+    // The patch's own stub overwritten: before the digest, apply refused it only when binding
+    // ("… holds [ff ff ff ff ff], which is not a 5-byte jmp"), after loading it.
+    let damaged = damaged_stub(&good, "damaged.so");
+    let err = evolve_hot::patch::read_manifest(&damaged).unwrap_err();
+    assert!(
+        matches!(err.kind(), evolve_hot::ErrorKind::Corrupt { .. }),
+        "{err}"
+    );
+    refused(
+        &mut host,
+        &damaged,
+        "is corrupt: its contents do not match its manifest's SHA-256",
+    );
+    let answer = host.send(&format!("apply {}", good.display()));
+    assert_eq!(answer["ok"], true, "{answer}");
+}
+
 #[test]
 fn bad_patches_are_refused_by_cause_and_the_process_keeps_serving() {
     let fixture = Fixture::new("refusals");
@@ -70,6 +114,18 @@ fn bad_patches_are_refused_by_cause_and_the_process_keeps_serving() {
 
     let corrupt = doctored(&good, "corrupt.so", "\"crates\":[", "\"crates\":{");
     refused(&mut host, &corrupt, "is corrupt: manifest");
+
+    // A FIFO is refused at once, before anything is read (the request does not hang).
+    let fifo = fixture.dir.join("fifo.so");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+    refused(&mut host, &fifo, "it is a FIFO, not a regular file");
 
     let zeros = "0".repeat(manifest.base_build_id.len());
     let other_base = doctored(&good, "other-base.so", &manifest.base_build_id, &zeros);

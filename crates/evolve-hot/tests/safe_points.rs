@@ -15,7 +15,8 @@ fn snapshot(counters: &[Arc<AtomicU64>]) -> Vec<u64> {
 #[test]
 fn updates_run_with_every_registered_thread_held_and_time_out_naming_blockers() {
     let stop = Arc::new(AtomicBool::new(false));
-    let counters: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let threads = evolve_testkit::stress_threads();
+    let counters: Vec<Arc<AtomicU64>> = (0..threads).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let workers: Vec<_> = counters
         .iter()
         .map(|c| {
@@ -42,12 +43,14 @@ fn updates_run_with_every_registered_thread_held_and_time_out_naming_blockers() 
         .unwrap();
         assert!(still, "a registered thread ran during the update");
     }
+    // Released: every thread moves again (however long the scheduler takes to run them all).
     let after = snapshot(&counters);
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(snapshot(&counters)
-        .iter()
-        .zip(&after)
-        .all(|(now, then)| now > then));
+    let moved = |now: Vec<u64>| now.iter().zip(&after).all(|(now, then)| now > then);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !moved(snapshot(&counters)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(moved(snapshot(&counters)), "a thread stayed held");
 
     // 2. A thread that stays away from safe points: the update does not run, the error names it.
     let stuck = std::thread::Builder::new()
@@ -80,12 +83,14 @@ fn updates_run_with_every_registered_thread_held_and_time_out_naming_blockers() 
         other => panic!("{other:?}"),
     }
     // The others were released and go on.
+    // Released: every thread moves again (however long the scheduler takes to run them all).
     let after = snapshot(&counters);
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(snapshot(&counters)
-        .iter()
-        .zip(&after)
-        .all(|(now, then)| now > then));
+    let moved = |now: Vec<u64>| now.iter().zip(&after).all(|(now, then)| now > then);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !moved(snapshot(&counters)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(moved(snapshot(&counters)), "a thread stayed held");
 
     stuck.join().unwrap();
     stop.store(true, Ordering::Relaxed);

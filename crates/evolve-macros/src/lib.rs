@@ -7,6 +7,7 @@
 //!
 //! Generated code names the runtime as `::evolve::multiverse`, so the crate using the macros
 //! depends on `evolve`.
+#![forbid(unsafe_code)]
 
 use proc_macro::TokenStream;
 

@@ -318,7 +318,11 @@ impl<F: FnPtr> FnSwitch<F> {
         let calls = DirectCalls::find(self.dispatcher).map_err(|e| Error::code(self.name, e))?;
         // The stub is a direct branch to the dispatcher too: its jump is retargeted with the
         // call sites, so calls through `entry()` follow the binding.
-        if !calls.sites().contains(&stub.patch_site()) {
+        if !calls
+            .sites()
+            .iter()
+            .any(|s| s.address() == stub.site().address())
+        {
             return Err(Error::Code {
                 function: self.name,
                 source: evolve_code::Error::new(evolve_code::ErrorKind::InvalidArgument {

@@ -49,6 +49,7 @@
 //! `extern "C-unwind"` (panics unwind as usual), and their name denotes a function pointer
 //! constant. Direct call sites are found in the main executable only. Switches are used by
 //! functions of the crate that declares them.
+#![forbid(unsafe_code)]
 
 mod commit;
 mod fnswitch;

@@ -172,10 +172,9 @@ impl<F: FnPtr> Multiversed<F> {
             return Ok(Plan::Unchanged);
         }
         let installed = self.installed()?;
-        let site = installed.stub.patch_site();
         match want {
             Binding::Generic => {
-                batch.restore(site);
+                installed.stub.restore_in(batch);
                 installed.calls.restore_in(batch);
             }
             Binding::Variant { target, nop } => {
@@ -185,7 +184,9 @@ impl<F: FnPtr> Multiversed<F> {
                     .copied()
                     .find(|f| f.address() == target)
                     .expect("targets come from the table");
-                batch.retarget(site, site.current(), evolve_code::SiteInsn::Jmp(target));
+                installed
+                    .stub
+                    .retarget_in(batch, installed.stub.target(), f);
                 bind_calls(&installed.calls, batch, f, nop, self.name)?;
             }
         }

@@ -1,4 +1,5 @@
-//! A function-pointer switch committed, changed and reverted 10 000 times while 4 threads call
+//! A function-pointer switch committed, changed and reverted up to 10 000 times (bounded by
+//! 60 s) while `EVOLVE_STRESS_THREADS` threads call
 //! through it (direct call sites, the entry stub and the plain indirect call): every result must
 //! come from one of the functions it may be bound to.
 use evolve::multiverse as mv;
@@ -33,13 +34,15 @@ fn valid(x: u64, r: u64) -> bool {
 }
 
 #[test]
-fn ten_thousand_commits_while_four_threads_call() {
+fn ten_thousand_commits_while_threads_call() {
     let stop = AtomicBool::new(false);
     let calls = AtomicU64::new(0);
     let entry = STEP.entry().0;
     let start = Instant::now();
+    let threads = evolve_testkit::stress_threads() as u64;
+    let mut cycles = 0usize;
     std::thread::scope(|s| {
-        for t in 0..4u64 {
+        for t in 0..threads {
             let (stop, calls) = (&stop, &calls);
             s.spawn(move || {
                 let mut n = 0u64;
@@ -56,12 +59,15 @@ fn ten_thousand_commits_while_four_threads_call() {
                 calls.fetch_add(n, Ordering::Relaxed);
             });
         }
-        for i in 0..10_000usize {
+        let deadline = start + std::time::Duration::from_secs(60);
+        while cycles < 10_000 && Instant::now() < deadline {
+            let i = cycles;
+            cycles += 1;
             STEP.set(FUNCTIONS[i % 3]);
             mv::commit_refs(&STEP).unwrap();
             assert!(STEP.is_committed());
             STEP.set(FUNCTIONS[(i + 1) % 3]);
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 mv::commit_refs(&STEP).unwrap();
             }
             mv::revert_refs(&STEP).unwrap();
@@ -70,9 +76,11 @@ fn ten_thousand_commits_while_four_threads_call() {
     });
     let calls = calls.load(Ordering::Relaxed);
     eprintln!(
-        "10 000 cycles (25 000 batches) in {:.1?} with {calls} calls meanwhile",
+        "{cycles} cycles (2.5 batches each) in {:.1?} with {threads} threads and {calls} calls \
+         meanwhile",
         start.elapsed()
     );
+    assert!(cycles >= 100, "only {cycles} cycles");
     assert!(calls > 0);
     let sites = STEP.call_sites().expect("committed at least once");
     assert!(sites >= 2, "step_direct's call and the stub: {sites}");

@@ -27,12 +27,15 @@ fn match_slices<T: PartialEq + Copy>(p: &[T], n: &[T], any: T, one: T) -> bool {
     let (mut pi, mut ni) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ni < n.len() {
-        if pi < p.len() && (p[pi] == one || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == any {
+        // A `*` in the pattern is a wildcard even where the name holds a literal `*`: it is
+        // tried first, so `<*` never matches the name's `*` as a plain character and leaves
+        // no way back to treat it as a wildcard.
+        if pi < p.len() && p[pi] == any {
             star = Some((pi, ni));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == one || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
         } else if let Some((sp, sn)) = star {
             pi = sp + 1;
             ni = sn + 1;
@@ -58,5 +61,13 @@ mod tests {
         assert!(!matches("exact", "exactly"));
         assert!(matches("caf?::*", "café::x"));
         assert!(!matches("caf??::*", "café::x"));
+    }
+
+    #[test]
+    fn a_star_stays_a_wildcard_when_the_name_holds_a_literal_star() {
+        assert!(matches("drop_in_place<*", "drop_in_place<*const u8>"));
+        assert!(matches("*<*mut *>", "core::ptr::drop_in_place<*mut [u8]>"));
+        assert!(matches("f*", "f*"));
+        assert!(!matches("drop_in_place<*>x", "drop_in_place<*const u8>"));
     }
 }

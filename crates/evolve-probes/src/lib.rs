@@ -29,7 +29,7 @@
 //! assert_eq!(read(ids[0]).unwrap().calls, 10);
 //! remove(ids[0]).unwrap();
 //! ```
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 mod glob;
 mod kind;

@@ -4,9 +4,12 @@
 //! # Data path
 //!
 //! Every call through a point increments the point's counter in the trampoline; a count probe
-//! reads `counter - counter_when_added`, so it costs nothing beyond that `lock inc`. While any
+//! reads `counter - counter_when_added`, so it costs nothing beyond that increment. While any
 //! probe of the point needs the entry hook, the point's `slow` flag is set and the hook reads
-//! the point's probe list (`RwLock` read) and lets each probe record.
+//! the point's probe list (a [`Published`] version: no lock) and lets each probe record. Hooks
+//! run with probes off for their thread (the engine's re-entrancy guard), so a hook that
+//! allocates, locks, writes or unwinds through probed functions neither recurses nor
+//! deadlocks.
 //!
 //! # Lifecycle
 //!
@@ -14,6 +17,10 @@
 //! are restored exactly, see [`evolve_code::Detour::remove`]). A coverage probe's first hit
 //! asks a reaper thread to detach it (the hook itself cannot stop the world); its reading stays
 //! available until [`remove`].
+//!
+//! Nothing a probe leaves behind grows without bound: a replaced probe list is freed once no
+//! hook reads it, and a removed latency probe's sink is retired to the engine, which frees it
+//! once no thread's shadow stack names it ([`evolve_code::shadow`]).
 
 use crate::glob;
 use crate::kind::ProbeKind;
@@ -141,6 +148,21 @@ pub struct ProbeInfo {
 
 const BUCKETS: usize = 65;
 const MAX_BACKTRACES: usize = 4;
+/// Frames kept per backtrace.
+const MAX_FRAMES: usize = 32;
+
+/// A backtrace as text, one frame a line (`   N: function (address)`, as std prints them),
+/// starting at the probed call's caller.
+fn symbolized(addresses: &[usize]) -> String {
+    let mut out = String::new();
+    for (i, &a) in addresses.iter().enumerate() {
+        // A return address points after the call: look up the call itself.
+        let name = inspect::symbolize(a.saturating_sub(1))
+            .map_or_else(|| "<unknown>".to_string(), |(_, s)| s.demangled);
+        out.push_str(&format!("{i:4}: {name} ({a:#x})\n"));
+    }
+    out
+}
 
 fn bucket(v: u64) -> usize {
     64 - v.leading_zeros() as usize
@@ -163,8 +185,9 @@ fn new_buckets() -> Box<[AtomicU64]> {
     (0..BUCKETS).map(|_| AtomicU64::new(0)).collect()
 }
 
-/// Where a latency probe's exits go. Leaked: a thread may report to it long after removal
-/// (a frame entered before removal returns later), so it must live as long as the process.
+/// Where a latency probe's exits go. Shared with the engine's [`Sink`]: a frame entered before
+/// the probe's removal may report to it long after, and the engine frees its handle only once
+/// no frame can.
 struct LatencySink {
     unwound: AtomicU64,
     total: AtomicU64,
@@ -200,11 +223,14 @@ struct Probe {
     end: Mutex<Option<u64>>,
     buckets: Box<[AtomicU64]>,
     hits: AtomicU64,
-    backtraces: Mutex<Vec<String>>,
+    /// Return addresses of the first hits, from the caller (symbolized when read).
+    backtraces: Mutex<Vec<Vec<usize>>>,
+    /// How many `backtraces` holds (read by the hook without the lock).
+    captured: std::sync::atomic::AtomicUsize,
     covered: AtomicBool,
-    latency: Option<&'static LatencySink>,
+    latency: Option<Arc<LatencySink>>,
     /// The same sink as the shadow stack stores it.
-    sink: Option<&'static Sink>,
+    sink: Option<Sink>,
 }
 
 impl Probe {
@@ -212,7 +238,7 @@ impl Probe {
         match self.kind {
             ProbeKind::Count => {}
             ProbeKind::Latency => {
-                if let Some(sink) = self.sink {
+                if let Some(sink) = &self.sink {
                     e.on_return(sink);
                 }
             }
@@ -221,12 +247,20 @@ impl Probe {
             }
             ProbeKind::Predicate { arg, cmp, value } => {
                 if cmp.holds(e.arg(arg), value) {
-                    let n = self.hits.fetch_add(1, Ordering::Relaxed);
-                    if n < MAX_BACKTRACES as u64 {
-                        let bt = std::backtrace::Backtrace::force_capture().to_string();
-                        let mut b = self.backtraces.lock().unwrap_or_else(|p| p.into_inner());
-                        if b.len() < MAX_BACKTRACES {
-                            b.push(bt);
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    // Until a few are kept (a hit from the unwinder itself keeps none).
+                    if self.captured.load(Ordering::Relaxed) < MAX_BACKTRACES {
+                        // Raw addresses, no lock of the runtime (the probed code may hold
+                        // std's backtrace lock); none if the call comes from the unwinder.
+                        // A reader holding the list gets no backtrace from this hit rather
+                        // than a hook waiting for it.
+                        if let (Some(bt), Ok(mut b)) =
+                            (e.backtrace(MAX_FRAMES), self.backtraces.try_lock())
+                        {
+                            if b.len() < MAX_BACKTRACES {
+                                b.push(bt);
+                                self.captured.store(b.len(), Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -247,7 +281,7 @@ impl Probe {
         // before its hook runs), so a reading taken while calls run never shows more
         // hooked calls than `calls`, except the few in flight when the probe was attached.
         let histogram = buckets_reading(&self.buckets);
-        let latency = self.latency.map(|s| {
+        let latency = self.latency.as_ref().map(|s| {
             let count = s
                 .buckets
                 .iter()
@@ -283,22 +317,25 @@ impl Probe {
                 .backtraces
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .clone()
+                .iter()
+                .map(|bt| symbolized(bt))
+                .collect(),
             covered: self.covered.load(Ordering::Relaxed),
             attached,
         }
     }
 }
 
-/// A point's probes, as the hook reads them: one load per call, no lock (see
-/// [`evolve_code::Published`]; versions are kept until the point's trampoline is released).
+/// A point's probes, as the hook reads them: no lock, and a replaced version is freed once no
+/// hook reads it (see [`evolve_code::Published`]).
 type ProbeList = Arc<Published<Hooked>>;
 
 /// A version of a point's probe list, with what the hook needs precomputed.
 struct Hooked {
     probes: Vec<Arc<Probe>>,
     /// The latency probe's sink (a point has at most one): timed without walking the list.
-    latency: Option<&'static Sink>,
+    latency: Option<Sink>,
     /// Whether a probe other than count and latency needs the hook.
     others: bool,
 }
@@ -306,7 +343,7 @@ struct Hooked {
 impl Hooked {
     fn new(probes: Vec<Arc<Probe>>) -> Hooked {
         Hooked {
-            latency: probes.iter().find_map(|p| p.sink),
+            latency: probes.iter().find_map(|p| p.sink.clone()),
             others: probes
                 .iter()
                 .any(|p| !matches!(p.kind, ProbeKind::Count | ProbeKind::Latency)),
@@ -316,7 +353,7 @@ impl Hooked {
 
     /// The hook: kept small, the latency probe inline and the other kinds out of line.
     fn on_entry(&self, e: &mut Entry<'_>) {
-        if let Some(sink) = self.latency {
+        if let Some(sink) = &self.latency {
             e.on_return(sink);
         }
         if self.others {
@@ -535,9 +572,9 @@ fn attach(
         let hooks = DetourHooks {
             counter: counter.clone(),
             slow: slow.clone(),
-            on_entry: Arc::new(move |e: &mut Entry<'_>| list.get().on_entry(e)),
+            on_entry: Arc::new(move |e: &mut Entry<'_>| list.read(|l| l.on_entry(e))),
         };
-        let detour = Detour::install(address, size, hooks)?;
+        let detour = Detour::install_at_function(address, size, hooks)?;
         slot.insert(Point {
             detour,
             counter,
@@ -546,7 +583,7 @@ fn attach(
         });
     }
     let point = &r.points[&address];
-    let mut probes = point.probes.get().probes.clone();
+    let mut probes = point.probes.read(|l| l.probes.clone());
     if kind == ProbeKind::Latency && probes.iter().any(|p| p.kind == ProbeKind::Latency) {
         return Err(Error::Refused {
             function: name.to_string(),
@@ -556,12 +593,12 @@ fn attach(
     r.next += 1;
     let id = ProbeId(r.next);
     let latency = (kind == ProbeKind::Latency).then(|| {
-        &*Box::leak(Box::new(LatencySink {
+        Arc::new(LatencySink {
             unwound: AtomicU64::new(0),
             total: AtomicU64::new(0),
             max: AtomicU64::new(0),
             buckets: new_buckets(),
-        }))
+        })
     });
     let probe = Arc::new(Probe {
         id,
@@ -574,9 +611,10 @@ fn attach(
         buckets: new_buckets(),
         hits: AtomicU64::new(0),
         backtraces: Mutex::new(Vec::new()),
+        captured: std::sync::atomic::AtomicUsize::new(0),
         covered: AtomicBool::new(false),
+        sink: latency.clone().map(|l| Sink::new(l as Arc<dyn ReturnSink>)),
         latency,
-        sink: latency.map(|l| &*Box::leak(Box::new(Sink(l)))),
     });
     // `base` is read before the probe is published: every call the hook sees is counted in
     // `calls`; calls that pass while the probe is being published are counted without reaching
@@ -588,7 +626,7 @@ fn attach(
     point.probes.set(Hooked::new(probes));
     if kind == ProbeKind::Latency {
         // Timed by the trampoline from now on (or by the hook, whose `slow` flag is then set).
-        point.detour.set_latency(probe.sink);
+        point.detour.set_latency(probe.sink.as_ref());
     }
     r.probes.insert(id, (probe, true));
     Ok(id)
@@ -619,7 +657,7 @@ fn detach(r: &mut Registry, id: ProbeId) -> Result<()> {
         .get(&address)
         .expect("an attached probe has a point");
     let remaining = {
-        let mut probes = point.probes.get().probes.clone();
+        let mut probes = point.probes.read(|l| l.probes.clone());
         probes.retain(|p| p.id != id);
         if probe.kind == ProbeKind::Latency {
             point.detour.set_latency(None);
@@ -663,6 +701,9 @@ pub fn remove(id: ProbeId) -> Result<()> {
     let mut r = registry();
     detach(&mut r, id)?;
     r.probes.remove(&id);
+    drop(r);
+    // Removed trampolines and retired latency sinks are freed in batches.
+    evolve_code::reclaim_if_due();
     Ok(())
 }
 
@@ -679,6 +720,8 @@ pub fn remove_all() -> Result<()> {
         }
         r.probes.remove(&id);
     }
+    drop(r);
+    evolve_code::reclaim_if_due();
     first
 }
 

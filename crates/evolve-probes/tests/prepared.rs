@@ -270,7 +270,8 @@ fn predicate_backtraces_reach_the_caller_of_a_probed_function() {
 }
 
 /// Probes added and removed on a hot function while its stub is retargeted back and forth (as
-/// hot apply/revert do) and four threads call it: every call returns one version's result,
+/// hot apply/revert do) and `EVOLVE_STRESS_THREADS` threads call it: every call returns one
+/// version's result,
 /// and the stub ends byte-identical.
 #[test]
 fn probes_and_hot_retargets_race_while_threads_call() {
@@ -284,7 +285,7 @@ fn probes_and_hot_retargets_race_while_threads_call() {
     let made = AtomicU64::new(0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     std::thread::scope(|s| {
-        for t in 0..4u64 {
+        for t in 0..evolve_testkit::stress_threads() as u64 {
             let (stop, made) = (&stop, &made);
             s.spawn(move || {
                 let mut x = t;
@@ -344,10 +345,11 @@ fn probes_and_hot_retargets_race_while_threads_call() {
 }
 
 /// The add/remove stress of `probes.rs`, through a hot function's stub: 10 000 cycles (bounded
-/// by 30 s) while four threads call it; every call returns the right value, every reading is
-/// bounded by the calls made, and the stub ends byte-identical.
+/// by 30 s) while `EVOLVE_STRESS_THREADS` threads call it; every call returns the right value,
+/// every reading is bounded by the calls made, and the stub ends byte-identical.
 #[test]
-fn add_and_remove_through_a_stub_up_to_ten_thousand_times_while_four_threads_call() {
+fn add_and_remove_through_a_stub_up_to_ten_thousand_times_while_threads_call() {
+    let threads = evolve_testkit::stress_threads() as u64;
     let _s = serial();
     let stub = entry("::hot_square").stub_address();
     let before = bytes_at(stub, 8);
@@ -356,7 +358,7 @@ fn add_and_remove_through_a_stub_up_to_ten_thousand_times_while_four_threads_cal
     let started = std::time::Instant::now();
     let mut cycles = 0;
     std::thread::scope(|s| {
-        for t in 0..4u64 {
+        for t in 0..threads {
             let (stop, made) = (&stop, &made);
             s.spawn(move || {
                 let mut x = t;
@@ -383,12 +385,12 @@ fn add_and_remove_through_a_stub_up_to_ten_thousand_times_while_four_threads_cal
             let r = read(id).unwrap();
             let made_after = made.load(Ordering::Relaxed);
             remove(id).unwrap();
-            assert!(r.calls <= made_after - made_before + 4, "{r:?}");
+            assert!(r.calls <= made_after - made_before + threads, "{r:?}");
             cycles += 1;
         }
     });
     eprintln!(
-        "through a stub: {cycles} add/remove cycles in {:.1} s with 4 threads calling",
+        "through a stub: {cycles} add/remove cycles in {:.1} s with {threads} threads calling",
         started.elapsed().as_secs_f64()
     );
     assert!(cycles > 0);

@@ -1,6 +1,7 @@
-//! Test support shared by the end-to-end tests of the hot-update layer and of the CLI: a fixture
-//! workspace copied to a scratch directory and built there (so tests can edit its source and
-//! build patches against its running host without touching the repository), and a host
+//! Test support shared by the workspace's tests: the number of calling threads of every stress
+//! test ([`stress_threads`]); for the end-to-end tests of the hot-update layer and of the CLI, a
+//! fixture workspace copied to a scratch directory and built there (so tests can edit its source
+//! and build patches against its running host without touching the repository), and a host
 //! process's output read line by line with timeouts.
 //!
 //! ```no_run
@@ -17,6 +18,7 @@
 //! let ready = lines.next(std::time::Duration::from_secs(60));
 //! # Ok::<(), std::io::Error>(())
 //! ```
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -24,18 +26,25 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-/// How many calling threads a stress test runs: `EVOLVE_STRESS_THREADS`, 4 by default. CI also
-/// runs the stress tests with 32 on two cores, so that threads outnumber cores eightfold.
+/// The number of threads a stress test runs calls on: `EVOLVE_STRESS_THREADS` (default 4).
+///
+/// Every stress test of the workspace reads it here, so one variable oversubscribes them all
+/// (`EVOLVE_STRESS_THREADS=32 cargo test --release`): more threads than cores is where
+/// preemption lands in the middle of a write. A value that is not a positive number is refused
+/// loudly rather than silently replaced.
 ///
 /// ```
 /// assert!(evolve_testkit::stress_threads() >= 1);
 /// ```
 pub fn stress_threads() -> usize {
-    std::env::var("EVOLVE_STRESS_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(4)
+    const DEFAULT: usize = 4;
+    match std::env::var("EVOLVE_STRESS_THREADS") {
+        Err(_) => DEFAULT,
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("EVOLVE_STRESS_THREADS={text:?}: expected a number of threads (>= 1)"),
+        },
+    }
 }
 
 /// The repository's root.
@@ -68,6 +77,22 @@ impl Workspace {
     /// crates, with `@EVOLVE@` standing for the repository's `crates` directory — afresh to
     /// `scratch()/<name>` with the repository's lockfile, and builds it.
     pub fn build(fixture: &Path, name: &str) -> Workspace {
+        Workspace::build_with(fixture, name, &[])
+    }
+
+    /// [`Workspace::build`] with extra environment for cargo (e.g. `CARGO_PROFILE_RELEASE_LTO`).
+    pub fn build_with(fixture: &Path, name: &str, env: &[(&str, &str)]) -> Workspace {
+        Workspace::build_in(fixture, name, env, scratch().join("target"))
+    }
+
+    /// [`Workspace::build_with`] into a target directory of its own (`<copy>/target`): for
+    /// fixtures without dependencies whose tests run in parallel and need each copy's
+    /// `target/release/<bin>` to stay theirs.
+    pub fn build_isolated(fixture: &Path, name: &str, env: &[(&str, &str)]) -> Workspace {
+        Workspace::build_in(fixture, name, env, scratch().join(name).join("target"))
+    }
+
+    fn build_in(fixture: &Path, name: &str, env: &[(&str, &str)], target: PathBuf) -> Workspace {
         let dir = scratch().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         copy_substituting(fixture, &dir);
@@ -76,14 +101,12 @@ impl Workspace {
         // The same dependency versions as the repository: shared, already-built artifacts.
         std::fs::copy(repository().join("Cargo.lock"), dir.join("Cargo.lock"))
             .expect("the repository has a Cargo.lock");
-        let workspace = Workspace {
-            dir,
-            target: scratch().join("target"),
-        };
+        let workspace = Workspace { dir, target };
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["build", "--release", "--quiet", "--manifest-path"])
             .arg(workspace.dir.join("Cargo.toml"))
             .env("CARGO_TARGET_DIR", &workspace.target)
+            .envs(env.iter().copied())
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the fixture {name} failed");

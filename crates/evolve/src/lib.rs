@@ -18,6 +18,7 @@
 //! site.retarget(v1, v2).unwrap();
 //! assert_eq!((site.entry())(40), 42);
 //! ```
+#![forbid(unsafe_code)]
 
 /// Hot update: `#[evolve::hot]` functions take thin patches while the program runs.
 ///

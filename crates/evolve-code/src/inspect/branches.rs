@@ -1,6 +1,11 @@
 //! Direct branch sites: every 5-byte `call rel32` / `jmp rel32` in an image's functions, indexed
 //! by target.
 //!
+//! The `addr32 call rel32` form (`67 E8 rel32`) that `ld` and Evolve's loader make when they
+//! relax `call *f@GOTPCREL(%rip)` counts too: its site is the 5-byte `E8 rel32` one byte in
+//! (the prefix stays; a thread never stops between a prefix and its instruction, and the
+//! int3 protocol's trap at `site + 1` is recognised as usual).
+//!
 //! These are the instructions the engine can redirect by rewriting their rel32. They are found by
 //! decoding each function symbol's bytes instruction by instruction (from the live memory of the
 //! process, so what is found is what runs), never by scanning for byte patterns, which would
@@ -33,7 +38,7 @@ impl BranchKind {
 /// One 5-byte direct branch instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BranchSite {
-    /// Runtime address of the 5-byte instruction.
+    /// Runtime address of the 5-byte instruction (for `67 E8 rel32`, of its `E8`).
     pub address: usize,
     /// Call or jump.
     pub kind: BranchKind,
@@ -201,6 +206,14 @@ impl BranchIndex {
     }
 }
 
+/// The 5-byte direct branches of `code`, a function starting at `start` (for code outside the
+/// executable's index: loaded patches).
+pub(crate) fn direct_branches(code: &[u8], start: usize) -> Vec<BranchSite> {
+    let mut out = Vec::new();
+    scan(code, start, &mut Instruction::default(), &mut out);
+    out
+}
+
 /// Decodes `code` (the function starting at `start`) and appends its 5-byte direct branches.
 fn scan(code: &[u8], start: usize, instr: &mut Instruction, out: &mut Vec<BranchSite>) {
     let mut decoder = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
@@ -212,12 +225,15 @@ fn scan(code: &[u8], start: usize, instr: &mut Instruction, out: &mut Vec<Branch
             _ => continue,
         };
         let offset = (instr.ip() - start as u64) as usize;
-        // Exactly `E8/E9 rel32`: no prefixes, which a site rewrite could not preserve.
-        if instr.len() != 5 || code[offset] != kind.opcode() {
-            continue;
-        }
+        // Exactly `E8/E9 rel32`, or `67 E8 rel32` (a relaxed GOT call): no other prefixes,
+        // which a site rewrite could not preserve.
+        let prefix = match (instr.len(), code[offset]) {
+            (5, opcode) if opcode == kind.opcode() => 0,
+            (6, 0x67) if kind == BranchKind::Call && code[offset + 1] == kind.opcode() => 1,
+            _ => continue,
+        };
         out.push(BranchSite {
-            address: instr.ip() as usize,
+            address: instr.ip() as usize + prefix,
             kind,
             target: instr.near_branch_target() as usize,
             function: start,
@@ -239,6 +255,8 @@ mod tests {
             0xE9, 0xF1, 0xFF, 0xFF, 0xFF, // 100a: jmp 0x1000
             0xEB, 0xFE, // 100f: jmp short (not rel32)
             0x66, 0xE8, 0x00, 0x00, 0x00, 0x00, // 1011: operand-size-prefixed call
+            0x67, 0xE8, 0xE3, 0xFF, 0xFF,
+            0xFF, // 1017: addr32 call 0x1000 (a relaxed GOT call)
             0xC3, // ret
         ];
         let mut sites = Vec::new();
@@ -258,8 +276,15 @@ mod tests {
                     target: 0x1000,
                     function: start
                 },
+                BranchSite {
+                    address: 0x1018,
+                    kind: BranchKind::Call,
+                    target: 0x1000,
+                    function: start
+                },
             ]
         );
+        assert!(sites[2].matches([0xE8, 0xE3, 0xFF, 0xFF, 0xFF]));
         assert!(sites[0].matches([0xE8, 0x0B, 0, 0, 0]));
         assert!(!sites[0].matches([0xE9, 0x0B, 0, 0, 0]));
         assert!(sites[1].matches([0xE9, 0xF1, 0xFF, 0xFF, 0xFF]));

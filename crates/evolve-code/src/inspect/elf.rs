@@ -11,7 +11,7 @@ use object::elf::{
     STT_GNU_IFUNC, STT_OBJECT,
 };
 use object::read::elf::{ElfFile64, FileHeader, Sym, SymbolTable};
-use object::{Endianness, Object, SymbolIndex};
+use object::{Endianness, Object, ObjectSection, SymbolIndex};
 
 use super::symbols::SymbolKind;
 use crate::error::{Error, ErrorKind, Result};
@@ -36,6 +36,8 @@ pub(super) struct ElfInfo {
     pub build_id: Option<Vec<u8>>,
     /// Whether the file has a `.symtab` (it does unless stripped).
     pub has_symtab: bool,
+    /// The link-time address range of the `.got` section, if there is one.
+    pub got: Option<std::ops::Range<u64>>,
 }
 
 /// Reads and parses the ELF file at `open_path`; errors name `shown_path`.
@@ -87,10 +89,14 @@ pub(super) fn read(open_path: &Path, shown_path: &Path) -> Result<ElfInfo> {
         &mut symbols,
     );
 
+    let got = file
+        .section_by_name(".got")
+        .map(|got| got.address()..got.address() + got.size());
     Ok(ElfInfo {
         symbols,
         build_id,
         has_symtab: !symtab.is_empty(),
+        got,
     })
 }
 

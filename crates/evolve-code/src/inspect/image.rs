@@ -29,6 +29,7 @@ struct Inner {
     build_id: Option<Vec<u8>>,
     table: SymbolTable,
     symbol_error: Option<String>,
+    got: Option<Range<usize>>,
 }
 
 impl Image {
@@ -37,25 +38,26 @@ impl Image {
     /// says why.
     pub(super) fn from_loaded(object: &LoadedObject) -> Image {
         let (path, open_path) = paths(object);
-        let (table, symbol_error) = match open_path {
+        let (table, symbol_error, got) = match open_path {
             None => (
                 SymbolTable::default(),
                 Some("no file: the vdso or an object not loaded from a file".to_owned()),
+                None,
             ),
             Some(open) => match symbols(object, &open, &path) {
-                Ok((table, note)) => (table, note),
-                Err(e) => (SymbolTable::default(), Some(e.to_string())),
+                Ok((table, note, got)) => (table, note, got),
+                Err(e) => (SymbolTable::default(), Some(e.to_string()), None),
             },
         };
-        Image::assemble(object, path, table, symbol_error)
+        Image::assemble(object, path, table, symbol_error, got)
     }
 
     /// Like [`Image::from_loaded`], but a file that cannot be read or parsed is an error.
     pub(super) fn from_loaded_strict(object: &LoadedObject) -> Result<Image> {
         let (path, open_path) = paths(object);
         let open = open_path.unwrap_or_else(|| path.clone());
-        let (table, note) = symbols(object, &open, &path)?;
-        Ok(Image::assemble(object, path, table, note))
+        let (table, note, got) = symbols(object, &open, &path)?;
+        Ok(Image::assemble(object, path, table, note, got))
     }
 
     fn assemble(
@@ -63,6 +65,7 @@ impl Image {
         path: PathBuf,
         table: SymbolTable,
         symbol_error: Option<String>,
+        got: Option<Range<usize>>,
     ) -> Image {
         Image {
             inner: Arc::new(Inner {
@@ -79,6 +82,7 @@ impl Image {
                 build_id: object.build_id.clone(),
                 table,
                 symbol_error,
+                got,
             }),
         }
     }
@@ -224,6 +228,23 @@ impl Image {
         self.inner.symbol_error.as_deref()
     }
 
+    /// Runtime address range of the `.got` section: the slots through which the image's code
+    /// calls and loads the address of functions it does not reach directly (`call
+    /// *f@GOTPCREL(%rip)`, which rustc emits for calls into other crates and `ld` keeps). `None`
+    /// if the file has no `.got` or could not be read.
+    ///
+    /// # Example
+    /// ```
+    /// let exe = evolve_code::inspect::executable()?;
+    /// if let Some(got) = exe.got() {
+    ///     assert!(got.start % 8 == 0 && got.len() % 8 == 0);
+    /// }
+    /// # Ok::<(), evolve_code::error::Error>(())
+    /// ```
+    pub fn got(&self) -> Option<Range<usize>> {
+        self.inner.got.clone()
+    }
+
     /// The function or data symbol containing `addr`.
     pub(super) fn symbol_containing(&self, addr: usize) -> Option<&Symbol> {
         self.function_containing(addr)
@@ -257,13 +278,14 @@ fn paths(object: &LoadedObject) -> (PathBuf, Option<PathBuf>) {
     (path, open)
 }
 
-/// Reads the symbols of `object` from `open`, refusing a file whose build id shows it is not the
-/// file that was loaded. The note is set when no symbols were found.
+/// Reads the symbols (and the `.got` range, biased) of `object` from `open`, refusing a file
+/// whose build id shows it is not the file that was loaded. The note is set when no symbols
+/// were found.
 fn symbols(
     object: &LoadedObject,
     open: &Path,
     shown: &Path,
-) -> Result<(SymbolTable, Option<String>)> {
+) -> Result<(SymbolTable, Option<String>, Option<Range<usize>>)> {
     let info = elf::read(open, shown)?;
     if let (Some(loaded), Some(file)) = (&object.build_id, &info.build_id) {
         if loaded != file {
@@ -272,7 +294,7 @@ fn symbols(
                  after loading, so its symbols would be wrong",
                 shown.display()
             );
-            return Ok((SymbolTable::default(), Some(note)));
+            return Ok((SymbolTable::default(), Some(note), None));
         }
     }
     let has_symtab = info.has_symtab;
@@ -284,5 +306,10 @@ fn symbols(
             "stripped: no .symtab, and .dynsym defines no function or data symbols".to_owned()
         }
     });
-    Ok((table, note))
+    let got = info.got.and_then(|r| {
+        let start = usize::try_from(r.start).ok()?.checked_add(object.bias)?;
+        let end = usize::try_from(r.end).ok()?.checked_add(object.bias)?;
+        Some(start..end)
+    });
+    Ok((table, note, got))
 }

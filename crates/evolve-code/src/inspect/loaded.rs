@@ -123,6 +123,21 @@ pub(super) fn snapshot() -> Vec<LoadedObject> {
     out
 }
 
+/// The main executable's TLS module id and the calling thread's instance of its TLS block, if
+/// it has a `PT_TLS` segment.
+pub(super) fn executable_tls() -> Option<(usize, usize)> {
+    let main_phdr = main_phdr();
+    let mut found = None;
+    for_each(|info| {
+        if main_phdr == Some(info.phdr_address) || (main_phdr.is_none() && info.name.is_empty()) {
+            found = (info.tls_module != 0).then_some((info.tls_module, info.tls_data));
+            return false;
+        }
+        true
+    });
+    found
+}
+
 /// Runs `f` with read access to the object loaded at `bias` with exactly these `segments`, if it
 /// is (still) loaded. Returns `None` if it is not.
 ///

@@ -29,6 +29,7 @@ mod symbols;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
+pub(crate) use branches::direct_branches;
 pub use branches::{BranchIndex, BranchKind, BranchSite};
 pub use image::Image;
 pub use symbols::{Symbol, SymbolKind};
@@ -64,6 +65,42 @@ pub(crate) fn loaded_snapshot_for_scan() -> Vec<WritableSegments> {
             (std::mem::take(&mut object.name), writable)
         })
         .collect()
+}
+
+/// The executable segments of the loaded object whose code contains `addr` (empty if none).
+pub(crate) fn exec_ranges_of_object_containing(addr: usize) -> Vec<std::ops::Range<usize>> {
+    loaded::snapshot()
+        .into_iter()
+        .find(|o| {
+            o.segments
+                .iter()
+                .any(|s| s.is_exec() && s.range.contains(&addr))
+        })
+        .map(|o| {
+            o.segments
+                .iter()
+                .filter(|s| s.is_exec())
+                .map(|s| s.range.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The loader's name of every object it has loaded (a path, or a bare name for the vdso): what
+/// a `DT_NEEDED` entry such as `libc.so.6` (or a path) is matched against.
+pub(crate) fn loaded_names() -> Vec<String> {
+    loaded::snapshot()
+        .into_iter()
+        .filter(|object| !object.name.is_empty())
+        .map(|object| String::from_utf8_lossy(&object.name).into_owned())
+        .collect()
+}
+
+/// The main executable's TLS module id (`dlpi_tls_modid`) and the address of the calling
+/// thread's instance of its TLS block (`dlpi_tls_data`); `None` if it has no `PT_TLS` segment.
+/// Used by the patch loader to bind thread-locals to the executable's static TLS.
+pub(crate) fn executable_tls() -> Option<(usize, usize)> {
+    loaded::executable_tls()
 }
 
 /// Every loaded image: the main executable first, then the shared libraries (and the vdso) in
@@ -242,6 +279,64 @@ pub fn branch_sites_to(target: usize) -> Result<Vec<BranchSite>> {
             .collect()
     });
     Ok(live.unwrap_or_default())
+}
+
+/// The slots of the main executable's `.got` that hold `value` now, in address order: where
+/// its code loads the address of a function it calls through the GOT (`call
+/// *f@GOTPCREL(%rip)`, which rustc emits for calls of other crates' and of public functions,
+/// and `ld` does not relax).
+///
+/// # Errors
+/// As [`executable`].
+///
+/// # Example
+/// ```
+/// use evolve_code::inspect::{executable, got_slots_holding};
+/// let exe = executable()?;
+/// for slot in got_slots_holding(0x1234)? {
+///     assert!(exe.got().unwrap().contains(&slot));
+/// }
+/// # Ok::<(), evolve_code::error::Error>(())
+/// ```
+pub fn got_slots_holding(value: usize) -> Result<Vec<usize>> {
+    Ok(got_entries()?
+        .into_iter()
+        .filter(|&(_, v)| v == value)
+        .map(|(slot, _)| slot)
+        .collect())
+}
+
+/// Every slot of the main executable's `.got` with the value it holds now, in address order
+/// (empty if it has no `.got`).
+///
+/// # Errors
+/// As [`executable`].
+///
+/// # Example
+/// ```
+/// let entries = evolve_code::inspect::got_entries()?;
+/// assert!(entries.windows(2).all(|w| w[0].0 + 8 == w[1].0));
+/// # Ok::<(), evolve_code::error::Error>(())
+/// ```
+pub fn got_entries() -> Result<Vec<(usize, usize)>> {
+    let exe = executable()?;
+    let Some(got) = exe.got() else {
+        return Ok(Vec::new());
+    };
+    let found = loaded::with_memory(exe.load_bias(), true, exe.segments(), |memory| {
+        let Some(bytes) = memory.bytes(got.clone()) else {
+            return Vec::new();
+        };
+        bytes
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(i, word)| {
+                let value = usize::from_le_bytes(word.try_into().expect("8 bytes"));
+                (got.start + 8 * i, value)
+            })
+            .collect()
+    });
+    Ok(found.unwrap_or_default())
 }
 
 /// Whether `image` is the snapshot of `object` (same file name, placement and build id).

@@ -1,7 +1,7 @@
 //! The dynamic loader's list of loaded objects (`dl_iterate_phdr(3)`).
 //!
 //! Self-inspection ([`crate::inspect`]) reads symbols and build ids from it; the stack walker
-//! ([`crate::sys::unwind`]) finds each object's unwind tables (`PT_GNU_EH_FRAME`) through it.
+//! ([`crate::sys::walk`]) finds each object's unwind tables (`PT_GNU_EH_FRAME`) through it.
 //!
 //! # Safety
 //!
@@ -23,6 +23,10 @@ pub struct Object<'a> {
     pub phdr_address: usize,
     /// Its program headers.
     pub phdrs: &'a [libc::Elf64_Phdr],
+    /// `dlpi_tls_modid`: the object's TLS module id (0 if it has no `PT_TLS`).
+    pub tls_module: usize,
+    /// `dlpi_tls_data`: the calling thread's instance of the object's TLS block, or 0.
+    pub tls_data: usize,
 }
 
 impl Object<'_> {
@@ -70,6 +74,8 @@ pub fn for_each<F: FnMut(&Object<'_>) -> bool>(mut f: F) {
             bias: info.dlpi_addr as usize,
             phdr_address: info.dlpi_phdr as usize,
             phdrs,
+            tls_module: info.dlpi_tls_modid,
+            tls_data: info.dlpi_tls_data as usize,
         };
         // A non-zero return stops the iteration.
         c_int::from(!f(&view))

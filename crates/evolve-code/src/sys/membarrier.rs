@@ -66,6 +66,11 @@ pub fn ensure_registered() -> Result<()> {
 /// every other thread do so before it next runs.
 pub fn sync_cores() -> Result<()> {
     ensure_registered()?;
+    #[cfg(feature = "fault-injection")]
+    crate::sys::inject::check(
+        crate::sys::inject::Syscall::Membarrier,
+        "membarrier sync-core",
+    )?;
     if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE) != 0 {
         return Err(Error::last_os("membarrier sync-core"));
     }

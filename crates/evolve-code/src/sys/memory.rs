@@ -1,16 +1,27 @@
 //! Mappings, page protection and raw access to code bytes.
 //!
+//! # Code bytes are atomics
+//!
+//! Code bytes change while other threads run them, and the `SIGTRAP` handler reads the first
+//! byte of a site while the writer changes it. Every access the engine makes to live code bytes
+//! is therefore an atomic access of one byte ([`read`], [`write`], [`load_code_byte`],
+//! [`store_code_byte`]) or of the aligned word that holds a site ([`store_in_word`]), so that the
+//! orderings the protocol relies on ([`crate::sys::trap::slots`]) are those of the memory model,
+//! not of a compiler's reading of volatile accesses. Loads use `Relaxed` (plus an `Acquire`
+//! fence where the protocol needs one): the only atomic loads Rust allows on read-only memory,
+//! which code pages are outside a write window.
+//!
 //! # Safety
 //!
-//! The unsafe functions here read or write raw addresses; their callers must guarantee that the
-//! addresses lie in mappings with the needed permission at the time of the access. The safe
-//! wrappers (`mprotect`, `map_*`, `unmap`) only pass integers to the kernel, and `unmap` is
-//! restricted by its own contract (see its docs).
+//! The unsafe functions here read or write raw addresses, or change what may be done with them
+//! (`mprotect`); their callers guarantee that the addresses lie in mappings with the needed
+//! permission at the time of the access, and that no thread is harmed by the change. The safe
+//! wrappers (`map_*`) only create new mappings.
 #![allow(unsafe_code)]
 
 use crate::error::{Error, ErrorKind, Result};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
 
 /// The page size of this machine.
 pub fn page_size() -> usize {
@@ -118,11 +129,18 @@ pub fn mapping_containing(maps: &[Mapping], addr: usize) -> Option<&Mapping> {
 
 /// `int mprotect(void *addr, size_t len, int prot)`; see mprotect(2). `range` must be
 /// page-aligned.
-pub fn mprotect(range: Range<usize>, protection: Protection) -> Result<()> {
-    // SAFETY: mprotect validates the range itself and fails with ENOMEM on unmapped pages. Changing
-    // the protection of our own code pages is the engine's business; callers in this crate only
-    // ever add write permission to executable pages temporarily, keeping read and exec, so
-    // no thread executing there can fault.
+///
+/// # Safety
+///
+/// No thread of the process may be harmed by the new protection: code that threads may execute
+/// keeps `exec` (and `read`), and memory that Rust code reads or writes keeps those rights.
+/// The engine only adds `write` to executable pages for the length of a write window, and puts
+/// back the protection it found.
+pub unsafe fn mprotect(range: Range<usize>, protection: Protection) -> Result<()> {
+    #[cfg(feature = "fault-injection")]
+    crate::sys::inject::check(crate::sys::inject::Syscall::Mprotect, "mprotect")?;
+    // SAFETY: mprotect validates the range itself and fails with ENOMEM on unmapped pages; the
+    // caller vouches for the new protection.
     let rc = unsafe {
         libc::mprotect(
             range.start as *mut libc::c_void,
@@ -194,21 +212,56 @@ pub fn map_anywhere(len: usize, protection: Protection) -> Result<usize> {
     Ok(p as usize)
 }
 
-/// Reads `N` bytes at `addr` with volatile loads (code may change under us).
+/// Reads `N` code bytes at `addr`, each with a `Relaxed` atomic load (code may change under us).
 ///
 /// # Safety
 ///
-/// `addr..addr + N` must be mapped readable for the duration of the call.
+/// `addr..addr + N` must be mapped readable for the duration of the call, and accessed by
+/// others only through the atomic byte accesses of this module (or as instructions).
 pub unsafe fn read<const N: usize>(addr: usize) -> [u8; N] {
     let mut out = [0u8; N];
     for (i, byte) in out.iter_mut().enumerate() {
-        // SAFETY: within the readable range promised by the caller.
-        *byte = unsafe { std::ptr::read_volatile((addr + i) as *const u8) };
+        // SAFETY: within the readable range promised by the caller; a one-byte Relaxed load is
+        // allowed on read-only memory.
+        *byte = unsafe { AtomicU8::from_ptr((addr + i) as *mut u8) }.load(Ordering::Relaxed);
     }
     out
 }
 
-/// Writes `bytes` at `addr` with volatile byte stores.
+/// Loads the code byte at `addr` with `Acquire` semantics (a `Relaxed` load, which read-only
+/// memory allows, then an `Acquire` fence): the handler's read of a site's first byte.
+/// Async-signal-safe.
+///
+/// # Safety
+///
+/// As for [`read`].
+#[inline]
+pub unsafe fn load_code_byte(addr: usize) -> u8 {
+    // SAFETY: as for `read` (caller).
+    let byte = unsafe { AtomicU8::from_ptr(addr as *mut u8) }.load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
+    byte
+}
+
+/// Stores one code byte at `addr`, `Release` if `publish` (the first byte of a site under the
+/// int3 protocol, which the handler reads), `Relaxed` otherwise.
+///
+/// # Safety
+///
+/// `addr` must be mapped writable, and no thread may execute it in a way the new byte harms
+/// (the write protocol guarantees that).
+#[inline]
+pub unsafe fn store_code_byte(addr: usize, byte: u8, publish: bool) {
+    let order = if publish {
+        Ordering::Release
+    } else {
+        Ordering::Relaxed
+    };
+    // SAFETY: writable (caller); every other access to code bytes is atomic too.
+    unsafe { AtomicU8::from_ptr(addr as *mut u8) }.store(byte, order);
+}
+
+/// Writes `bytes` at `addr` with `Relaxed` atomic byte stores.
 ///
 /// # Safety
 ///
@@ -217,7 +270,7 @@ pub unsafe fn read<const N: usize>(addr: usize) -> [u8; N] {
 pub unsafe fn write(addr: usize, bytes: &[u8]) {
     for (i, byte) in bytes.iter().enumerate() {
         // SAFETY: within the writable range promised by the caller.
-        unsafe { std::ptr::write_volatile((addr + i) as *mut u8, *byte) };
+        unsafe { store_code_byte(addr + i, *byte, false) };
     }
 }
 
@@ -242,8 +295,20 @@ pub unsafe fn store_in_word(addr: usize, bytes: &[u8]) {
 
 /// Writes `bytes` at `addr` through `/proc/self/mem`, which the kernel allows even on pages
 /// that are not writable (as a debugger does). The fallback when `mprotect` to RWX is forbidden.
-pub fn write_via_proc_mem(addr: usize, bytes: &[u8]) -> Result<()> {
+///
+/// The kernel makes the store; `SeqCst` fences on both sides order it, for this thread's atomics,
+/// as a `Release` store followed by an `Acquire` fence would be (the int3 protocol's orderings).
+///
+/// # Safety
+///
+/// As for [`write`], except that the pages need not be writable.
+pub unsafe fn write_via_proc_mem(addr: usize, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
+    #[cfg(feature = "fault-injection")]
+    crate::sys::inject::check(
+        crate::sys::inject::Syscall::ProcMemWrite,
+        "write /proc/self/mem",
+    )?;
     static FILE: std::sync::OnceLock<std::io::Result<std::fs::File>> = std::sync::OnceLock::new();
     let file = FILE
         .get_or_init(|| {
@@ -258,12 +323,15 @@ pub fn write_via_proc_mem(addr: usize, bytes: &[u8]) -> Result<()> {
                 errno: e.raw_os_error().unwrap_or(0),
             })
         })?;
-    file.write_all_at(bytes, addr as u64).map_err(|e| {
+    fence(Ordering::SeqCst);
+    let written = file.write_all_at(bytes, addr as u64).map_err(|e| {
         Error::new(ErrorKind::Os {
             operation: "write /proc/self/mem",
             errno: e.raw_os_error().unwrap_or(0),
         })
-    })
+    });
+    fence(Ordering::SeqCst);
+    written
 }
 
 #[cfg(test)]

@@ -6,14 +6,17 @@
 //!
 //! Linux only for now; another OS would be a sibling directory offering the same modules.
 
+#[cfg(feature = "fault-injection")]
+pub mod inject;
 pub mod loader;
 pub mod maps;
 pub mod membarrier;
 pub mod memory;
 pub mod pagemap;
 pub mod peek;
+pub mod ptrace;
 pub mod regs;
 pub mod signal;
 pub mod trap;
-pub mod unwind;
+pub mod walk;
 pub mod world;

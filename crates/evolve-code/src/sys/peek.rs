@@ -124,14 +124,17 @@ mod tests {
         .unwrap();
         // SAFETY: our own fresh mapping.
         unsafe { std::ptr::write_bytes(base as *mut u8, 0xab, page) };
-        crate::sys::memory::mprotect(
-            base + page..base + 2 * page,
-            crate::sys::memory::Protection {
-                read: false,
-                write: false,
-                exec: false,
-            },
-        )
+        // SAFETY: our own fresh data mapping; nothing else uses its second page.
+        unsafe {
+            crate::sys::memory::mprotect(
+                base + page..base + 2 * page,
+                crate::sys::memory::Protection {
+                    read: false,
+                    write: false,
+                    exec: false,
+                },
+            )
+        }
         .unwrap();
         let mut buf = vec![0u8; 2 * page];
         assert_eq!(read(base + page - 16, &mut buf[..32]), 16);

@@ -1,138 +1,116 @@
-//! The `SIGTRAP` side of the int3 write protocol.
+//! The `SIGTRAP` side of the int3 write protocol: the handler, its table of sites, and chaining
+//! to the program's own handler.
 //!
-//! # Protocol (the handler's half; the writer's half is in [`crate::write`])
+//! # What the handler does
 //!
 //! A site that cannot be replaced by one atomic store is patched like the kernel's
-//! `text_poke_bp`: its first byte becomes `int3`, then its tail changes, then its first byte. A
-//! thread that executes the site meanwhile traps, and this handler moves it on as if it had
-//! executed the *new* instruction: `jmp` sets RIP to the target, `call` pushes the return address
-//! and sets RIP to the target, NOP sets RIP past the site.
+//! `text_poke_bp`: its first byte becomes `int3`, then its tail changes, then its first byte
+//! ([`crate::write`] has the writer's half and the core syncs between the steps). A thread that
+//! executes the site meanwhile traps, and this handler moves it on as if it had executed the
+//! *pending* instruction: `jmp` sets RIP to the target, `call` pushes the return address and
+//! sets RIP to the target, NOP sets RIP past the site. If the write completed before the handler
+//! ran (a signal may be delivered long after the trap), the thread is rewound onto the site to
+//! execute the whole new instruction. An `int3` that is not the engine's — at an address that
+//! was never a site, or at a site with no write in flight (a debugger's breakpoint) — is passed
+//! to the program's handler.
 //!
-//! The writer and the handler share [`TrapSites`], a lock-free hash table that the handler only
-//! reads (no locks, no allocation: async-signal-safe). Each slot holds a site address that was
-//! ever patched through int3 (`key`), and, while a write is in progress, the new bytes (`pending`,
-//! armed). The writer publishes in this order, each step `Release`, the handler reads `Acquire`:
+//! # The invariant, and who establishes it
 //!
-//! 1. insert the key (before the site ever holds `int3`): so any trap at `key + 1` is ours;
-//! 2. arm `pending` (before writing `int3`);
-//! 3. write `int3`, the tail, the first byte, with core syncs between (see `write`);
-//! 4. disarm `pending` (after the final first byte is written and synced).
+//! *Every `int3` the engine writes at a site is covered by an armed slot from before it is
+//! written until after the site holds a whole instruction again, inside an odd write epoch.*
+//! The writer establishes it, under the engine's write lock, through [`TrapSites`]: keys are
+//! inserted before the epoch begins, slots armed before the `int3` is written, disarmed after the
+//! last byte is written and synced, and the epoch ends after every disarm — on success and on
+//! every failure path, since a failed write is rolled back inside the same epoch
+//! (`crate::write`'s transaction). The memory orderings that make the handler's reading of this
+//! state sound are argued in [`slots`], which is model-checked with loom.
 //!
-//! The handler, on a trap whose RIP − 1 is a key, loops: if the byte at the site is no longer
-//! `int3`, the write completed after this thread trapped but before its signal was delivered
-//! (a signal may be delivered long after the trap), so it rewinds RIP to the site and lets the
-//! thread execute the now-complete instruction. If it is `int3` and `pending` is armed, it
-//! emulates the pending instruction. If it is `int3` and nothing is armed, a writer is between
-//! steps 3 and 4 (or about to start the next write at step 2); the handler yields and looks again.
-//! The writer never waits for a handler, so the loop ends when the writer's step finishes.
+//! # The table
 //!
-//! The table grows by copying into a new, larger table and publishing its pointer; the old table
-//! is leaked on purpose, because a handler on another thread may still be reading it. Growth
-//! happens only while no slot is armed (keys of a batch are inserted before any is armed), and the
-//! total leaked memory is bounded by the size of the final table (geometric growth).
+//! The table is read by the handler with loads only (no locks, no allocation:
+//! async-signal-safe). It grows by copying into a new, larger table and publishing its pointer;
+//! the old table is leaked on purpose, because a handler on another thread may still be reading
+//! it. Growth happens only outside write epochs (keys are inserted before [`TrapSites::begin`]),
+//! so no slot is ever armed in a table that is no longer published; a handler still reading an
+//! older table finds its slot unarmed and waits for the write to end, then rewinds. The total
+//! leaked memory is bounded by the size of the final table (geometric growth). Keys are never
+//! removed: a trap at a site may be delivered long after the site's write.
 //!
-//! Traps that are not ours (other addresses, or not from `int3`) are passed to the handler that
-//! was installed before ours, exactly as the kernel would have called it, or to the default
-//! action. If a program installs its own `SIGTRAP` handler after ours, [`install`] (called before
-//! every int3 write) puts ours back in front and chains to it; a thread-local guard breaks the
-//! loop if that handler in turn chains back to us.
+//! # Chaining
+//!
+//! Traps that are not ours (other addresses, not from `int3`, or foreign `int3`s at sites) are
+//! passed to the handler that was installed before ours, exactly as the kernel would have called
+//! it, or to the default action. If a program installs its own `SIGTRAP` handler after ours,
+//! [`install`] (called before every int3 write) puts ours back in front and chains to it; a
+//! thread-local guard breaks the loop if that handler in turn chains back to us.
 //!
 //! # Safety
 //!
-//! The handler dereferences the `siginfo_t` and `ucontext_t` the kernel passes, reads the code
-//! byte at a site address (sites stay mapped while registered: unmapping code that holds a
-//! registered site is forbidden by the engine), and, to emulate a `call`, writes the return
-//! address just below the interrupted stack pointer, which is what the `call` itself would have
-//! done (no live data may lie there: the compiler knows a call clobbers it).
+//! The handler dereferences the `siginfo_t` and `ucontext_t` the kernel passes, reads the first
+//! byte of a site (sites stay mapped while registered: unmapping code that holds a registered
+//! site is forbidden by the engine, and the thread just executed that byte), and, to emulate a
+//! `call`, writes the return address just below the interrupted stack pointer, which is what the
+//! `call` itself would have done (no live data may lie there: the compiler knows a call
+//! clobbers it).
 #![allow(unsafe_code)]
 
-use crate::arch::{self, INT3, SITE_LEN};
+pub(crate) mod slots;
+
+use crate::arch::{self, SITE_LEN};
 use crate::error::{Error, Result};
 use crate::site::SiteInsn;
+use slots::{Resolution, Slot, Table, WriteEpoch};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-
-const ARMED: u64 = 1 << 63;
-
-struct Slot {
-    key: AtomicUsize,
-    pending: AtomicU64,
-}
-
-struct Table {
-    mask: usize,
-    slots: Box<[Slot]>,
-}
-
-impl Table {
-    fn with_capacity(capacity: usize) -> Table {
-        let slots = (0..capacity)
-            .map(|_| Slot {
-                key: AtomicUsize::new(0),
-                pending: AtomicU64::new(0),
-            })
-            .collect();
-        Table {
-            mask: capacity - 1,
-            slots,
-        }
-    }
-
-    fn index(&self, key: usize) -> usize {
-        // Fibonacci hashing spreads nearby code addresses over the table.
-        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) & self.mask
-    }
-
-    /// The slot of `key`, if present. Async-signal-safe.
-    fn find(&self, key: usize) -> Option<&Slot> {
-        let mut i = self.index(key);
-        loop {
-            let slot = &self.slots[i];
-            match slot.key.load(Ordering::Acquire) {
-                0 => return None,
-                k if k == key => return Some(slot),
-                _ => i = (i + 1) & self.mask,
-            }
-        }
-    }
-
-    /// Inserts `key` (absent, table not full).
-    fn insert(&self, key: usize) -> &Slot {
-        let mut i = self.index(key);
-        while self.slots[i].key.load(Ordering::Relaxed) != 0 {
-            i = (i + 1) & self.mask;
-        }
-        self.slots[i].key.store(key, Ordering::Release);
-        &self.slots[i]
-    }
-}
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The process's write epoch (see [`slots`]).
+#[cfg(not(loom))]
+fn epoch() -> &'static WriteEpoch {
+    static EPOCH: WriteEpoch = WriteEpoch::new();
+    &EPOCH
+}
+
+#[cfg(loom)]
+fn epoch() -> &'static WriteEpoch {
+    unreachable!("loom models the protocol in `slots`, not the process's handler")
+}
 
 /// Traps at our sites handled by emulating the pending instruction.
 static EMULATED: AtomicU64 = AtomicU64::new(0);
 /// Traps at our sites whose write had completed when the handler ran (rewound).
 static REWOUND: AtomicU64 = AtomicU64::new(0);
+/// `int3`s at our sites with no write in flight, passed on to the program's handler.
+static FOREIGN: AtomicU64 = AtomicU64::new(0);
 
-/// How many traps at patch sites the handler has resolved: `(emulated, rewound)`.
-pub fn counts() -> (u64, u64) {
+/// How many traps at patch sites the handler has resolved: `(emulated, rewound, foreign)`.
+pub fn counts() -> (u64, u64, u64) {
     (
         EMULATED.load(Ordering::Relaxed),
         REWOUND.load(Ordering::Relaxed),
+        FOREIGN.load(Ordering::Relaxed),
     )
 }
 
 /// The writer's handle on the handler's table of int3 sites.
 ///
-/// Exactly one exists, inside the engine's write lock, so every mutation is exclusive.
+/// Exactly one exists, inside the engine's write lock, so every mutation is exclusive. Call
+/// order for one write: [`insert`](TrapSites::insert) every site, [`begin`](TrapSites::begin),
+/// [`arm`](TrapSites::arm) every site, write, [`disarm`](TrapSites::disarm) every site,
+/// [`end`](TrapSites::end).
 pub struct TrapSites {
     len: usize,
+    in_flight: bool,
 }
 
 impl TrapSites {
     /// Creates the handle. The engine creates one, inside its write lock.
     pub(crate) fn new() -> TrapSites {
-        TrapSites { len: 0 }
+        TrapSites {
+            len: 0,
+            in_flight: false,
+        }
     }
 
     fn table(&self) -> Option<&'static Table> {
@@ -140,21 +118,19 @@ impl TrapSites {
         unsafe { TABLE.load(Ordering::Acquire).as_ref() }
     }
 
-    /// Makes traps at `site + 1` recognisable as ours. Must not be called while a slot is armed.
+    /// Makes traps at `site + 1` recognisable as ours. Not during a write (may grow the table).
     pub fn insert(&mut self, site: usize) {
+        assert!(!self.in_flight, "trap table grown during a write");
         if self.table().and_then(|t| t.find(site)).is_some() {
             return;
         }
-        let capacity = self.table().map_or(0, |t| t.slots.len());
+        let capacity = self.table().map_or(0, Table::capacity);
         if (self.len + 1) * 2 > capacity {
             let bigger = Table::with_capacity((capacity * 2).max(64));
             if let Some(old) = self.table() {
-                for slot in old.slots.iter() {
-                    let key = slot.key.load(Ordering::Relaxed);
-                    if key != 0 {
-                        assert_eq!(slot.pending.load(Ordering::Relaxed), 0, "grew while armed");
-                        bigger.insert(key);
-                    }
+                for slot in old.occupied() {
+                    assert_eq!(slot.armed(), None, "grew while armed");
+                    bigger.insert(slot.key());
                 }
             }
             // The old table is leaked: a handler may still be reading it (see module docs).
@@ -164,24 +140,63 @@ impl TrapSites {
         self.len += 1;
     }
 
-    fn slot(&self, site: usize) -> &Slot {
+    fn slot(&self, site: usize) -> &'static Slot {
         self.table()
             .and_then(|t| t.find(site))
             .expect("site inserted before it is armed")
     }
 
-    /// Tells the handler which instruction a trap at `site` must emulate.
-    pub fn arm(&mut self, site: usize, new: [u8; SITE_LEN]) {
-        let mut word = [0u8; 8];
-        word[..SITE_LEN].copy_from_slice(&new);
-        let value = u64::from_le_bytes(word) | ARMED;
-        self.slot(site).pending.store(value, Ordering::Release);
+    /// A write starts: from now until [`end`](TrapSites::end), an `int3` at a site is the
+    /// engine's.
+    pub fn begin(&mut self) {
+        assert!(!self.in_flight, "nested int3 writes");
+        self.in_flight = true;
+        epoch().begin();
     }
 
-    /// Ends the write at `site`: traps that are still in flight will see a complete instruction.
-    pub fn disarm(&mut self, site: usize) {
-        self.slot(site).pending.store(0, Ordering::Release);
+    /// Tells the handler which instruction a trap at `site` must emulate.
+    pub fn arm(&mut self, site: usize, insn: [u8; SITE_LEN]) {
+        debug_assert!(self.in_flight, "armed outside a write");
+        self.slot(site).arm(insn);
     }
+
+    /// Ends the write at `site`: it holds a whole instruction, synced to every core.
+    pub fn disarm(&mut self, site: usize) {
+        self.slot(site).disarm();
+    }
+
+    /// The write ends: every site it armed is disarmed.
+    pub fn end(&mut self) {
+        debug_assert!(self.in_flight, "end without begin");
+        self.in_flight = false;
+        epoch().end();
+    }
+
+    /// The table as the handler sees it (for the fault-injection tests: a failed batch must
+    /// leave this exactly as it was).
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn snapshot(&self) -> TrapTable {
+        let mut sites: Vec<_> = self
+            .table()
+            .map(|t| t.occupied().map(|s| (s.key(), s.armed())).collect())
+            .unwrap_or_default();
+        sites.sort_unstable();
+        TrapTable {
+            sites,
+            write_in_flight: !epoch().load().is_multiple_of(2),
+        }
+    }
+}
+
+/// The trap table as the `SIGTRAP` handler sees it.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrapTable {
+    /// Every site ever written through the int3 protocol, in address order, with the
+    /// instruction its slot is armed with (none outside a write).
+    pub sites: Vec<(usize, Option<[u8; SITE_LEN]>)>,
+    /// Whether a write epoch is open.
+    pub write_in_flight: bool,
 }
 
 /// The action that was installed before ours, to chain to (leaked `Box`, or null: default).
@@ -254,25 +269,27 @@ unsafe fn handle_site_trap(info: *mut libc::siginfo_t, context: *mut libc::c_voi
     // SAFETY: valid ucontext from the kernel (caller); we are its only user during the handler.
     let gregs = unsafe { &mut (*(context as *mut libc::ucontext_t)).uc_mcontext.gregs };
     let site = (gregs[libc::REG_RIP as usize] as usize).wrapping_sub(1);
-    loop {
-        // SAFETY: TABLE is null or a leaked, never-freed table.
-        let Some(table) = (unsafe { TABLE.load(Ordering::Acquire).as_ref() }) else {
-            return false;
-        };
-        let Some(slot) = table.find(site) else {
-            return false;
-        };
-        // SAFETY: `site` is a registered site, mapped while registered (module docs).
-        if unsafe { std::ptr::read_volatile(site as *const u8) } != INT3 {
+    // SAFETY: TABLE is null or a leaked, never-freed table.
+    let Some(table) = (unsafe { TABLE.load(Ordering::Acquire).as_ref() }) else {
+        return false;
+    };
+    let Some(slot) = table.find(site) else {
+        return false;
+    };
+    // SAFETY: `site` is a registered site, mapped while registered (module docs); this thread
+    // just executed its first byte.
+    let first_byte = || unsafe { crate::sys::memory::load_code_byte(site) };
+    // SAFETY: sched_yield is async-signal-safe and takes no arguments.
+    let wait = || unsafe {
+        libc::sched_yield();
+    };
+    match slots::resolve(slot, epoch(), first_byte, wait) {
+        Resolution::Rewind => {
             gregs[libc::REG_RIP as usize] = site as i64;
             REWOUND.fetch_add(1, Ordering::Relaxed);
-            return true;
         }
-        let pending = slot.pending.load(Ordering::Acquire);
-        if pending & ARMED != 0 {
-            let bytes = pending.to_le_bytes();
-            let new = [bytes[0], bytes[1], bytes[2], bytes[3], bytes[4]];
-            match arch::decode(new, site) {
+        Resolution::Emulate(insn) => {
+            match arch::decode(insn, site) {
                 Some(SiteInsn::Jmp(target)) => gregs[libc::REG_RIP as usize] = target as i64,
                 Some(SiteInsn::Call(target)) => {
                     let sp = gregs[libc::REG_RSP as usize] as usize - 8;
@@ -286,11 +303,13 @@ unsafe fn handle_site_trap(info: *mut libc::siginfo_t, context: *mut libc::c_voi
                 _ => gregs[libc::REG_RIP as usize] = (site + SITE_LEN) as i64,
             }
             EMULATED.fetch_add(1, Ordering::Relaxed);
-            return true;
         }
-        // SAFETY: sched_yield is async-signal-safe and takes no arguments.
-        unsafe { libc::sched_yield() };
+        Resolution::NotOurs => {
+            FOREIGN.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
     }
+    true
 }
 
 /// Passes a trap that is not ours to the previously installed action.
@@ -328,21 +347,4 @@ unsafe fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut l
         }
     }
     CHAINING.with(|c| c.set(false));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn table_finds_every_inserted_key_across_growth() {
-        let table = Table::with_capacity(8);
-        for k in 1..=4usize {
-            table.insert(k * 0x1000 + 3);
-        }
-        for k in 1..=4usize {
-            assert!(table.find(k * 0x1000 + 3).is_some());
-        }
-        assert!(table.find(0x5003).is_none());
-    }
 }

@@ -15,7 +15,7 @@
 //! parked thread executes a single instruction outside the handler until the closure has
 //! returned or unwound. The closure gets a [`World`]: for each stopped thread its registers, its
 //! frames as the unwind tables describe them (the PC it was stopped at, every return address,
-//! and the PC saved in every signal frame on its stack: [`crate::sys::unwind`]), and the live
+//! and the PC saved in every signal frame on its stack: [`crate::sys::walk`]), and the live
 //! parts of its stacks.
 //!
 //! # Protocol
@@ -126,7 +126,7 @@
 use super::maps::MapsBuffer;
 use super::regs::{self, Registers, GENERAL};
 use super::signal::Chain;
-use super::unwind::{Frame, FrameKind, Tables, WalkEnd, Walker};
+use super::walk::{Frame, FrameKind, Tables, WalkEnd, Walker};
 use crate::error::{Error, ErrorKind, Result};
 use std::ops::Range;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};

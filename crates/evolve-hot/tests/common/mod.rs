@@ -2,7 +2,7 @@
 //! driven over stdin, and patches built from edited copies of its source.
 #![allow(dead_code)]
 
-use evolve_hot::builder::{build_patch, Base, BuildOptions, BuildReport};
+use evolve_builder::so::{build_patch, Base, BuildOptions, BuildReport};
 use evolve_testkit::{Lines, Workspace};
 use serde_json::Value;
 use std::io::Write;

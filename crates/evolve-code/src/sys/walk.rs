@@ -13,7 +13,8 @@
 //! [`Tables`] holds, for every loaded object ([`crate::sys::loader`]), a copy of its
 //! `.eh_frame_hdr` lookup table and `.eh_frame` section — the program, its libraries, the vdso,
 //! every loaded patch — and the `.eh_frame` bytes the engine registered for code it generated
-//! (detour trampolines, shadow-stack exit stubs: [`register_frame`]). Copies, read through
+//! (detour trampolines, shadow-stack exit stubs, loaded patches), which [`crate::unwind`] — the
+//! one place that registers tables with the process's unwinder — reports here. Copies, read through
 //! [`crate::sys::peek`], because an object may be unmapped between the refresh and the walk
 //! (another thread `dlclose`s it) and its file may have been truncated (a plain load would
 //! fault). [`Tables::refresh`] runs before the world stops (it asks the loader, which takes a
@@ -37,9 +38,8 @@
 //!
 //! # Safety
 //!
-//! `register_frame` hands `.eh_frame` bytes to libgcc's unwinder, which reads them for the rest
-//! of the process's life (the bytes are `'static`); everything else reads memory only through
-//! [`crate::sys::peek`].
+//! Memory of other objects is read only through [`crate::sys::peek`] (a copy that fails on a bad
+//! page instead of faulting); registered sections are copied when they are registered.
 #![allow(unsafe_code)]
 
 use super::peek;
@@ -50,7 +50,7 @@ use gimli::{
     UnwindSection, Value,
 };
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 type Slice<'a> = EndianSlice<'a, LittleEndian>;
 
@@ -81,22 +81,19 @@ const FROM_GREGS: [libc::c_int; DWARF_REGISTERS] = [
 /// `mov rax, 15 (rt_sigreturn); syscall`: the body of a signal restorer.
 const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
 
-unsafe extern "C" {
-    fn __register_frame(begin: *const u8);
-    fn __deregister_frame(begin: *const u8);
-}
-
-/// `.eh_frame` bytes the engine registered, with the code ranges their FDEs cover.
+/// `.eh_frame` bytes the engine registered for code it generated or loaded (a copy: the
+/// original may be unmapped once deregistered), with the code ranges their FDEs cover.
 struct Registered {
-    eh: &'static [u8],
+    address: usize,
+    eh: Arc<[u8]>,
     fdes: Vec<(Range<usize>, usize)>,
 }
 
 static REGISTERED: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
-fn fdes_of(eh: &'static [u8]) -> Vec<(Range<usize>, usize)> {
+fn fdes_of(address: usize, eh: &[u8]) -> Vec<(Range<usize>, usize)> {
     let section = EhFrame::new(eh, LittleEndian);
-    let bases = BaseAddresses::default().set_eh_frame(eh.as_ptr() as u64);
+    let bases = BaseAddresses::default().set_eh_frame(address as u64);
     let mut entries = section.entries(&bases);
     let mut fdes = Vec::new();
     while let Ok(Some(entry)) = entries.next() {
@@ -110,35 +107,28 @@ fn fdes_of(eh: &'static [u8]) -> Vec<(Range<usize>, usize)> {
     fdes
 }
 
-/// Registers `.eh_frame` bytes for generated code with the program's unwinder
-/// (`__register_frame`) and with the engine's stack walker.
-///
-/// # Safety
-///
-/// `eh` is a complete, zero-terminated `.eh_frame` section whose FDEs describe code that stays
-/// mapped while they are registered (libgcc's unwinder reads them when any thread unwinds).
-pub unsafe fn register_frame(eh: &'static [u8]) {
-    // SAFETY: the caller's contract is `__register_frame`'s.
-    unsafe { __register_frame(eh.as_ptr()) };
-    let fdes = fdes_of(eh);
+/// Tells the walker about an `.eh_frame` section that [`crate::unwind`] registered with the
+/// process's unwinder, at `section.as_ptr()` (the one registration path: the walker learns of
+/// generated code — trampolines, shadow-stack stubs, loaded patches — from it).
+pub(crate) fn registered(section: &[u8]) {
+    let address = section.as_ptr() as usize;
+    let fdes = fdes_of(address, section);
     REGISTERED
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(Registered { eh, fdes });
+        .push(Registered {
+            address,
+            eh: section.into(),
+            fdes,
+        });
 }
 
-/// Undoes [`register_frame`].
-///
-/// # Safety
-///
-/// `eh` was registered with [`register_frame`] and not deregistered since.
-pub unsafe fn deregister_frame(eh: &'static [u8]) {
+/// Undoes [`registered`] for the section at `address`.
+pub(crate) fn deregistered(address: usize) {
     REGISTERED
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .retain(|r| !std::ptr::eq(r.eh, eh));
-    // SAFETY: registered by `register_frame` (caller).
-    unsafe { __deregister_frame(eh.as_ptr()) };
+        .retain(|r| r.address != address);
 }
 
 /// One loaded object's unwind tables, copied.
@@ -154,7 +144,8 @@ struct ImageTables {
 #[derive(Clone, Copy)]
 enum Source {
     Image(usize),
-    Registered { eh: &'static [u8], offset: usize },
+    /// Index into [`Tables::registered`], offset of the FDE.
+    Registered { table: usize, offset: usize },
 }
 
 /// The unwind tables of every loaded object and of the engine's generated code, as of the last
@@ -162,6 +153,8 @@ enum Source {
 #[derive(Default)]
 pub struct Tables {
     images: Vec<ImageTables>,
+    /// Sections registered for generated code: their address and bytes.
+    registered: Vec<(usize, Arc<[u8]>)>,
     /// Executable ranges, sorted, with where their FDEs are.
     code: Vec<(Range<usize>, Source)>,
 }
@@ -224,12 +217,16 @@ impl Tables {
                 }
             }
         }
+        self.registered.clear();
         for registered in REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let table = self.registered.len();
+            self.registered
+                .push((registered.address, registered.eh.clone()));
             for (range, offset) in &registered.fdes {
                 self.code.push((
                     range.clone(),
                     Source::Registered {
-                        eh: registered.eh,
+                        table,
                         offset: *offset,
                     },
                 ));
@@ -515,8 +512,9 @@ impl Walker {
                     Err(_) => Step::Failed,
                 }
             }
-            Source::Registered { eh, offset } => {
-                let bases = BaseAddresses::default().set_eh_frame(eh.as_ptr() as u64);
+            Source::Registered { table, offset } => {
+                let (address, eh) = &tables.registered[table];
+                let bases = BaseAddresses::default().set_eh_frame(*address as u64);
                 let section = EhFrame::new(eh, LittleEndian);
                 match section.fde_from_offset(
                     &bases,

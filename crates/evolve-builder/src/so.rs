@@ -1,4 +1,6 @@
-//! The patch builder: from the edited source of a running program's crate, a thin patch.
+//! Format 1: from the edited source of a running program's crate, a thin patch of its
+//! `#[evolve::hot]` functions as a shared object (`.so`), applied by `evolve_hot::patch::apply`.
+//! It stays until the apply of format-2 objects ([`crate::build_patch`]) lands.
 //!
 //! 1. **Base.** Read the running binary — by path, or by pid through `/proc/PID/exe`, which
 //!    still reaches the file a process was started from after it is replaced on disk — for its
@@ -13,34 +15,25 @@
 //!    whose size changed are reported.
 //! 4. **Link** `cc -shared -nostartfiles -Wl,-Bsymbolic-functions`: no initializers (loading runs
 //!    no code), and calls inside the patch bind to the patch's own new functions while its data
-//!    references still bind to the program's statics (one of every static).
-//! 5. **Embed** the manifest as the exported symbol `evolve_patch_manifest`.
+//!    references still bind to the program's statics (one of every static). The manifest is
+//!    linked in as the exported symbol `evolve_patch_manifest`, with a placeholder digest.
+//! 5. **Seal**: the linked object is checked the way apply will check it (loading it must run
+//!    none of its code: [`evolve_code::dylib::PatchFile::check_loadable`]), its SHA-256 computed
+//!    with the manifest zeroed ([`evolve_hot::manifest::content_digest`]) and written into the
+//!    manifest in place (same length), and only then is the output written.
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{hex, ChangedStatic, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL};
+use evolve_code::dylib::{read_regular_file, PatchFile};
+use evolve_hot::manifest::{
+    content_digest, hex, ChangedStatic, FunctionEntry, Manifest, FORMAT, MANIFEST_SYMBOL,
+};
+use evolve_hot::{Error, ErrorKind, Result};
 use object::{Object, ObjectSymbol, SymbolKind};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// Which binary the patch is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Base {
-    /// A binary file.
-    Path(PathBuf),
-    /// A running process (its binary through `/proc/PID/exe`).
-    Pid(u32),
-}
-
-impl Base {
-    fn file(&self) -> PathBuf {
-        match self {
-            Base::Path(p) => p.clone(),
-            Base::Pid(pid) => PathBuf::from(format!("/proc/{pid}/exe")),
-        }
-    }
-}
+pub use crate::Base;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -107,13 +100,12 @@ struct BaseInfo {
     needed: Vec<String>,
 }
 
+/// Binaries and objects read by the builder are at most this long.
+const MAX_INPUT_BYTES: u64 = 4 << 30;
+
 fn read_base(path: &Path) -> Result<BaseInfo> {
-    let data = std::fs::read(path).map_err(|e| {
-        build_error(
-            "reading the base binary",
-            format!("{}: {e}", path.display()),
-        )
-    })?;
+    let data = read_regular_file(path, MAX_INPUT_BYTES)
+        .map_err(|e| build_error("reading the base binary", e.to_string()))?;
     let file = object::File::parse(&*data).map_err(|e| {
         build_error(
             "reading the base binary",
@@ -128,7 +120,7 @@ fn read_base(path: &Path) -> Result<BaseInfo> {
         .ok_or_else(|| build_error("reading the base binary", "it has no GNU build id"))?;
     let exported = file
         .dynamic_symbols()
-        .filter(|s| s.is_definition())
+        .filter(defines)
         .filter_map(|s| s.name().ok().map(str::to_string))
         .collect();
     let object_sizes = file
@@ -177,6 +169,19 @@ fn needed_libraries(elf: &object::read::elf::ElfFile64<object::Endianness>) -> V
     names
 }
 
+/// Whether `symbol` is a definition the dynamic linker can bind a patch's reference to: functions
+/// and data, and also what `object`'s `is_definition` leaves out — IFUNCs (`STT_GNU_IFUNC`:
+/// glibc's `memmove`, `memset`, `bcmp`, whose resolver picks the implementation) and
+/// thread-locals (`STT_TLS`: every `thread_local!`), which a patch references as any other
+/// symbol.
+fn defines<'data>(symbol: &impl ObjectSymbol<'data>) -> bool {
+    !symbol.is_undefined()
+        && matches!(
+            symbol.kind(),
+            SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls | SymbolKind::Unknown
+        )
+}
+
 /// Symbols defined by the libraries the base needs (found in the usual library directories).
 fn library_symbols(needed: &[String]) -> HashSet<String> {
     let dirs = [
@@ -192,20 +197,16 @@ fn library_symbols(needed: &[String]) -> HashSet<String> {
         let Some(data) = dirs
             .iter()
             .map(|d| Path::new(d).join(name))
-            .find_map(|p| std::fs::read(p).ok())
+            .find_map(|p| read_regular_file(&p, MAX_INPUT_BYTES).ok())
         else {
             continue;
         };
         if let Ok(file) = object::File::parse(&*data) {
-            symbols.extend(
-                file.dynamic_symbols()
-                    .filter(|s| s.is_definition())
-                    .filter_map(|s| {
-                        s.name()
-                            .ok()
-                            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-                    }),
-            );
+            symbols.extend(file.dynamic_symbols().filter(defines).filter_map(|s| {
+                s.name()
+                    .ok()
+                    .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            }));
         }
     }
     symbols
@@ -231,7 +232,8 @@ fn split_fingerprint(rest: &str) -> Option<FunctionEntry> {
 }
 
 fn read_object(path: &Path) -> Result<ObjectInfo> {
-    let data = std::fs::read(path).map_err(|e| build_error("reading the object", e.to_string()))?;
+    let data = read_regular_file(path, MAX_INPUT_BYTES)
+        .map_err(|e| build_error("reading the object", e.to_string()))?;
     let file = object::File::parse(&*data)
         .map_err(|e| build_error("reading the object", e.to_string()))?;
     let mut info = ObjectInfo {
@@ -271,6 +273,51 @@ fn path_without_hash(symbol: &str) -> String {
     format!("{:#}", rustc_demangle::demangle(symbol))
 }
 
+/// The patch's statics whose layout differs from the program's.
+///
+/// Statics are matched by exact symbol: one path may name several statics (every expansion of
+/// a macro that declares one, such as `tracing`'s `CALLSITE`s, in one function), and each binds
+/// to the program's definition of its own symbol. A static whose symbol the program has changed
+/// if its size did (v0 mangling keeps the symbol when the type changes). A static whose symbol
+/// the program lacks is new, unless the type changed: the legacy mangling hashes an item's
+/// type, so such a static gets a new name and would silently start from a fresh copy instead
+/// of the program's value. It is recognised by its path when that names exactly one of the
+/// program's statics that no static of the patch matches by symbol; several such candidates
+/// cannot be told apart, and the patch's statics of that path are taken as new.
+pub(crate) fn changed_statics(
+    running: &HashMap<String, u64>,
+    patch: &[(String, u64)],
+) -> Vec<ChangedStatic> {
+    let in_patch: HashSet<&str> = patch.iter().map(|(name, _)| name.as_str()).collect();
+    let mut renamed: HashMap<String, Vec<(&String, u64)>> = HashMap::new();
+    for (name, size) in running {
+        if !in_patch.contains(name.as_str()) {
+            renamed
+                .entry(path_without_hash(name))
+                .or_default()
+                .push((name, *size));
+        }
+    }
+    patch
+        .iter()
+        .filter_map(|(name, size)| {
+            let (running_symbol, running) = match running.get(name) {
+                Some(running) => (name, *running),
+                None => match renamed.get(&path_without_hash(name))?.as_slice() {
+                    [only] => *only,
+                    _ => return None,
+                },
+            };
+            (running_symbol != name || running != *size).then(|| ChangedStatic {
+                symbol: path_without_hash(name),
+                running_symbol: running_symbol.clone(),
+                running,
+                patch: *size,
+            })
+        })
+        .collect()
+}
+
 fn toolchain(workdir: &Path) -> Result<String> {
     Ok(run(
         "rustc -V",
@@ -287,6 +334,35 @@ fn manifest_source(json: &str) -> String {
         "__attribute__((visibility(\"default\"), used)) const unsigned char {MANIFEST_SYMBOL}[] = {{{}}};\n",
         bytes.join(",")
     )
+}
+
+/// Checks the linked patch as apply will, and writes its content digest into its manifest
+/// (whose JSON is `json_len` bytes, placeholder digest included): the patch's final bytes.
+fn seal(linked: &Path, manifest: &mut Manifest, json_len: usize) -> Result<Vec<u8>> {
+    let step = "sealing the patch";
+    let file = PatchFile::read(linked).map_err(|e| build_error(step, e.to_string()))?;
+    file.check_loadable()
+        .map_err(|e| build_error("checking the linked patch", e.to_string()))?;
+    let range = file
+        .symbol(MANIFEST_SYMBOL)
+        .map_err(|e| build_error(step, e.to_string()))?;
+    if range.len() != json_len + 1 {
+        return Err(build_error(
+            step,
+            format!(
+                "the linked manifest is {} bytes, not {}",
+                range.len(),
+                json_len + 1
+            ),
+        ));
+    }
+    manifest.sha256 = hex(&content_digest(file.bytes(), range.clone()));
+    let json = serde_json::to_string(&*manifest).expect("manifest serializes");
+    // Only the digest's digits changed: the same length, so the file's layout stays.
+    assert_eq!(json.len(), json_len, "a digest has a fixed length");
+    let mut bytes = file.bytes().to_vec();
+    bytes[range.start..range.start + json.len()].copy_from_slice(json.as_bytes());
+    Ok(bytes)
 }
 
 /// Builds a thin patch (see the module docs). Nothing is written to `output` unless every check
@@ -398,27 +474,7 @@ fn build_in(
             symbols: missing,
         }));
     }
-    // A static changed if its size differs, or if its symbol did: the legacy mangling hashes an
-    // item's type, so a static whose type changed gets a new name and would silently start from
-    // a fresh copy instead of the program's value. Match by path without the hash.
-    let by_path: HashMap<String, (&String, u64)> = base
-        .object_sizes
-        .iter()
-        .map(|(name, size)| (path_without_hash(name), (name, *size)))
-        .collect();
-    let changed_statics: Vec<ChangedStatic> = object
-        .statics
-        .iter()
-        .filter_map(|(name, size)| {
-            let (running_name, running) = *by_path.get(&path_without_hash(name))?;
-            (running_name != name || running != *size).then(|| ChangedStatic {
-                symbol: path_without_hash(name),
-                running_symbol: running_name.clone(),
-                running,
-                patch: *size,
-            })
-        })
-        .collect();
+    let changed_statics = changed_statics(&base.object_sizes, &object.statics);
     // The patch still builds (the operator sees why it will be refused, and a later Evolve
     // with a transfer function for it can apply it); apply refuses it.
     let krate = options.package.replace('-', "_");
@@ -435,8 +491,9 @@ fn build_in(
         })
         .collect();
 
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format: FORMAT,
+        sha256: "0".repeat(64),
         base_build_id: base.build_id.clone(),
         toolchain,
         crates: vec![options.package.clone()],
@@ -464,11 +521,12 @@ fn build_in(
             .arg(&object_path)
             .arg(&manifest_c),
     )?;
+    let sealed = seal(&linked, &mut manifest, json.len())?;
     if let Some(dir) = options.output.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| build_error("writing the patch", e.to_string()))?;
     }
-    std::fs::copy(&linked, &options.output)
+    std::fs::write(&options.output, sealed)
         .map_err(|e| build_error("writing the patch", e.to_string()))?;
     Ok(BuildReport {
         output: options.output.clone(),
@@ -488,6 +546,50 @@ mod tests {
         assert_eq!(e.id, "kv_get_1234abcd");
         assert_eq!(e.fingerprint, "00112233aabbccdd");
         assert!(split_fingerprint("kv_get_nothex").is_none());
+    }
+
+    /// Legacy symbols of `krate::NAME` with the hash `h`.
+    fn legacy(path: &str, hash: &str) -> String {
+        let parts: String = path
+            .split("::")
+            .map(|p| format!("{}{p}", p.len()))
+            .collect();
+        format!("_ZN{parts}17h{hash}E")
+    }
+
+    #[test]
+    fn statics_are_matched_by_exact_symbol_before_path() {
+        let (one, two) = (
+            legacy("app::f::HITS", "00000000000000a1"),
+            legacy("app::f::HITS", "00000000000000b2"),
+        );
+        let running = HashMap::from([(one.clone(), 24), (two.clone(), 24)]);
+        // The same two statics: nothing changed, whatever order they come in.
+        let patch = vec![(two.clone(), 24), (one.clone(), 24)];
+        assert_eq!(changed_statics(&running, &patch), Vec::new());
+        // One grew: that one, against its own symbol.
+        let changed = changed_statics(&running, &[(one.clone(), 32), (two.clone(), 24)]);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].running_symbol, one);
+        assert_eq!((changed[0].running, changed[0].patch), (24, 32));
+    }
+
+    #[test]
+    fn a_renamed_static_is_changed_only_when_its_path_is_unambiguous() {
+        let old = legacy("app::COUNT", "00000000000000a1");
+        let new = legacy("app::COUNT", "00000000000000c3");
+        let running = HashMap::from([(old.clone(), 8)]);
+        // The type changed (legacy mangling hashes it): the patch's symbol is new, its path not.
+        let changed = changed_statics(&running, &[(new.clone(), 8)]);
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].symbol, "app::COUNT");
+        assert_eq!(changed[0].running_symbol, old);
+        // A static with a new path is new, not changed.
+        let fresh = legacy("app::OTHER", "00000000000000d4");
+        assert_eq!(changed_statics(&running, &[(fresh, 8)]), Vec::new());
+        // Two candidates of that path in the program: they cannot be told apart.
+        let running = HashMap::from([(old, 8), (legacy("app::COUNT", "00000000000000e5"), 8)]);
+        assert_eq!(changed_statics(&running, &[(new, 8)]), Vec::new());
     }
 
     #[test]

@@ -1,11 +1,19 @@
 //! Loading patch objects: shared objects whose code the engine may point stubs at.
 //!
-//! A patch is a shared object built by Evolve's patch builder. [`PatchObject::open`] checks the
-//! file before the dynamic loader touches it — an ELF shared object for this machine, with **no
-//! initializers** (`DT_INIT`, `DT_INIT_ARRAY`, `DT_PREINIT_ARRAY`), so loading it runs none of its
-//! code — then loads it with `RTLD_NOW | RTLD_LOCAL`: every undefined symbol is bound at once,
-//! against the program (which exports its symbols), so a missing symbol fails the load with the
-//! loader's message naming it, before anything changed.
+//! A patch is a shared object built by Evolve's patch builder. Loading one runs none of its
+//! code, and what is loaded is exactly what was checked:
+//!
+//! 1. [`PatchFile::read`] reads the file once, from a regular file only (a FIFO, a device or a
+//!    directory is refused before anything is read: see [`file`]).
+//! 2. The caller verifies the bytes (the hot-update layer checks the manifest's SHA-256 and what
+//!    the patch was built for).
+//! 3. [`PatchObject::load`] checks what the dynamic loader would do with those bytes, read the
+//!    way the loader reads them (program headers and `PT_DYNAMIC`, never section headers: see
+//!    [`loadable`]): no initializers or finalizers, no IFUNC resolvers of its own, no library
+//!    the program has not loaded already. Then it copies the bytes into a sealed `memfd` and
+//!    loads that (`/proc/self/fd/N`) with `RTLD_NOW | RTLD_LOCAL`: every undefined symbol is
+//!    bound at once against the program (which exports its symbols), so a missing symbol fails
+//!    the load with the loader's message naming it, before anything changed.
 //!
 //! Code inside a loaded patch is reached only through [`Code`] and [`Stub`] values named by the
 //! symbol convention of `#[evolve::hot]`: `__evolve_impl_{id}_{fingerprint:016x}` for an
@@ -16,12 +24,32 @@
 //! A loaded object is never unloaded implicitly (dropping a [`PatchObject`] keeps it mapped):
 //! threads may still run its code. Unloading belongs to reclamation, which proves no thread can.
 //!
+//! # What the safe API assumes
+//!
+//! Opening runs none of the object's code (no initializers; the loader checks are this
+//! module's job). Its code runs later, through [`Code`] and [`Stub`] values whose fingerprints
+//! come from its symbol names, and through [`PatchObject::transfer_static`], which finds the
+//! program's static itself: nothing here takes a raw address to run code on. What remains
+//! assumed is the file's provenance — that a file whose manifest the hot layer verified
+//! against this program (build id, toolchain, fingerprints) was made by Evolve's builder from
+//! Rust source, so its `__evolve_*` symbols are what the macros emitted. Whoever can name the
+//! file to the agent (the process's own user, peer credentials checked) can already replace
+//! the executable; signatures (the fleet's ed25519) authenticate files from elsewhere.
+//!
 //! # Safety
 //!
-//! `dlopen` of an object without initializers runs no code of the object; `dlsym` only looks
-//! up addresses. Stubs found in a patch are registered as patch sites under the same contract
-//! as stubs of the program (they were emitted by the same macro).
+//! `dlopen` of an object with no initializers, no IFUNC of its own and only libraries that are
+//! loaded already runs no code of the object (nor of any new object); `dlsym` of a symbol that
+//! is not an IFUNC only looks up an address. The memfd is sealed before `dlopen`, so the bytes
+//! mapped are the bytes checked. Stubs found in a patch are registered as patch sites under the
+//! same contract as stubs of the program (they were emitted by the same macro).
+//! [`PatchObject::run_transfer`] is `unsafe`: its caller vouches for the static's address.
 #![allow(unsafe_code)]
+
+pub mod file;
+mod loadable;
+
+pub use file::{read_regular_file, PatchFile, MAX_PATCH_BYTES};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::hidden::Hidden;
@@ -29,9 +57,11 @@ use crate::scan::{scan_for_references, ScanReport, Scope};
 use crate::site::PatchSite;
 use crate::stub::{Code, Stub};
 use object::elf;
-use object::read::elf::{Dyn, ElfFile64, FileHeader, SectionHeader};
-use object::{Object, ObjectSymbol};
+use object::read::elf::ElfFile64;
+use object::{Object, ObjectSection, ObjectSymbol};
 use std::mem::ManuallyDrop;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -42,36 +72,72 @@ fn image_error(path: &Path, reason: impl Into<String>) -> Error {
     })
 }
 
-/// Reads the bytes of the data symbol `name` (up to its size, or to the first NUL if it has
-/// none) from an ELF file without loading it: how a patch's manifest is read before anything is
-/// trusted.
-pub fn read_symbol_bytes(path: &Path, name: &str) -> Result<Vec<u8>> {
-    let data = std::fs::read(path).map_err(|e| image_error(path, e.to_string()))?;
-    let file = ElfFile64::<object::Endianness>::parse(&*data)
-        .map_err(|e| image_error(path, format!("not an ELF64 object: {e}")))?;
-    let symbol = file
-        .dynamic_symbols()
-        .chain(file.symbols())
-        .find(|s| s.name() == Ok(name) && s.is_definition())
-        .ok_or_else(|| image_error(path, format!("no symbol {name}")))?;
-    let section = symbol
-        .section_index()
-        .and_then(|i| file.section_by_index(i).ok())
-        .ok_or_else(|| image_error(path, format!("symbol {name} has no section")))?;
-    let bytes = object::ObjectSection::data(&section)
-        .map_err(|e| image_error(path, format!("unreadable section of {name}: {e}")))?;
-    let start = (symbol.address() - object::ObjectSection::address(&section)) as usize;
-    let mut end = start + symbol.size() as usize;
-    if symbol.size() == 0 {
-        end = bytes[start.min(bytes.len())..]
-            .iter()
-            .position(|b| *b == 0)
-            .map_or(bytes.len(), |p| start + p);
+impl PatchFile {
+    /// Checks that loading the file into this process would run none of its code (see
+    /// [`loadable`]), without loading it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::UnsafeObject`] naming what loading would run; [`ErrorKind::Image`] if the
+    /// bytes are not a well-formed x86-64 shared object.
+    pub fn check_loadable(&self) -> Result<()> {
+        let loaded = crate::inspect::loaded_names();
+        loadable::check(self.bytes(), &|needed| is_loaded(needed, &loaded)).map_err(|refusal| {
+            match refusal {
+                loadable::Refusal::Malformed(reason) => image_error(self.path(), reason),
+                loadable::Refusal::RunsCode(reason) => Error::new(ErrorKind::UnsafeObject {
+                    path: self.path().display().to_string(),
+                    reason,
+                }),
+            }
+        })
     }
-    bytes
-        .get(start..end)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| image_error(path, format!("symbol {name} lies outside its section")))
+
+    /// The file bytes of the data symbol `name` (its size, or up to the first NUL if it has
+    /// none), found through the file's symbol tables: how a patch's manifest is found before
+    /// anything in the file is trusted.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let file = evolve_code::dylib::PatchFile::read("/proc/self/exe".as_ref()).unwrap();
+    /// let err = file.symbol("no_such_symbol_anywhere").unwrap_err();
+    /// assert!(err.to_string().contains("no symbol no_such_symbol_anywhere"), "{err}");
+    /// ```
+    pub fn symbol(&self, name: &str) -> Result<Range<usize>> {
+        let path = self.path();
+        let data = self.bytes();
+        let file = ElfFile64::<object::Endianness>::parse(data)
+            .map_err(|e| image_error(path, format!("not an ELF64 object: {e}")))?;
+        let symbol = file
+            .dynamic_symbols()
+            .chain(file.symbols())
+            .find(|s| s.name() == Ok(name) && s.is_definition())
+            .ok_or_else(|| image_error(path, format!("no symbol {name}")))?;
+        let section = symbol
+            .section_index()
+            .and_then(|i| file.section_by_index(i).ok())
+            .ok_or_else(|| image_error(path, format!("symbol {name} has no section")))?;
+        let outside = || image_error(path, format!("symbol {name} lies outside its section"));
+        let (offset, size) = section
+            .file_range()
+            .ok_or_else(|| image_error(path, format!("symbol {name} is not in the file")))?;
+        let start = symbol
+            .address()
+            .checked_sub(section.address())
+            .filter(|s| *s < size)
+            .ok_or_else(outside)?;
+        let bytes = &data[(offset + start) as usize..(offset + size) as usize];
+        let len = if symbol.size() == 0 {
+            bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len()) as u64
+        } else {
+            symbol.size()
+        };
+        if start + len > size {
+            return Err(outside());
+        }
+        let begin = (offset + start) as usize;
+        Ok(begin..begin + len as usize)
+    }
 }
 
 /// A list of hidden address ranges.
@@ -121,37 +187,15 @@ fn segments_of(
     Ok((exec, all, boundaries))
 }
 
-/// Checks that `data` is an x86-64 ELF shared object with no initializers.
-fn check_loadable(path: &Path, data: &[u8]) -> Result<()> {
-    let file = ElfFile64::<object::Endianness>::parse(data)
-        .map_err(|e| image_error(path, format!("not an ELF64 object: {e}")))?;
-    let header = file.elf_header();
-    let endian = file.endian();
-    if header.e_type(endian) != elf::ET_DYN || header.e_machine(endian) != elf::EM_X86_64 {
-        return Err(image_error(path, "not an x86-64 shared object"));
+/// Whether `needed` (a `DT_NEEDED` name) names a library the program has loaded: a name with
+/// a slash is a path, which the loader opens as is; a bare name (`libc.so.6`) is matched against
+/// the file names of the loaded objects.
+fn is_loaded(needed: &str, loaded: &[String]) -> bool {
+    if needed.contains('/') {
+        loaded.iter().any(|l| l == needed)
+    } else {
+        loaded.iter().any(|l| l.rsplit('/').next() == Some(needed))
     }
-    let sections = header
-        .sections(endian, data)
-        .map_err(|e| image_error(path, e.to_string()))?;
-    for section in sections.iter() {
-        if let Ok(Some((entries, _))) = section.dynamic(endian, data) {
-            for entry in entries {
-                let tag = entry.d_tag(endian) as u32;
-                let value = entry.d_val(endian);
-                let initializer = tag == elf::DT_INIT
-                    || (tag == elf::DT_INIT_ARRAYSZ && value > 0)
-                    || (tag == elf::DT_PREINIT_ARRAYSZ && value > 0);
-                if initializer {
-                    return Err(image_error(
-                        path,
-                        "has initializers (DT_INIT / DT_INIT_ARRAY): loading it would run its \
-                         code; patches are linked without start files",
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A loaded patch object.
@@ -159,6 +203,10 @@ fn check_loadable(path: &Path, data: &[u8]) -> Result<()> {
 pub struct PatchObject {
     library: ManuallyDrop<libloading::os::unix::Library>,
     path: PathBuf,
+    /// The sealed memfd the object was loaded from. Kept open while the object is loaded: the
+    /// loader knows the object by the name `/proc/self/fd/N`, which must not name another file
+    /// (a later `dlopen` of the same name would get this object back).
+    memfd: Option<OwnedFd>,
     /// Address ranges, hidden from reference scans (see [`crate::hidden`]).
     exec_ranges: Vec<(Hidden, Hidden)>,
     mapped: Vec<(Hidden, Hidden)>,
@@ -182,35 +230,62 @@ pub enum Unload {
 }
 
 impl PatchObject {
-    /// Checks and loads the shared object at `path` (see the module docs).
+    /// Reads the file at `path` and loads it: [`PatchFile::read`] then [`PatchObject::load`],
+    /// for callers with nothing to verify in between.
     ///
     /// # Example
     ///
     /// ```
     /// let err = evolve_code::dylib::PatchObject::open("/etc/hostname".as_ref()).unwrap_err();
-    /// assert!(err.to_string().contains("not an ELF64 object"));
+    /// assert!(err.to_string().contains("not an ELF64"), "{err}");
     /// ```
     pub fn open(path: &Path) -> Result<PatchObject> {
-        let data = std::fs::read(path).map_err(|e| image_error(path, e.to_string()))?;
-        check_loadable(path, &data)?;
-        // SAFETY: the object has no initializers (checked above), so loading it runs none of its
-        // code; RTLD_NOW binds every symbol now or fails.
+        PatchObject::load(&PatchFile::read(path)?)
+    }
+
+    /// Checks that loading `file` runs none of its code and loads exactly its bytes (see the
+    /// module docs).
+    ///
+    /// # Errors
+    /// [`ErrorKind::UnsafeObject`] naming what loading would run (an initializer, an IFUNC
+    /// resolver, a library not loaded yet); [`ErrorKind::Image`] if it is not an x86-64 shared
+    /// object or the loader refuses it (with the loader's message, e.g. an undefined symbol).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// // The program's own file is an executable, not a shared object: refused before loading.
+    /// let exe = evolve_code::dylib::PatchFile::read("/proc/self/exe".as_ref()).unwrap();
+    /// let err = evolve_code::dylib::PatchObject::load(&exe).unwrap_err();
+    /// assert!(err.to_string().contains("not an x86-64 shared object"), "{err}");
+    /// ```
+    pub fn load(file: &PatchFile) -> Result<PatchObject> {
+        let path = file.path();
+        let data = file.bytes();
+        file.check_loadable()?;
+        let memfd = file.sealed()?;
+        let name = format!("/proc/self/fd/{}", memfd.as_raw_fd());
+        // SAFETY: the memfd holds exactly the bytes checked above and is sealed against any
+        // change; loading them runs no code of the object (no initializers, no IFUNC of its
+        // own) nor of any new object (every DT_NEEDED library is loaded already); RTLD_NOW
+        // binds every symbol now or fails.
         let library = unsafe {
             libloading::os::unix::Library::open(
-                Some(path),
+                Some(&name),
                 libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
             )
         }
         .map_err(|e| image_error(path, format!("the dynamic loader refused it: {e}")))?;
         // The segments from the file's program headers and the load bias: no list of plain
         // run-time addresses is built (see `crate::hidden`).
-        let (exec_ranges, mapped, boundaries) = segments_of(&library, path, &data)?;
+        let (exec_ranges, mapped, boundaries) = segments_of(&library, path, data)?;
         // No code of the object has run yet (it has no initializers): every word that points
         // into it now is the loader's.
         let loader_words = crate::scan::words_pointing_into(&mapped, &mapped)?;
         Ok(PatchObject {
             library: ManuallyDrop::new(library),
             path: path.to_path_buf(),
+            memfd: Some(memfd),
             exec_ranges,
             mapped,
             loader_words,
@@ -304,6 +379,9 @@ impl PatchObject {
         library
             .close()
             .map_err(|e| image_error(&self.path, format!("dlclose: {e}")))?;
+        // The loader forgot the name `/proc/self/fd/N` with the object: the number may be
+        // reused now.
+        self.memfd = None;
         let maps = crate::sys::memory::mappings()?;
         for (start, end) in &self.mapped {
             let (start, end) = (
@@ -360,12 +438,52 @@ impl PatchObject {
         Ok(Code::new(address, fingerprint))
     }
 
+    /// Runs the patch's state-transfer function `symbol` (named `__evolve_transfer_…__NAME` by
+    /// `#[evolve::transfer(NAME)]`) on the program's static `program_static` (its symbol in the
+    /// executable, as the patch's manifest names it).
+    ///
+    /// The engine finds the static itself: a data symbol of the executable, in writable memory,
+    /// whose name ends in the `NAME` the transfer was generated for.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Image`] if the static is missing, not a writable data object, or not the
+    /// one the transfer names; if `symbol` is not a transfer function of the patch.
+    pub fn transfer_static(&self, symbol: &str, program_static: &str) -> Result<()> {
+        let exe = crate::inspect::executable()?;
+        let Some(old) = exe
+            .symbol_by_name(program_static)
+            .filter(|s| s.kind == crate::inspect::SymbolKind::Object)
+        else {
+            return Err(image_error(
+                &self.path,
+                format!("the program has no static {program_static}"),
+            ));
+        };
+        let name = old.demangled.rsplit("::").next().unwrap_or(&old.demangled);
+        if !symbol.ends_with(&format!("__{name}")) {
+            return Err(image_error(
+                &self.path,
+                format!(
+                    "{symbol} does not convert the program's static {}",
+                    old.demangled
+                ),
+            ));
+        }
+        // SAFETY: `old` is the program's instance of the static named by the transfer, found in
+        // the executable's symbol table; the transfer was generated for that static by
+        // `#[evolve::transfer]` in the patch (its manifest was verified against this program).
+        unsafe { self.run_transfer(symbol, old.address) }
+    }
+
     /// Runs the patch's state-transfer function `symbol` (named `__evolve_transfer_…` by
     /// `#[evolve::transfer]`) on the program's static at `old`.
     ///
-    /// `old` must be the address of a static of the running program, found by its symbol; the
-    /// engine checks that it lies in writable memory of the program's image.
-    pub fn run_transfer(&self, symbol: &str, old: usize) -> Result<()> {
+    /// # Safety
+    ///
+    /// `old` must be the address of the running program's instance of the static the transfer
+    /// was generated for (same old type); [`PatchObject::transfer_static`] finds it by name.
+    /// The engine still checks that it lies in writable memory.
+    pub unsafe fn run_transfer(&self, symbol: &str, old: usize) -> Result<()> {
         if !symbol.starts_with("__evolve_transfer_") {
             return Err(image_error(
                 &self.path,
@@ -388,7 +506,8 @@ impl PatchObject {
             ));
         }
         // SAFETY: `#[evolve::transfer]` emits `__evolve_transfer_*` functions with exactly this
-        // signature; `old` is the program's instance of the static (checked writable, so mapped).
+        // signature; `old` is the program's instance of the static (caller; checked writable,
+        // so mapped).
         (*function)(old as *const u8);
         Ok(())
     }

@@ -1,0 +1,47 @@
+//! The atomics, locks and fences of the engine's pure-memory protocols ([`crate::published`]),
+//! behind one door so that `loom` can swap them in and model-check the protocol unchanged:
+//! `RUSTFLAGS="--cfg loom" cargo test --release -p evolve-code --lib loom`.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicUsize};
+#[cfg(loom)]
+pub(crate) use loom::sync::{Arc, Mutex};
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicUsize};
+#[cfg(not(loom))]
+pub(crate) use std::sync::{Arc, Mutex};
+
+pub(crate) use std::sync::atomic::Ordering;
+
+/// Locks `m`, ignoring poisoning (the protocols' invariants hold between statements), with
+/// probes off for the holding thread ([`crate::thread_state::Locked`]): hooks take these locks.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> impl std::ops::DerefMut<Target = T> + '_ {
+    #[cfg(loom)]
+    return m.lock().unwrap();
+    #[cfg(not(loom))]
+    return crate::thread_state::Locked::new(m);
+}
+
+/// The reader's half of an asymmetric fence: orders the reader's preceding store before its
+/// following loads *given* that writers use [`heavy_fence`]. In the process it is only a
+/// compiler fence: the writer's `membarrier` makes every running thread execute a full barrier
+/// (and a thread not running does so when it is scheduled), which promotes it to one
+/// (membarrier(2); liburcu's "memb" flavour). Under loom it is a full fence.
+#[inline(always)]
+pub(crate) fn light_fence() {
+    #[cfg(loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(loom))]
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
+/// The writer's half (see [`light_fence`]): a full fence here and on every thread of the
+/// process. False if the system call failed: then nothing may be concluded from what readers'
+/// words show.
+pub(crate) fn heavy_fence() -> bool {
+    fence(Ordering::SeqCst);
+    #[cfg(not(loom))]
+    return crate::sys::membarrier::sync_cores().is_ok();
+    #[cfg(loom)]
+    return true;
+}
