@@ -370,7 +370,9 @@ impl Scan<'_> {
                 Wanted::Written
             };
             self.words(region.range.clone(), wanted, &mut |scan, at, _| {
-                scan.findings.note(Found::Memory { at });
+                if !world.owns(at) {
+                    scan.findings.note(Found::Memory { at });
+                }
             });
         }
     }

@@ -43,6 +43,7 @@
 #![allow(unsafe_code)]
 
 use super::peek;
+use crate::hidden::Hidden;
 use super::regs::GENERAL;
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult,
@@ -86,12 +87,13 @@ const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05
 struct Registered {
     address: usize,
     eh: Arc<[u8]>,
-    fdes: Vec<(Range<usize>, usize)>,
+    /// Hidden from reference scans: a patch's code ranges are engine bookkeeping.
+    fdes: Vec<(Hidden, Hidden, usize)>,
 }
 
 static REGISTERED: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
 
-fn fdes_of(address: usize, eh: &[u8]) -> Vec<(Range<usize>, usize)> {
+fn fdes_of(address: usize, eh: &[u8]) -> Vec<(Hidden, Hidden, usize)> {
     let section = EhFrame::new(eh, LittleEndian);
     let bases = BaseAddresses::default().set_eh_frame(address as u64);
     let mut entries = section.entries(&bases);
@@ -100,7 +102,8 @@ fn fdes_of(address: usize, eh: &[u8]) -> Vec<(Range<usize>, usize)> {
         if let gimli::CieOrFde::Fde(partial) = entry {
             if let Ok(fde) = partial.parse(EhFrame::cie_from_offset) {
                 let start = fde.initial_address() as usize;
-                fdes.push((start..start + fde.len() as usize, fde.offset()));
+                let end = start + fde.len() as usize;
+                fdes.push((Hidden::new(start), Hidden::new(end), fde.offset()));
             }
         }
     }
@@ -222,9 +225,9 @@ impl Tables {
             let table = self.registered.len();
             self.registered
                 .push((registered.address, registered.eh.clone()));
-            for (range, offset) in &registered.fdes {
+            for (start, end, offset) in &registered.fdes {
                 self.code.push((
-                    range.clone(),
+                    start.get()..end.get(),
                     Source::Registered {
                         table,
                         offset: *offset,
@@ -263,6 +266,17 @@ impl Tables {
             eh_address,
             eh: eh.into_boxed_slice(),
         })
+    }
+
+    /// Whether `address` lies in memory these tables own (their copies of other objects'
+    /// tables, their code ranges): engine state, not the program's references. Allocation-free.
+    pub fn owns(&self, address: usize) -> bool {
+        let bytes = |b: &[u8]| within(address, b.as_ptr() as usize, b.len());
+        within_vec(address, &self.images)
+            || within_vec(address, &self.code)
+            || within_vec(address, &self.registered)
+            || self.images.iter().any(|i| bytes(&i.hdr) || bytes(&i.eh))
+            || self.registered.iter().any(|(_, eh)| bytes(eh))
     }
 
     fn source(&self, pc: usize) -> Option<Source> {
@@ -384,6 +398,19 @@ impl StackReader {
     }
 }
 
+fn within(address: usize, start: usize, len: usize) -> bool {
+    (start..start + len).contains(&address)
+}
+
+/// Whether `address` lies in the allocation of `v` (its whole capacity).
+pub(crate) fn within_vec<T>(address: usize, v: &Vec<T>) -> bool {
+    within(
+        address,
+        v.as_ptr() as usize,
+        v.capacity() * std::mem::size_of::<T>(),
+    )
+}
+
 /// A stack walker whose buffers are allocated once, so that walks allocate nothing.
 pub struct Walker {
     context: Box<UnwindContext<usize>>,
@@ -410,6 +437,16 @@ fn from_gregs(gregs: &[u64; GENERAL]) -> Registers {
 }
 
 impl Walker {
+    /// Whether `address` lies in the walker's buffers (its copy of a stack page, its unwind
+    /// context). Allocation-free.
+    pub fn owns(&self, address: usize) -> bool {
+        within(
+            address,
+            &*self.context as *const UnwindContext<usize> as usize,
+            std::mem::size_of::<UnwindContext<usize>>(),
+        ) || within(address, self.stack.bytes.as_ptr() as usize, 4096)
+    }
+
     /// Walks the stack of a thread stopped with `gregs`, pushing at most `max` frames into
     /// `frames`, never beyond its capacity (nothing is allocated). Returns why it ended.
     pub fn walk(

@@ -126,7 +126,7 @@
 use super::maps::MapsBuffer;
 use super::regs::{self, Registers, GENERAL};
 use super::signal::Chain;
-use super::walk::{Frame, FrameKind, Tables, WalkEnd, Walker};
+use super::walk::{within_vec, Frame, FrameKind, Tables, WalkEnd, Walker};
 use crate::error::{Error, ErrorKind, Result};
 use std::ops::Range;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -654,10 +654,9 @@ pub fn stop_the_world_within<R>(timeout: Duration, f: impl FnOnce(&World<'_>) ->
         match round(scratch, me, deadline, &mut f) {
             Ok(result) => return Ok(result),
             Err(Abort::Grow(threads)) => {
-                *scratch = Scratch {
-                    tables: std::mem::take(&mut scratch.tables),
-                    ..Scratch::new(threads * 2)
-                };
+                let mut grown_scratch = Scratch::new(threads * 2);
+                grown_scratch.tables = std::mem::take(&mut scratch.tables);
+                *scratch = grown_scratch;
                 grown += 1;
             }
             Err(Abort::GrowMaps) => {
@@ -899,6 +898,44 @@ fn collect(scratch: &mut Scratch, slots: &[Slot], g: u32) {
     }
 }
 
+impl Scratch {
+    /// Whether `address` lies in memory of this scratch: copies of the stopped threads'
+    /// registers and frames, the unwind tables, the walker's buffers. Engine state — what it
+    /// holds of the current round is checked where it came from (registers, frames), and the
+    /// rest is stale — so reference scans skip it. Allocation-free.
+    fn owns(&self, address: usize) -> bool {
+        let slots = self.slots.as_ptr() as usize;
+        within_vec(address, &self.records)
+            || within_vec(address, &self.extended)
+            || within_vec(address, &self.frames)
+            || within_vec(address, &self.stacks)
+            || within_vec(address, &self.task_buffer)
+            || (slots..slots + std::mem::size_of_val(self.slots)).contains(&address)
+            || self.slots.iter().any(|slot| {
+                let start = slot.extended.as_ptr() as usize;
+                (start..start + std::mem::size_of_val(&*slot.extended)).contains(&address)
+            })
+            || self.tables.owns(address)
+            || self.walker.owns(address)
+    }
+}
+
+impl Drop for Scratch {
+    /// The slots are leaked (a late handler may read them); their copies of registers would
+    /// outlive the scratch as plain words that reference scans cannot tell from the program's.
+    fn drop(&mut self) {
+        for slot in self.slots {
+            for word in slot.general.iter().chain(slot.extended.iter()) {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        crate::hidden::scrub_plain(std::mem::take(&mut self.records));
+        crate::hidden::scrub_plain(std::mem::take(&mut self.extended));
+        crate::hidden::scrub_plain(std::mem::take(&mut self.frames));
+        crate::hidden::scrub_plain(std::mem::take(&mut self.stacks));
+    }
+}
+
 /// The stopped world, as the closure of [`stop_the_world`] sees it.
 pub struct World<'a> {
     scratch: &'a Scratch,
@@ -993,6 +1030,12 @@ impl<'a> World<'a> {
     }
 
     /// `/proc/self/maps` as read with the world stopped.
+    /// Whether `address` lies in the stop-the-world machinery's own memory (see `Scratch::owns`):
+    /// reference scans skip it. Allocation-free.
+    pub(crate) fn owns(&self, address: usize) -> bool {
+        self.scratch.owns(address)
+    }
+
     pub(crate) fn maps(&self) -> &'a MapsBuffer {
         &self.scratch.maps
     }
