@@ -86,9 +86,10 @@
 //!   [`crate::sys::membarrier`]: ordering memory is not enough for instruction fetch.)
 //! - `ARRIVALS` carries no data: it is the futex the coordinator sleeps on, bumped after each
 //!   park so that a wake-up between its load and the sleep is not lost.
-//! - `INSIDE` counts handlers between parking and returning (`AcqRel`); while it is not zero a
-//!   thread blocking the signal may just be leaving an earlier round's handler, so step 3 does
-//!   not take it for a thread that blocks the signal.
+//! - `INSIDE` counts handlers between parking and returning (`AcqRel`); while it exceeds the
+//!   number of threads parked in the current round, some thread is still leaving an earlier
+//!   round's handler (with the signal blocked until it returns), so step 3 does not yet take a
+//!   thread blocking the signal for one that must be let go.
 //!
 //! # Resumable contexts
 //!
@@ -699,13 +700,18 @@ fn stuck_error(tids: &[i32], timeout: Duration) -> Error {
         let mask = u64::from_str_radix(&mask, 16).ok()?;
         Some(mask >> (stop_signal() - 1) & 1 != 0)
     };
-    let threads = tids
-        .iter()
-        .map(|tid| match blocked(tid) {
-            Some(true) => format!("{tid} (blocks the stop signal)"),
-            _ => tid.to_string(),
-        })
-        .collect();
+    let describe = |tid: &i32| {
+        let file = |name: &str| std::fs::read_to_string(format!("/proc/self/task/{tid}/{name}"));
+        let name = file("comm").map(|c| c.trim().to_string()).unwrap_or_default();
+        let wchan = file("wchan").unwrap_or_default();
+        let blocks = if blocked(tid) == Some(true) {
+            ", blocks the stop signal"
+        } else {
+            ""
+        };
+        format!("{tid} `{name}` (waiting in `{wchan}`{blocks})")
+    };
+    let threads = tids.iter().map(describe).collect();
     Error::new(ErrorKind::ThreadsDidNotStop {
         threads,
         waited_ms: timeout.as_millis() as u64,
@@ -813,8 +819,21 @@ fn wait_for_parking(slots: &[Slot], g: u32, deadline: Instant) -> std::result::R
             // 16 ms, also look for a thread that blocks the signal (reading its status costs
             // tens of microseconds) — unless some thread is still leaving the handler of an
             // earlier round: those block the signal too, and take it as they leave.
+            //
+            // `INSIDE` also counts the threads parked in this round (bumped just before they
+            // publish `PARKED`): only handlers beyond those are still leaving an earlier round.
+            // (Comparing with zero instead suppressed the check as soon as one thread had
+            // parked, and a thread exiting with every signal blocked while it waited for the
+            // stack cache's lock, held by a parked thread, was waited for until the deadline.)
             ticks += 1;
-            let look_for_blocked = ticks.is_multiple_of(16) && INSIDE.load(Ordering::Acquire) == 0;
+            let look_for_blocked = ticks.is_multiple_of(16) && {
+                let inside = INSIDE.load(Ordering::Acquire) as usize;
+                let parked = slots
+                    .iter()
+                    .filter(|s| s.state.load(Ordering::Acquire) == state(g, PARKED))
+                    .count();
+                inside <= parked
+            };
             for slot in slots {
                 if slot.state.load(Ordering::Acquire) != state(g, SIGNALLED) {
                     continue;
