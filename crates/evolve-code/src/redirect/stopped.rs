@@ -25,9 +25,10 @@ pub(super) struct Stopped<'a, 'w> {
 impl Stopped<'_, '_> {
     /// A thread that can resume inside `range`, if any. Allocation-free.
     pub fn resumable_in(&self, range: Range<usize>) -> Option<Busy> {
-        self.world
-            .resumable_in(range)
-            .map(|r| Busy { tid: r.tid, pc: r.pc })
+        self.world.resumable_in(range).map(|r| Busy {
+            tid: r.tid,
+            pc: r.pc,
+        })
     }
 }
 
@@ -40,7 +41,9 @@ const TIMEOUT_RETRIES: usize = 3;
 /// the first thread was signalled to after the last was told to resume: an upper bound of the
 /// pause any thread saw. A stop that times out ran nothing and is tried again (up to
 /// [`TIMEOUT_RETRIES`] times).
-pub(super) fn with_world_stopped<R>(mut f: impl FnMut(&Stopped<'_, '_>) -> R) -> Result<(R, Duration)> {
+pub(super) fn with_world_stopped<R>(
+    mut f: impl FnMut(&Stopped<'_, '_>) -> R,
+) -> Result<(R, Duration)> {
     let mut retries = 0;
     loop {
         let started = Instant::now();

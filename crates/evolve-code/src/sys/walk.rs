@@ -43,8 +43,8 @@
 #![allow(unsafe_code)]
 
 use super::peek;
-use crate::hidden::Hidden;
 use super::regs::GENERAL;
+use crate::hidden::Hidden;
 use gimli::{
     BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult,
     EvaluationStorage, LittleEndian, Piece, Reader, Register, RegisterRule, UnwindContext,
@@ -148,7 +148,10 @@ struct ImageTables {
 enum Source {
     Image(usize),
     /// Index into [`Tables::registered`], offset of the FDE.
-    Registered { table: usize, offset: usize },
+    Registered {
+        table: usize,
+        offset: usize,
+    },
 }
 
 /// The unwind tables of every loaded object and of the engine's generated code, as of the last

@@ -380,7 +380,9 @@ fn task_status(tid: i32) -> Option<TaskStatus> {
     };
     let mask = field(b"SigBlk:")?
         .take_while(|b| b.is_ascii_hexdigit())
-        .try_fold(0u64, |m, b| Some(m << 4 | (*b as char).to_digit(16)? as u64))?;
+        .try_fold(0u64, |m, b| {
+            Some(m << 4 | (*b as char).to_digit(16)? as u64)
+        })?;
     let state = *field(b"State:")?.next()?;
     Some(TaskStatus {
         blocks: mask >> (stop_signal() - 1) & 1 != 0,
@@ -702,7 +704,9 @@ fn stuck_error(tids: &[i32], timeout: Duration) -> Error {
     };
     let describe = |tid: &i32| {
         let file = |name: &str| std::fs::read_to_string(format!("/proc/self/task/{tid}/{name}"));
-        let name = file("comm").map(|c| c.trim().to_string()).unwrap_or_default();
+        let name = file("comm")
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
         let wchan = file("wchan").unwrap_or_default();
         let blocks = if blocked(tid) == Some(true) {
             ", blocks the stop signal"
