@@ -126,6 +126,14 @@ pub enum ErrorKind {
         /// Why, naming the instruction involved.
         reason: String,
     },
+    /// Stopping the world failed: these threads did not park within the time allowed (they
+    /// block the stop signal, or are stuck in the kernel). Nothing was done; every thread runs.
+    ThreadsDidNotStop {
+        /// The threads, each with what is known of why (e.g. "1234 (blocks the stop signal)").
+        threads: Vec<String>,
+        /// How long the engine waited, in milliseconds.
+        waited_ms: u64,
+    },
     /// A patch object was refused by the loader (see `crate::loader`): nothing of it was mapped.
     PatchRefused {
         /// The patch file.
@@ -301,6 +309,12 @@ impl fmt::Display for Error {
             ErrorKind::Unsupported { what } => write!(f, "unsupported: {what}"),
             ErrorKind::Incomplete { reason } => write!(f, "write left incomplete: {reason}"),
             ErrorKind::Image { path, reason } => write!(f, "cannot read image {path}: {reason}"),
+            ErrorKind::ThreadsDidNotStop { threads, waited_ms } => write!(
+                f,
+                "could not stop the world: thread(s) {} did not park within {waited_ms} ms; \
+                 nothing was done",
+                threads.join(", ")
+            ),
             ErrorKind::UnsafeObject { path, reason } => {
                 write!(f, "refusing to load {path}: {reason}; nothing was loaded")
             }

@@ -4,16 +4,18 @@
 //! into it faults at once instead of running whatever was mapped there later. This module's
 //! `SIGSEGV` handler recognises faults (by faulting address or instruction pointer) inside such
 //! ranges, writes one line to standard error naming the patch, and lets the fault take its
-//! default course. Faults elsewhere go to the handler installed before (Rust's runtime uses one
-//! to report stack overflows), exactly as the kernel would have called it.
+//! default course. Faults elsewhere go to the program's handler (Rust's runtime uses one to
+//! report stack overflows), installed before or after the engine's, exactly as the kernel would
+//! have called it ([`crate::sys::signal::Chain`]).
 //!
 //! # Safety
 //!
 //! The handler reads only atomics of a fixed table and the `siginfo_t`/`ucontext_t` the kernel
-//! passes, and calls only async-signal-safe functions (`write`, `sigaction`).
+//! passes, and calls only async-signal-safe functions (`write`, and the chain's).
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use crate::sys::signal::Chain;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 const ENTRIES: usize = 256;
 const NAME: usize = 48;
@@ -33,7 +35,12 @@ const EMPTY: Entry = Entry {
 
 static TABLE: [Entry; ENTRIES] = [EMPTY; ENTRIES];
 static COUNT: AtomicUsize = AtomicUsize::new(0);
-static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
+
+fn sigsegv() -> libc::c_int {
+    libc::SIGSEGV
+}
+
+static CHAIN: Chain = Chain::new(sigsegv, on_segv, libc::SA_ONSTACK);
 
 /// Remembers that `start..end` belonged to patch `name`, now unloaded.
 pub(crate) fn record(start: usize, end: usize, name: &str) {
@@ -53,21 +60,8 @@ pub(crate) fn record(start: usize, end: usize, name: &str) {
 }
 
 fn install() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction filled with a handler of the SA_SIGINFO signature; the
-        // previous action is kept (leaked) for chaining.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_segv as *const () as libc::sighandler_t;
-            action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
-            libc::sigemptyset(&mut action.sa_mask);
-            let mut previous: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGSEGV, &action, &mut previous) == 0 {
-                PREVIOUS.store(Box::into_raw(Box::new(previous)), Ordering::Release);
-            }
-        }
-    });
+    // Best effort: without the handler a stale pointer still faults, only without the name.
+    let _ = CHAIN.install();
 }
 
 fn write_stderr(bytes: &[u8]) {
@@ -123,23 +117,6 @@ extern "C" fn on_segv(signal: libc::c_int, info: *mut libc::siginfo_t, context: 
             break;
         }
     }
-    // SAFETY: PREVIOUS is null or a leaked sigaction; chaining as the kernel would call it.
-    unsafe {
-        match PREVIOUS.load(Ordering::Acquire).as_ref() {
-            Some(p) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => {
-                if p.sa_flags & libc::SA_SIGINFO != 0 {
-                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                        std::mem::transmute(p.sa_sigaction);
-                    f(signal, info, context);
-                } else {
-                    let f: extern "C" fn(libc::c_int) = std::mem::transmute(p.sa_sigaction);
-                    f(signal);
-                }
-            }
-            // Default: restore it and return; the fault happens again and kills the process.
-            _ => {
-                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
-            }
-        }
-    }
+    // SAFETY: the kernel's arguments, passed on unchanged.
+    unsafe { CHAIN.forward(signal, info, context) };
 }

@@ -90,7 +90,7 @@ mod sys;
 mod thread_state;
 mod transfer;
 mod unwind;
-mod world;
+pub mod world;
 pub mod write;
 
 pub use arch::{NOP5, SITE_LEN};

@@ -1,128 +1,86 @@
-//! Stopping the world and scanning it for references to a range of addresses.
+//! Reclamation's reference scan: can anything in the process still reach a range of addresses?
 //!
-//! Reclamation must prove that no thread can still reach an old patch: no thread's PC, registers
-//! or stack, and (for the `scan` policy) no word of writable memory holds an address inside it.
-//! That proof needs a moment when no thread moves.
+//! A patch is unloaded only when nothing can reach it (DESIGN.md, "versions and reclamation").
+//! The proof needs a moment when no thread moves — [`crate::world`] stops them — and then looks
+//! at every place the program can hold an address, each with the rule that suits it.
 //!
-//! # Protocol
+//! # What counts as a reference
 //!
-//! 1. Everything the scan needs is allocated first: a thread stopped at an arbitrary point may
-//!    hold the allocator's lock, so the coordinator must not allocate while others are stopped.
-//! 2. The coordinator sends [`stop_signal`] to every other thread of the process
-//!    (`tgkill` over `/proc/self/task`). Each handler stores its thread id and its interrupted
-//!    registers in its slot, counts itself arrived, and waits until released. A thread that
-//!    does not arrive in time (it blocks the signal, or is stuck in the kernel) makes the round
-//!    fail: everyone is released and nothing is concluded.
-//! 3. With everyone stopped, the coordinator reads `/proc/self/maps` (raw `read` into the
-//!    preallocated buffer) and scans: registers, each stopped thread's stack from its stack
-//!    pointer (minus the red zone) to the end of its mapping, and, when asked, every other
-//!    private readable and writable mapping, word by word. It skips its own stack: it runs on
-//!    a thread of Evolve's whose frames hold only Evolve's state, and the targets it compares
-//!    against are revealed from their [`Hidden`] form only in registers and on that stack.
-//! 4. The coordinator releases the threads.
+//! 1. **Code in execution, exactly.** Each stopped thread's stack is walked with the unwind
+//!    tables (the program's, its libraries', every loaded patch's, and those the engine
+//!    registered for its trampolines): the PC it is stopped at, every return address, and the
+//!    PC saved in every signal frame. A thread resumes only at these, so if one of them lies in
+//!    a target, the target is in execution. Where a walk ends early (code without unwind
+//!    information), the rest of that stack is treated conservatively as below.
+//! 2. **Registers, conservatively.** Every general register and every word of every vector
+//!    register (XMM, YMM, ZMM, MMX: [`crate::world::Registers::vector_words`]) of every stopped
+//!    thread: `memcpy` and optimisers keep pointers there.
+//! 3. **Stack data, conservatively, within the live stack.** For each context of each thread
+//!    (the innermost, and each interrupted by a signal), the words from its stack pointer minus
+//!    the 128-byte red zone to the end of the stack's mapping (which includes, for threads other
+//!    than the main one, the thread's TLS block). Words below are dead: the ABI lets a signal
+//!    handler overwrite anything below the red zone at any moment, so no program can rely on
+//!    what is there. One refinement, on stacks walked to their outermost frame: a word there
+//!    that points into executable code, is not one of the return-address slots the walk found,
+//!    and is not the first address of a function (an FDE's start) is a stale return address
+//!    left by a call that has returned — not a reference. Sound because interior code addresses
+//!    are only ever executed by returning through a live frame (all known, rule 1), or by
+//!    resuming a context saved by `setjmp`/`getcontext` — and such a context can only be
+//!    resumed while the function that saved it is live, which rule 1 already sees (glibc
+//!    mangles the PC in a `jmp_buf` anyway, so no scan could see it). Function pointers (a
+//!    function's first address) still count. Stacks of coroutines, which may be suspended at
+//!    interior addresses, are not thread stacks: rule 4 scans them without the refinement.
+//! 4. **Memory, conservatively** (the `Memory` scope). Every readable, non-executable mapping,
+//!    only the pages the program wrote ([`crate::sys::pagemap`]): in a private mapping, a page
+//!    never written holds its file's bytes, not a pointer the program stored; read-only pages
+//!    that were written before being protected (RELRO) are included. Executable mappings are
+//!    not read: the engine's own code memory (springboards, trampolines) refers to patches only
+//!    through patch sites, which unloading checks separately; a program that generates code
+//!    with embedded addresses is not covered.
 //!
-//! A word is a reference if it lies in a target range, unless the caller excluded the place
-//! where it is (the targets' own mappings, the loader's bookkeeping recorded at load time).
+//! Memory is read through [`crate::sys::peek`]: a page that cannot be read (a private mapping
+//! of a truncated file, memory of an exotic driver) is counted in
+//! [`ScanReport::unreadable_pages`] and skipped, never a `SIGBUS` in the scan. Skipping it is
+//! sound: the program cannot read such a page either, and the only way it becomes readable
+//! again is by the file growing back, which brings the file's bytes, not a stored pointer.
 //!
-//! # Safety
+//! Not references: the words the caller excludes (the targets' own memory, the loader's
+//! bookkeeping recorded at load), the dynamic loader's and libgcc's writable data (their caches
+//! of loaded ranges; libc's data is scanned: it holds `atexit` handlers), and the engine's own
+//! state: the scan runs on a thread of its own, whose stack is skipped, and the frames of the
+//! requesting thread below its [`engine_frames`] mark hold only the engine's work (the targets
+//! themselves are kept [`Hidden`] everywhere else).
 //!
-//! The handler touches only atomics and its own slot (async-signal-safe). The coordinator reads
-//! memory only inside mappings that `/proc/self/maps` lists as readable at a moment when every
-//! other thread is stopped, so they cannot be unmapped under the scan; it skips shared mappings
-//! (whose backing file could shrink) and its own stack above the scan's frame.
+//! # Cost
+//!
+//! Everything the scan needs is allocated before the world stops (a stopped thread may hold the
+//! allocator's lock). The pause is the stop plus reading the written pages: the report gives it.
 #![allow(unsafe_code)]
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::hidden::Hidden;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-/// Most threads a round can stop.
-const MAX_THREADS: usize = 1024;
-/// General-purpose registers saved per thread (`gregs` of `ucontext_t`).
-const REGISTERS: usize = 23;
-
-/// The signal that stops threads for a scan: a real-time signal, so it is queued and never
-/// merged (`SIGRTMIN + 7`; probes' stop-the-world uses `SIGRTMIN + 6`).
-pub fn stop_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 7
-}
-
-struct Slot {
-    tid: AtomicI32,
-    registers: [AtomicU64; REGISTERS],
-}
-
-#[allow(clippy::declare_interior_mutable_const)]
-const EMPTY_SLOT: Slot = Slot {
-    tid: AtomicI32::new(0),
-    registers: [const { AtomicU64::new(0) }; REGISTERS],
-};
-
-static SLOTS: [Slot; MAX_THREADS] = [EMPTY_SLOT; MAX_THREADS];
-static ARRIVED: AtomicUsize = AtomicUsize::new(0);
-static ACTIVE: AtomicBool = AtomicBool::new(false);
-/// The current round, and the last round released. A handler waits for *its* round's release:
-/// with a boolean flag, a thread released from one round that has not run yet when the next
-/// round starts would stay in the old handler (with the new signal blocked) and never arrive.
-static ROUND_ID: AtomicU64 = AtomicU64::new(0);
-static RELEASED: AtomicU64 = AtomicU64::new(0);
-static ROUND: Mutex<()> = Mutex::new(());
-
-extern "C" fn on_stop(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut libc::c_void) {
-    if !ACTIVE.load(Ordering::Acquire) {
-        return; // a late signal of a round that already ended
-    }
-    let round = ROUND_ID.load(Ordering::Acquire);
-    let index = ARRIVED.fetch_add(1, Ordering::AcqRel);
-    if index < MAX_THREADS {
-        // SAFETY: the kernel passes a valid ucontext to an SA_SIGINFO handler.
-        let gregs = unsafe { &(*(context as *const libc::ucontext_t)).uc_mcontext.gregs };
-        let slot = &SLOTS[index];
-        for (saved, value) in slot.registers.iter().zip(gregs.iter()) {
-            saved.store(*value as u64, Ordering::Relaxed);
-        }
-        // SAFETY: gettid takes no arguments.
-        slot.tid.store(unsafe { libc::gettid() }, Ordering::Release);
-    }
-    while RELEASED.load(Ordering::Acquire) < round {
-        // SAFETY: sched_yield is async-signal-safe.
-        unsafe { libc::sched_yield() };
-    }
-}
-
-fn install_handler() -> Result<()> {
-    static INSTALLED: std::sync::OnceLock<std::result::Result<(), ErrorKind>> =
-        std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            // SAFETY: a zeroed sigaction filled with a handler of the SA_SIGINFO signature.
-            unsafe {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = on_stop as *const () as libc::sighandler_t;
-                action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
-                libc::sigemptyset(&mut action.sa_mask);
-                if libc::sigaction(stop_signal(), &action, std::ptr::null_mut()) != 0 {
-                    return Err(Error::last_os("sigaction(stop signal)").kind().clone());
-                }
-            }
-            Ok(())
-        })
-        .clone()
-        .map_err(Error::new)
-}
+use crate::sys::maps::Region;
+use crate::sys::pagemap::{PageMap, Wanted};
+use crate::sys::peek;
+use crate::sys::regs::VectorRegister;
+use crate::sys::walk::WalkEnd;
+use crate::sys::world::{stop_the_world_within, ResumeKind, StoppedThread, World};
+use std::cell::Cell;
+use std::ops::Range;
+use std::time::Duration;
 
 /// What a scan found and what it cost.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ScanReport {
     /// Threads stopped.
     pub threads: usize,
-    /// Where references were found (`thread 123 rip`, `stack of thread 123 at 0x…`,
-    /// `memory at 0x…`), at most 16.
+    /// Where references were found (`thread 123 returns to 0x…`, `xmm7 of thread 123`, `stack
+    /// word at 0x… of thread 123`, `memory word at 0x…`), at most 16 of each kind.
     pub references: Vec<String>,
     /// Bytes of memory scanned.
     pub bytes_scanned: usize,
+    /// Pages that could not be read (and hold nothing the program can read either).
+    pub unreadable_pages: usize,
     /// How long the other threads were stopped, in microseconds.
     pub pause_us: u64,
 }
@@ -130,161 +88,132 @@ pub struct ScanReport {
 /// What to look for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
-    /// PCs, registers and stacks of every thread (PSU's check).
+    /// Code in execution, registers and stacks of every thread (PSU's check).
     Stacks,
-    /// Those, and every private writable mapping.
+    /// Those, and every page of memory the program wrote.
     Memory,
 }
 
-/// Preallocated buffers, so nothing is allocated while threads are stopped.
-struct Buffers {
-    maps: Vec<u8>,
-    mappings: Vec<(usize, usize, bool, bool)>, // start, end, readable+writable private, shared
+thread_local! {
+    /// The stack address below which this thread's frames are the engine's (0: none marked).
+    static ENGINE_ENTRY: Cell<usize> = const { Cell::new(0) };
 }
 
-impl Drop for Buffers {
+/// Marks the frames this thread pushes from here on, until the guard is dropped, as the
+/// engine's own: a scan requested from inside them does not read their data words (they hold
+/// the engine's work on the very patches being scanned for), while return addresses and
+/// registers are still checked. Call it at the top of a public entry point that scans.
+///
+/// # Example
+///
+/// ```
+/// let _engine = evolve_code::scan::engine_frames();
+/// // ... calls that end in `scan_for_references`
+/// ```
+#[inline(always)]
+pub fn engine_frames() -> EngineFrames {
+    let probe = 0u8;
+    let here = std::hint::black_box(&probe) as *const u8 as usize;
+    let previous = ENGINE_ENTRY.with(|e| e.replace(if e.get() == 0 { here } else { e.get() }));
+    EngineFrames { previous }
+}
+
+/// The guard of [`engine_frames`].
+#[derive(Debug)]
+pub struct EngineFrames {
+    previous: usize,
+}
+
+impl Drop for EngineFrames {
     fn drop(&mut self) {
-        // The list holds the targets' plain addresses: leave no stale copy (`crate::scrub`).
-        crate::hidden::scrub_plain(std::mem::take(&mut self.mappings));
+        ENGINE_ENTRY.with(|e| e.set(self.previous));
     }
 }
 
-fn parse_hex(bytes: &[u8]) -> Option<usize> {
-    let mut value = 0usize;
-    for &b in bytes {
-        let digit = (b as char).to_digit(16)? as usize;
-        value = value.checked_mul(16)?.checked_add(digit)?;
-    }
-    Some(value)
+/// One place a reference was found (kept small and `Copy`: noted with the world stopped).
+#[derive(Clone, Copy)]
+enum Found {
+    Frame {
+        tid: i32,
+        pc: usize,
+        how: ResumeKind,
+    },
+    Register {
+        tid: i32,
+        index: usize,
+    },
+    Vector {
+        tid: i32,
+        register: VectorRegister,
+    },
+    Stack {
+        tid: i32,
+        at: usize,
+    },
+    Memory {
+        at: usize,
+    },
 }
 
-impl Buffers {
-    /// Reads `/proc/self/maps` into the preallocated buffer without allocating.
-    fn read_maps(&mut self) -> bool {
-        self.maps.clear();
-        // SAFETY: open/read/close with a NUL-terminated path and a buffer we own; the buffer's
-        // spare capacity is written by read and then included with set_len.
-        unsafe {
-            let fd = libc::open(
-                c"/proc/self/maps".as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            );
-            if fd < 0 {
-                return false;
-            }
-            loop {
-                let spare = self.maps.capacity() - self.maps.len();
-                if spare == 0 {
-                    libc::close(fd);
-                    return false; // more mappings than the buffer holds
+const GREG_NAMES: [&str; crate::sys::regs::GENERAL] = [
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rdi", "rsi", "rbp", "rbx", "rdx", "rax",
+    "rcx", "rsp", "rip", "eflags", "csgsfs", "err", "trapno", "oldmask", "cr2",
+];
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Found::Frame { tid, pc, how } => match how {
+                ResumeKind::Executing => write!(f, "thread {tid} is executing at {pc:#x}"),
+                ResumeKind::Interrupted => {
+                    write!(f, "thread {tid} resumes at {pc:#x} after a signal handler")
                 }
-                let at = self.maps.as_mut_ptr().add(self.maps.len());
-                let n = libc::read(fd, at as *mut libc::c_void, spare);
-                if n < 0 {
-                    libc::close(fd);
-                    return false;
-                }
-                if n == 0 {
-                    break;
-                }
-                self.maps.set_len(self.maps.len() + n as usize);
+                ResumeKind::Return => write!(f, "thread {tid} returns to {pc:#x}"),
+                ResumeKind::StackWord { at } => write!(f, "stack word at {at:#x} of thread {tid}"),
+            },
+            Found::Register { tid, index } => {
+                write!(f, "register {} of thread {tid}", GREG_NAMES[index])
             }
-            libc::close(fd);
-        }
-        self.mappings.clear();
-        for line in self.maps.split(|b| *b == b'\n') {
-            let mut fields = line.split(|b| *b == b' ');
-            let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
-                continue;
-            };
-            let Some(dash) = range.iter().position(|b| *b == b'-') else {
-                continue;
-            };
-            let (Some(start), Some(end)) =
-                (parse_hex(&range[..dash]), parse_hex(&range[dash + 1..]))
-            else {
-                continue;
-            };
-            if self.mappings.len() == self.mappings.capacity() {
-                return false;
-            }
-            let rw_private =
-                perms.len() >= 4 && perms[0] == b'r' && perms[1] == b'w' && perms[3] == b'p';
-            let shared = perms.len() >= 4 && perms[3] == b's';
-            self.mappings.push((start, end, rw_private, shared));
-        }
-        true
-    }
-
-    fn mapping_of(&self, address: usize) -> Option<(usize, usize, bool, bool)> {
-        self.mappings
-            .iter()
-            .copied()
-            .find(|(s, e, _, _)| (*s..*e).contains(&address))
-    }
-}
-
-/// Which pages of a range hold data: present in memory or swapped out, as
-/// `/proc/self/pagemap` tells (bits 63 and 62 of each page's entry; readable without privilege).
-/// A page never touched holds zeros, so no pointer, and most of a process's writable address
-/// space is such pages — each thread's stack reserves megabytes and uses kilobytes (the kv server
-/// with 50 clients: 118 MB of writable mappings, 19 MB resident) — so scans skip them.
-struct TouchedPages {
-    pagemap: Option<std::fs::File>,
-    /// Preallocated entries of one chunk (nothing is allocated while threads are stopped).
-    entries: Vec<u8>,
-}
-
-impl TouchedPages {
-    /// Pages per `pagemap` read.
-    const CHUNK: usize = 8192;
-
-    fn new() -> TouchedPages {
-        TouchedPages {
-            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
-            entries: vec![0; Self::CHUNK * 8],
+            Found::Vector { tid, register } => write!(f, "{register} of thread {tid}"),
+            Found::Stack { tid, at } => write!(f, "stack word at {at:#x} of thread {tid}"),
+            Found::Memory { at } => write!(f, "memory word at {at:#x}"),
         }
     }
+}
 
-    /// Calls `f(from, to)` for each run of touched pages within `start..end` (clamped to it).
-    /// Where `pagemap` cannot be read, every page counts as touched.
-    fn runs(&mut self, start: usize, end: usize, f: &mut dyn FnMut(usize, usize)) {
-        let Some(pagemap) = &self.pagemap else {
-            f(start, end);
-            return;
+/// Up to 16 places of each kind (threads; memory), so that one kind cannot hide the other.
+struct Findings {
+    found: Vec<Found>,
+    threads: usize,
+    memory: usize,
+}
+
+impl Findings {
+    fn note(&mut self, found: Found) {
+        let count = match found {
+            Found::Memory { .. } => &mut self.memory,
+            _ => &mut self.threads,
         };
-        let page = crate::sys::memory::page_size();
-        let mut page_at = start & !(page - 1);
-        while page_at < end {
-            let pages = (end - page_at).div_ceil(page).min(Self::CHUNK);
-            let chunk_end = (page_at + pages * page).min(end);
-            let bytes = &mut self.entries[..pages * 8];
-            let offset = (page_at / page * 8) as u64;
-            match std::os::unix::fs::FileExt::read_at(pagemap, bytes, offset) {
-                Ok(n) if n == pages * 8 => {
-                    let mut run: Option<usize> = None;
-                    for (i, entry) in bytes.chunks_exact(8).enumerate() {
-                        let entry = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
-                        let touched = entry >> 62 != 0;
-                        let at = page_at + i * page;
-                        match (touched, run) {
-                            (true, None) => run = Some(at),
-                            (false, Some(from)) => {
-                                f(from.max(start), at);
-                                run = None;
-                            }
-                            _ => {}
-                        }
-                    }
-                    if let Some(from) = run {
-                        f(from.max(start), chunk_end);
-                    }
-                }
-                _ => f(page_at.max(start), chunk_end),
-            }
-            page_at += pages * page;
+        if *count < 16 && self.found.len() < self.found.capacity() {
+            *count += 1;
+            self.found.push(found);
         }
     }
+}
+
+/// A scan's inputs and its buffers, allocated before the world stops.
+struct Scan<'a> {
+    targets: &'a [(Hidden, Hidden)],
+    scope: Scope,
+    excluded: &'a (dyn Fn(usize, usize) -> bool + Sync),
+    /// The requesting thread, and the stack address below which its frames are the engine's.
+    requester: (i32, usize),
+    runtime_data: Vec<(Hidden, Hidden)>,
+    pagemap: PageMap,
+    buffer: Vec<u8>,
+    findings: Findings,
+    bytes_scanned: usize,
+    unreadable_pages: usize,
 }
 
 fn hit(targets: &[(Hidden, Hidden)], value: usize) -> bool {
@@ -293,206 +222,252 @@ fn hit(targets: &[(Hidden, Hidden)], value: usize) -> bool {
         .any(|t| (t.0.get()..t.1.get()).contains(&value))
 }
 
-/// Scans `words` (`start..end`, 8-aligned) for targets, skipping excluded places.
+/// Stops every other thread, looks for references to `targets` (module docs), and resumes them.
 ///
-/// # Safety
+/// Runs on a thread of the engine's own (the caller's stack is scanned like any other thread's,
+/// except its frames below [`engine_frames`]). `excluded(address, value)` tells the scan to
+/// ignore a word at `address` holding `value` (the targets' own memory, bookkeeping known to be
+/// harmless). Fails, changing nothing, if some thread does not stop within `timeout`.
 ///
-/// `start..end` must be readable for the duration of the call.
-unsafe fn scan_words(
-    start: usize,
-    end: usize,
-    targets: &[(Hidden, Hidden)],
-    excluded: &dyn Fn(usize, usize) -> bool,
-    found: &mut dyn FnMut(usize),
-) {
-    let mut at = start.next_multiple_of(8);
-    while at + 8 <= end {
-        // SAFETY: within the readable range promised by the caller; aligned.
-        let value = unsafe { std::ptr::read_volatile(at as *const usize) };
-        if hit(targets, value) && !excluded(at, value) {
-            found(at);
-        }
-        at += 8;
-    }
-}
-
-/// Stops every other thread, looks for references to `targets`, and resumes them.
+/// # Example
 ///
-/// `excluded(address, value)` tells the scan to ignore a word at `address` holding `value` (the
-/// targets' own memory, bookkeeping known to be harmless). Fails, changing nothing, if some
-/// thread does not stop within `timeout` or the process has too many threads or mappings.
+/// ```
+/// use evolve_code::{scan::{scan_for_references, Scope}, Hidden};
+/// // Nothing points at an address range nobody ever computed.
+/// let nowhere = [(Hidden::new(0x7e00_dead_0000), Hidden::new(0x7e00_dead_1000))];
+/// let report = scan_for_references(&nowhere, Scope::Memory, std::time::Duration::from_secs(2),
+///     &|_, _| false).unwrap();
+/// assert!(report.references.is_empty(), "{:?}", report.references);
+/// ```
 pub fn scan_for_references(
     targets: &[(Hidden, Hidden)],
     scope: Scope,
     timeout: Duration,
-    excluded: &dyn Fn(usize, usize) -> bool,
+    excluded: &(dyn Fn(usize, usize) -> bool + Sync),
 ) -> Result<ScanReport> {
-    install_handler()?;
-    let _one_round = ROUND.lock().unwrap_or_else(|p| p.into_inner());
-    // 1. Allocate everything first.
-    // SAFETY: getpid/gettid take no arguments.
-    let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
-    let tids: Vec<i32> = std::fs::read_dir("/proc/self/task")
-        .map_err(|e| {
-            Error::new(ErrorKind::Os {
-                operation: "read /proc/self/task",
-                errno: e.raw_os_error().unwrap_or(0),
+    let tid = rustix::thread::gettid().as_raw_nonzero().get();
+    let marker = ENGINE_ENTRY.with(Cell::get);
+    let probe = 0u8;
+    let here = std::hint::black_box(&probe) as *const u8 as usize;
+    let requester = (tid, if marker == 0 { here } else { marker });
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("evolve-scan".into())
+            .spawn_scoped(s, || {
+                let mut scan = Scan {
+                    targets,
+                    scope,
+                    excluded,
+                    requester,
+                    runtime_data: loader_and_unwinder_data(),
+                    pagemap: PageMap::new(),
+                    buffer: vec![0; 256 << 10],
+                    findings: Findings {
+                        found: Vec::with_capacity(32),
+                        threads: 0,
+                        memory: 0,
+                    },
+                    bytes_scanned: 0,
+                    unreadable_pages: 0,
+                };
+                let (threads, pause) = stop_the_world_within(timeout, |world| {
+                    scan.world(world);
+                    (world.len(), world.stopped_for())
+                })?;
+                let references = scan.findings.found.iter().map(|f| f.to_string()).collect();
+                Ok(ScanReport {
+                    threads,
+                    references,
+                    bytes_scanned: scan.bytes_scanned,
+                    unreadable_pages: scan.unreadable_pages,
+                    pause_us: pause.as_micros() as u64,
+                })
             })
-        })?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&tid| tid != me)
-        .collect();
-    if tids.len() > MAX_THREADS {
-        return Err(Error::new(ErrorKind::Unsupported {
-            what: "stopping more than 1024 threads",
-        }));
-    }
-    let mut buffers = Buffers {
-        maps: Vec::with_capacity(4 << 20),
-        mappings: Vec::with_capacity(65_536),
-    };
-    let mut touched = TouchedPages::new();
-    // The scanner's own list of mappings holds the targets' plain addresses while it scans.
-    let own_list = {
-        let start = buffers.mappings.as_ptr() as usize;
-        start
-            ..start
-                + buffers.mappings.capacity() * std::mem::size_of::<(usize, usize, bool, bool)>()
-    };
-    // The loader's and the unwinder's own caches of loaded ranges are not the program's
-    // references (libc's data is still scanned: it holds atexit handlers and the like).
-    let runtime_data = loader_and_unwinder_data();
-    let excluded = &|at: usize, value: usize| {
-        own_list.contains(&at)
-            || runtime_data
-                .iter()
-                .any(|r| (r.0.get()..r.1.get()).contains(&at))
-            || excluded(at, value)
-    };
-    let mut references: Vec<String> = Vec::with_capacity(16);
-    // Up to 16 places of each kind (registers and stacks; memory), so that one kind cannot
-    // hide the other from the report.
-    let mut found_at: Vec<usize> = Vec::with_capacity(32);
-    let mut found_kind: Vec<u8> = Vec::with_capacity(32);
+            .map_err(|e| {
+                Error::new(ErrorKind::Os {
+                    operation: "start the scan thread",
+                    errno: e.raw_os_error().unwrap_or(0),
+                })
+            })?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::new(ErrorKind::Unsupported {
+                    what: "the scan thread panicked",
+                }))
+            })
+    })
+}
 
-    // 2. Stop.
-    ARRIVED.store(0, Ordering::SeqCst);
-    let round = ROUND_ID.fetch_add(1, Ordering::SeqCst) + 1;
-    ACTIVE.store(true, Ordering::SeqCst);
-    let started = Instant::now();
-    let mut expected = 0;
-    for &tid in &tids {
-        // SAFETY: tgkill with our own pid and a thread id of ours; a thread that exited
-        // meanwhile gives ESRCH and is not waited for.
-        if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, stop_signal()) } == 0 {
-            expected += 1;
+impl Scan<'_> {
+    /// Everything, with the world stopped (no allocation).
+    fn world(&mut self, world: &World<'_>) {
+        for thread in world.threads() {
+            self.thread(world, &thread);
         }
-    }
-    let release = || {
-        ACTIVE.store(false, Ordering::SeqCst);
-        RELEASED.store(round, Ordering::SeqCst);
-    };
-    while ARRIVED.load(Ordering::Acquire) < expected {
-        if started.elapsed() > timeout {
-            release();
-            return Err(Error::new(ErrorKind::Unsupported {
-                what: "stopping every thread in time (a thread blocks the stop signal or is stuck)",
-            }));
-        }
-        std::hint::spin_loop();
-    }
-    // Every slot of an arrived thread is written before ARRIVED counts it, but the tid store is
-    // the last: wait for it so registers are complete.
-    for slot in SLOTS.iter().take(expected) {
-        while slot.tid.load(Ordering::Acquire) == 0 {
-            std::hint::spin_loop();
+        if self.scope == Scope::Memory {
+            self.memory(world);
         }
     }
 
-    // 3. Scan, without allocating.
-    let mut bytes_scanned = 0usize;
-    let complete = buffers.read_maps();
-    if complete {
-        let (mut stack_notes, mut memory_notes) = (0, 0);
-        let mut note = |at: usize, kind: u8| {
-            let count = if kind == 2 {
-                &mut memory_notes
+    fn thread(&mut self, world: &World<'_>, thread: &StoppedThread<'_>) {
+        let tid = thread.tid();
+        let targets = self.targets;
+        // 1. Code in execution.
+        for (pc, how) in thread.resumable_pcs() {
+            if hit(targets, pc) {
+                self.findings.note(Found::Frame { tid, pc, how });
+            }
+        }
+        // 2. Registers.
+        for (index, value) in thread.registers().general().iter().enumerate() {
+            if hit(targets, *value as usize) {
+                self.findings.note(Found::Register { tid, index });
+            }
+        }
+        for (register, value) in thread.registers().vector_words() {
+            if hit(targets, value as usize) {
+                self.findings.note(Found::Vector { tid, register });
+            }
+        }
+        // 3. Stack data.
+        let complete = thread.walk_end() == WalkEnd::Complete;
+        let engine_below =
+            (tid == self.requester.0).then(|| engine_frames_end(thread, self.requester.1));
+        for stack in thread.stacks() {
+            let mut range = stack.clone();
+            if let Some(end) = engine_below.filter(|end| range.contains(end)) {
+                range.start = end;
+            }
+            self.words(range, Wanted::Touched, &mut |scan, at, value| {
+                if thread.frames().iter().any(|f| f.slot == at) {
+                    return; // a return-address slot: checked exactly above
+                }
+                if complete && is_stale_return_address(world, value) {
+                    return;
+                }
+                scan.findings.note(Found::Stack { tid, at });
+            });
+        }
+    }
+
+    fn memory(&mut self, world: &World<'_>) {
+        let probe = 0u8;
+        let own_stack = std::hint::black_box(&probe) as *const u8 as usize;
+        for region in world.maps().regions() {
+            if !region.read
+                || region.exec
+                || region.is_special()
+                || (region.shared && !region.write)
+            {
+                continue;
+            }
+            if region.range.contains(&own_stack) || is_thread_stack(world, &region) {
+                continue;
+            }
+            let wanted = if region.shared {
+                Wanted::Touched
             } else {
-                &mut stack_notes
+                Wanted::Written
             };
-            if *count < 16 && found_at.len() < found_at.capacity() {
-                *count += 1;
-                found_at.push(at);
-                found_kind.push(kind);
+            self.words(region.range.clone(), wanted, &mut |scan, at, _| {
+                if !world.owns(at) {
+                    scan.findings.note(Found::Memory { at });
+                }
+            });
+        }
+    }
+
+    /// Reads the `wanted` pages of `range` and calls `found(self, address, value)` for each word
+    /// that points into a target and is not excluded.
+    fn words(
+        &mut self,
+        range: Range<usize>,
+        wanted: Wanted,
+        found: &mut dyn FnMut(&mut Self, usize, usize),
+    ) {
+        let mut runs: [Range<usize>; 64] = std::array::from_fn(|_| 0..0);
+        let mut pending = range.start;
+        while pending < range.end {
+            // Collect up to 64 runs of wanted pages, then read them (the pagemap borrow ends).
+            let mut count = 0;
+            let mut next = range.end;
+            self.pagemap
+                .runs(pending, range.end, wanted, &mut |from, to| {
+                    if count < runs.len() {
+                        runs[count] = from..to;
+                        count += 1;
+                    } else if next == range.end {
+                        next = from;
+                    }
+                });
+            for run in runs.iter().take(count).cloned() {
+                self.read_run(run, found);
             }
+            pending = next;
+        }
+    }
+
+    fn read_run(&mut self, run: Range<usize>, found: &mut dyn FnMut(&mut Self, usize, usize)) {
+        let buffer_range = {
+            let start = self.buffer.as_ptr() as usize;
+            start..start + self.buffer.len()
         };
-        for slot in SLOTS.iter().take(expected) {
-            let registers: [usize; REGISTERS] =
-                std::array::from_fn(|i| slot.registers[i].load(Ordering::Relaxed) as usize);
-            for (i, value) in registers.iter().enumerate() {
-                if hit(targets, *value) {
-                    note(i, 0);
-                }
+        let mut at = run.start.next_multiple_of(8);
+        while at + 8 <= run.end {
+            let want = (run.end - at).min(self.buffer.len()) & !7;
+            let got = peek::read(at, &mut self.buffer[..want]) & !7;
+            if got == 0 {
+                // A page that cannot be read: count it and go on after it.
+                self.unreadable_pages += 1;
+                at = (at | (crate::sys::memory::page_size() - 1)) + 1;
+                continue;
             }
-            let sp = registers[libc::REG_RSP as usize].saturating_sub(128);
-            if let Some((_, end, rw, _)) = buffers.mapping_of(sp) {
-                if rw {
-                    touched.runs(sp, end, &mut |from, to| {
-                        // SAFETY: within the thread's stack mapping, readable and writable, and
-                        // its thread is stopped.
-                        unsafe { scan_words(from, to, targets, excluded, &mut |at| note(at, 1)) };
-                        bytes_scanned += to - from;
-                    });
-                }
-            }
-        }
-        if scope == Scope::Memory {
-            let own_stack = &bytes_scanned as *const usize as usize;
-            for &(start, end, rw_private, shared) in &buffers.mappings {
-                if !rw_private || shared || (start..end).contains(&own_stack) {
+            self.bytes_scanned += got;
+            for i in 0..got / 8 {
+                let value = usize::from_ne_bytes(
+                    self.buffer[8 * i..8 * i + 8].try_into().expect("8 bytes"),
+                );
+                let address = at + 8 * i;
+                if !hit(self.targets, value)
+                    || buffer_range.contains(&address)
+                    || self
+                        .runtime_data
+                        .iter()
+                        .any(|r| (r.0.get()..r.1.get()).contains(&address))
+                    || (self.excluded)(address, value)
+                {
                     continue;
                 }
-                // Stacks of stopped threads were scanned from their stack pointers above.
-                let is_stack = SLOTS.iter().take(expected).any(|slot| {
-                    let sp =
-                        slot.registers[libc::REG_RSP as usize].load(Ordering::Relaxed) as usize;
-                    (start..end).contains(&sp)
-                });
-                if is_stack {
-                    continue;
-                }
-                touched.runs(start, end, &mut |from, to| {
-                    // SAFETY: within a private readable and writable mapping, listed while every
-                    // other thread is stopped, so nobody can unmap it during the scan.
-                    unsafe { scan_words(from, to, targets, excluded, &mut |at| note(at, 2)) };
-                    bytes_scanned += to - from;
-                });
+                found(self, address, value);
             }
+            at += got;
         }
     }
-    // 4. Resume.
-    release();
-    let pause_us = started.elapsed().as_micros() as u64;
-    for slot in SLOTS.iter().take(expected) {
-        slot.tid.store(0, Ordering::Relaxed);
-    }
-    if !complete {
-        return Err(Error::new(ErrorKind::Unsupported {
-            what: "reading /proc/self/maps into the preallocated buffer (too many mappings)",
-        }));
-    }
-    for (at, kind) in found_at.iter().zip(&found_kind) {
-        references.push(match kind {
-            0 => format!("register {at} of a stopped thread"),
-            1 => format!("stack word at {at:#x}"),
-            _ => format!("memory word at {at:#x}"),
-        });
-    }
-    Ok(ScanReport {
-        threads: expected,
-        references,
-        bytes_scanned,
-        pause_us,
+}
+
+/// Where the requesting thread's engine frames end: the stack pointer of the frame above the
+/// one holding `marker` (so the marking function's own frame is the engine's too).
+fn engine_frames_end(thread: &StoppedThread<'_>, marker: usize) -> usize {
+    let frames = thread.frames();
+    frames
+        .windows(2)
+        .find(|w| w[0].sp <= marker && marker < w[1].sp)
+        .map_or(marker, |w| w[1].sp)
+}
+
+fn is_stale_return_address(world: &World<'_>, value: usize) -> bool {
+    let executable = world
+        .maps()
+        .region_containing(value)
+        .is_some_and(|r| r.exec);
+    executable && world.function_start(value) != Some(value)
+}
+
+fn is_thread_stack(world: &World<'_>, region: &Region<'_>) -> bool {
+    world.threads().any(|t| {
+        t.stacks()
+            .iter()
+            .any(|s| s.end == region.range.end && region.range.contains(&s.start))
     })
 }
 
@@ -510,81 +485,50 @@ fn loader_and_unwinder_data() -> Vec<(Hidden, Hidden)> {
     ranges
 }
 
-/// Reads every private writable word of the process now (without stopping anyone) that points
-/// into `targets`, as `(address, value)` pairs: used right after loading an object, when only
-/// the loader can have stored such words, to learn its bookkeeping.
+/// Reads every private word the program wrote (without stopping anyone) that points into
+/// `targets`, as `(address, value)` pairs: used right after loading an object, when only the
+/// loader can have stored such words, to learn its bookkeeping. Memory that other threads unmap
+/// meanwhile is skipped: it is read through [`crate::sys::peek`].
 pub fn words_pointing_into(
     targets: &[(Hidden, Hidden)],
     skip: &[(Hidden, Hidden)],
 ) -> Result<Vec<(usize, Hidden)>> {
-    let mut buffers = Buffers {
-        maps: Vec::with_capacity(4 << 20),
-        mappings: Vec::with_capacity(65_536),
-    };
-    if !buffers.read_maps() {
-        return Err(Error::new(ErrorKind::Unsupported {
-            what: "reading /proc/self/maps (too many mappings)",
-        }));
-    }
-    // Other threads keep running and may unmap memory meanwhile (a thread's stack when it exits,
-    // a large allocation when it is freed), so the words are read through `/proc/self/mem`,
-    // where an unmapped page is an error to skip, not a fault.
-    let memory = std::fs::File::open("/proc/self/mem").map_err(|e| {
-        Error::new(ErrorKind::Os {
-            operation: "open /proc/self/mem",
-            errno: e.raw_os_error().unwrap_or(0),
-        })
-    })?;
-    let mut touched = TouchedPages::new();
+    peek::prepare();
+    let mut maps = crate::sys::maps::MapsBuffer::with_capacity(256 << 10);
+    maps.read_growing()?;
+    let mut pagemap = PageMap::new();
     let mut chunk = vec![0u8; 256 << 10];
-    let own = (
-        chunk.as_ptr() as usize,
-        chunk.as_ptr() as usize + chunk.len(),
-    );
+    let own = chunk.as_ptr() as usize..chunk.as_ptr() as usize + chunk.len();
     let mut words = Vec::new();
-    for &(start, end, rw_private, shared) in &buffers.mappings {
-        if !rw_private || shared || skip.iter().any(|s| s.0.get() < end && start < s.1.get()) {
+    for region in maps.regions() {
+        let (start, end) = (region.range.start, region.range.end);
+        if !region.read
+            || region.exec
+            || region.shared
+            || region.is_special()
+            || skip.iter().any(|s| s.0.get() < end && start < s.1.get())
+        {
             continue;
         }
-        touched.runs(start, end, &mut |from, to| {
-            read_words(&memory, &mut chunk, own, targets, from, to, &mut words)
+        pagemap.runs(start, end, Wanted::Written, &mut |from, to| {
+            let mut at = from.next_multiple_of(8);
+            while at + 8 <= to {
+                let want = (to - at).min(chunk.len()) & !7;
+                let got = peek::read(at, &mut chunk[..want]) & !7;
+                if got == 0 {
+                    at = (at | 4095) + 1; // gone since the mappings were read
+                    continue;
+                }
+                for (i, word) in chunk[..got].chunks_exact(8).enumerate() {
+                    let address = at + i * 8;
+                    let value = usize::from_ne_bytes(word.try_into().expect("8 bytes"));
+                    if !own.contains(&address) && hit(targets, value) {
+                        words.push((address, Hidden::new(value)));
+                    }
+                }
+                at += got;
+            }
         });
     }
     Ok(words)
-}
-
-/// Reads `from..to` through `/proc/self/mem` into `chunk`, collecting the words that point into
-/// `targets` (except in `own`, the chunk itself, which holds copies) and skipping pages that
-/// are gone.
-fn read_words(
-    memory: &std::fs::File,
-    chunk: &mut [u8],
-    own: (usize, usize),
-    targets: &[(Hidden, Hidden)],
-    from: usize,
-    to: usize,
-    words: &mut Vec<(usize, Hidden)>,
-) {
-    let mut at = from.next_multiple_of(8);
-    while at + 8 <= to {
-        let want = (to - at).min(chunk.len()) & !7;
-        let read = match std::os::unix::fs::FileExt::read_at(memory, &mut chunk[..want], at as u64)
-        {
-            Ok(n) if n >= 8 => n & !7,
-            // Unmapped since /proc/self/maps was read: skip the page.
-            _ => {
-                at = (at | 4095) + 1;
-                continue;
-            }
-        };
-        for (i, word) in chunk[..read].chunks_exact(8).enumerate() {
-            let address = at + i * 8;
-            let value = usize::from_ne_bytes(word.try_into().expect("8 bytes"));
-            if (own.0..own.1).contains(&address) || !hit(targets, value) {
-                continue;
-            }
-            words.push((address, Hidden::new(value)));
-        }
-        at += read;
-    }
 }

@@ -13,6 +13,9 @@
 //!   terminator.
 //! - LLVM's libunwind: `__register_frame(p)` takes **one FDE**.
 //!
+//! Every registration is also reported to the engine's own stack walker
+//! ([`crate::sys::walk`]), which reads generated code's frames with the world stopped.
+//!
 //! [`Unwinder::of_process`] tells them apart by a symbol only LLVM's libunwind exports
 //! (`__unw_add_dynamic_fde`), and [`register`] passes the section or each FDE accordingly.
 //!
@@ -218,6 +221,7 @@ impl Registration {
     /// No thread may be running, or about to run, the code it describes (or it runs without
     /// unwind info).
     pub(crate) unsafe fn deregister(self) {
+        crate::sys::walk::deregistered(self.bytes.as_ptr() as usize);
         for at in self.entries {
             // SAFETY: registered by `register` with this exact pointer.
             unsafe { __deregister_frame(self.bytes[at..].as_ptr()) };
@@ -255,6 +259,7 @@ pub(crate) unsafe fn register_at(begin: usize) {
         // SAFETY: the caller vouches for the section; the unwinder keeps the pointer.
         unsafe { __register_frame(section[at..].as_ptr()) };
     }
+    crate::sys::walk::registered(section);
 }
 
 /// Removes a registration made by [`register_at`].
@@ -263,6 +268,7 @@ pub(crate) unsafe fn register_at(begin: usize) {
 /// `begin` was registered by [`register_at`] and not deregistered since; no thread may be
 /// unwinding through, or about to run, the code it describes.
 pub(crate) unsafe fn deregister_at(begin: usize) {
+    crate::sys::walk::deregistered(begin);
     // SAFETY: the caller's contract (the section is still mapped and unchanged).
     let section = unsafe { std::slice::from_raw_parts(begin as *const u8, section_len(begin)) };
     for at in Unwinder::of_process().entry_points(section) {
@@ -281,6 +287,7 @@ pub(crate) fn register(section: Vec<u8>) -> Registration {
         // valid) that lives forever, describing code the caller placed at the FDE's address.
         unsafe { __register_frame(bytes[at..].as_ptr()) };
     }
+    crate::sys::walk::registered(bytes);
     Registration { bytes, entries }
 }
 

@@ -13,11 +13,13 @@
 //! | [`Policy::Never`] | patches are never unloaded |
 //!
 //! The scan stops every thread of the process for its duration (the report gives the longest
-//! pause). It runs on a thread of its own, so the caller's stack (which may hold pointers into a
-//! patch) is scanned like any other. Evolve's own bookkeeping keeps patch addresses hidden
-//! ([`evolve_code::Hidden`]), so only the program's references count. An unloaded patch's range
-//! stays reserved `PROT_NONE`: a pointer that escaped the scan faults at once, with a diagnostic
-//! naming the patch.
+//! pause). The engine runs it on a thread of its own, so the caller's stack (which may hold
+//! pointers into a patch) is scanned like any other, except the frames of this module and below
+//! ([`evolve_code::scan::engine_frames`]); code in execution is found exactly by walking every
+//! thread's stack with the unwind tables ([`evolve_code::scan`] says what counts, and why).
+//! Evolve's own bookkeeping keeps patch addresses hidden ([`evolve_code::Hidden`]), so only the
+//! program's references count. An unloaded patch's range stays reserved `PROT_NONE`: a pointer
+//! that escaped the scan faults at once, with a diagnostic naming the patch.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::patch::with_state;
@@ -82,22 +84,10 @@ pub fn collect(policy: Policy) -> Result<ReclaimReport> {
         Policy::Scan => Scope::Memory,
         Policy::Stacks => Scope::Stacks,
     };
-    std::thread::Builder::new()
-        .name("evolve-reclaim".into())
-        .spawn(move || with_state(|state| state.collect(scope)))
-        .map_err(|e| {
-            Error::new(ErrorKind::Build {
-                step: "starting the reclamation thread".into(),
-                detail: e.to_string(),
-            })
-        })?
-        .join()
-        .unwrap_or_else(|_| {
-            Err(Error::new(ErrorKind::Build {
-                step: "reclamation".into(),
-                detail: "the reclamation thread panicked".into(),
-            }))
-        })
+    // From here down, frames hold the engine's work on the candidates (their addresses,
+    // revealed for a moment): the scan does not read them as the program's references.
+    let _engine = evolve_code::scan::engine_frames();
+    with_state(|state| state.collect(scope))
 }
 
 /// Collects every `interval` in the background, for the life of the process.

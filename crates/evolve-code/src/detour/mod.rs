@@ -50,17 +50,18 @@
 //!
 //! Writing the `jmp` over a prologue replaces several instructions, so it happens with the
 //! world stopped ([`crate::stop_the_world`]), under the engine's write lock, only when no
-//! thread's RIP lies strictly inside the replaced bytes (otherwise it resumes them and tries
-//! again). Removing writes the original 5 bytes back over the `jmp` — one instruction, so no
+//! thread can resume strictly inside the replaced bytes — its RIP, a PC saved by a signal frame
+//! on its stack, a return address ([`crate::world::World::resumable_in`]) — otherwise it
+//! resumes them and tries again. Removing writes the original 5 bytes back over the `jmp` — one instruction, so no
 //! stop: the int3 protocol, a thread that reaches the function meanwhile continues in the
 //! trampoline's relocated prologue. Prologues are decoded once per function (cached; a stale
 //! entry is caught by the byte comparison made with the world stopped).
 //!
 //! A removed trampoline is quarantined; every 16 removals (or [`reclaim_trampolines`]) one stop
-//! of the world releases those no thread is in: no thread's RIP lies in it and no thread is
+//! of the world releases those no thread is in: no thread can resume in it and no thread is
 //! inside its hook (the per-thread `active` counts sum to zero). Released blocks keep their
 //! unwind info and are reused by later trampolines in reach. The same stop frees the retired
-//! latency sinks no shadow frame names, if no thread's RIP lies in any trampoline (a thread
+//! latency sinks no shadow frame names, if no thread can resume in any trampoline (a thread
 //! there may hold a sink in a register between reading it and pushing its frame: see
 //! [`crate::shadow`]).
 //!
@@ -83,9 +84,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::near::NearBlock;
 use crate::shadow::Sink;
 use crate::sys::membarrier;
+use crate::sys::world::{stop_the_world, World};
 use crate::thread_state::{self, Unprobed};
 use crate::unwind::{self, Registration};
-use crate::world::stop_the_world;
 use gimli::write::CallFrameInstruction;
 use prologue::read_code;
 use std::collections::HashSet;
@@ -320,7 +321,7 @@ impl std::fmt::Debug for Detour {
     }
 }
 
-/// Writes `bytes` at `function` with the world stopped, once no RIP lies in `busy`.
+/// Writes `bytes` at `function` with the world stopped, once no thread can resume in `busy`.
 fn write_stopped(
     function: usize,
     expected: &[u8],
@@ -331,8 +332,8 @@ fn write_stopped(
     for _attempt in 0..1000 {
         let mut w = crate::write::lock();
         let window = w.open_code_window(function, JMP_LEN)?;
-        let outcome = stop_the_world(|rips| {
-            if rips.iter().any(|r| busy.contains(r)) {
+        let outcome = stop_the_world(|world| {
+            if world.resumable_in(busy.clone()).is_some() {
                 return Ok(false);
             }
             for (i, b) in current[..expected.len()].iter_mut().enumerate() {
@@ -691,12 +692,17 @@ fn release(t: Trampoline) {
         .push((t.block, Some(t.unwind)));
 }
 
-/// With the world stopped: which quarantined trampolines no thread is in (no RIP inside, no
+/// With the world stopped: which quarantined trampolines no thread is in (none can resume inside, no
 /// thread inside the hook call).
-fn idle(q: &[Trampoline], blocks: &crate::counter::Blocks<'_>, rips: &[usize], free: &mut [bool]) {
+fn idle(
+    q: &[Trampoline],
+    blocks: &crate::counter::Blocks<'_>,
+    world: &World<'_>,
+    free: &mut [bool],
+) {
     for (t, free) in q.iter().zip(free.iter_mut()) {
         let range = t.block.address()..t.block.address() + t.block.len();
-        *free = t.active.get_in(blocks) == 0 && !rips.iter().any(|r| range.contains(r));
+        *free = t.active.get_in(blocks) == 0 && world.resumable_in(range).is_none();
     }
 }
 
@@ -732,11 +738,11 @@ fn reclaim(q: &mut Vec<Trampoline>) {
     let mut free_sinks = vec![false; sinks.retired()];
     let all = ALL_BLOCKS.lock().unwrap_or_else(|p| p.into_inner());
     let blocks = crate::counter::blocks();
-    let stopped = stop_the_world(|rips| {
-        idle(q, &blocks, rips, &mut free);
-        let in_trampoline = rips
+    let stopped = stop_the_world(|world| {
+        idle(q, &blocks, world, &mut free);
+        let in_trampoline = all
             .iter()
-            .any(|r| all.iter().any(|(start, end)| (*start..*end).contains(r)));
+            .any(|(start, end)| world.resumable_in(*start..*end).is_some());
         if !in_trampoline {
             crate::shadow::idle_sinks(&sinks, &mut free_sinks);
         }

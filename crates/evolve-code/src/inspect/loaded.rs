@@ -9,9 +9,8 @@
 //!
 //! This is the only place in the module that touches raw memory. The rules it relies on:
 //!
-//! - The `dl_phdr_info` handed to the callback, its program headers and its name are valid for the
-//!   duration of the callback (the `dl_iterate_phdr` contract). While the callback runs the loader
-//!   holds its lock, so no object can be unloaded: the object's `PT_LOAD` segments stay mapped.
+//! - While a [`crate::sys::loader::for_each`] callback runs the loader holds its lock, so no
+//!   object can be unloaded: the object's `PT_LOAD` segments stay mapped.
 //! - The main executable is never unmapped while the process lives (it cannot be `dlclose`d), so
 //!   its segments may be read at any time.
 //! - A `PT_LOAD` segment with `PF_R` is mapped readable over `[bias + p_vaddr, bias + p_vaddr +
@@ -21,11 +20,10 @@
 //!   callback or to the caller's borrow of the image).
 #![allow(unsafe_code)]
 
-use std::ffi::CStr;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::os::raw::{c_int, c_void};
 
+use crate::sys::loader::{for_each, Object as Info};
 use object::elf::{FileHeader64, NT_GNU_BUILD_ID};
 use object::read::elf::NoteIterator;
 use object::LittleEndian;
@@ -183,18 +181,6 @@ fn main_phdr() -> Option<usize> {
     (phdr != 0).then_some(phdr as usize)
 }
 
-/// One object as seen inside the `dl_iterate_phdr` callback.
-struct Info<'a> {
-    name: &'a [u8],
-    bias: usize,
-    phdr_address: usize,
-    phdrs: &'a [libc::Elf64_Phdr],
-    /// `dlpi_tls_modid`: the object's TLS module id (0 if it has no `PT_TLS`).
-    tls_module: usize,
-    /// `dlpi_tls_data`: the calling thread's instance of the object's TLS block, or 0.
-    tls_data: usize,
-}
-
 impl Info<'_> {
     fn segments(&self) -> Vec<Segment> {
         self.phdrs
@@ -237,51 +223,5 @@ impl Info<'_> {
             }
         }
         None
-    }
-}
-
-/// Calls `f` for each loaded object until it returns `false`.
-fn for_each<F: FnMut(&Info<'_>) -> bool>(mut f: F) {
-    unsafe extern "C" fn callback<F: FnMut(&Info<'_>) -> bool>(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut c_void,
-    ) -> c_int {
-        // SAFETY: `data` is the `&mut F` that `for_each` passed to dl_iterate_phdr below; it is
-        // live and not otherwise borrowed while dl_iterate_phdr runs.
-        let f = unsafe { &mut *data.cast::<F>() };
-        // SAFETY: dl_iterate_phdr passes a valid, initialized dl_phdr_info for the duration of
-        // the callback.
-        let info = unsafe { &*info };
-        let phdrs = if info.dlpi_phdr.is_null() || info.dlpi_phnum == 0 {
-            &[][..]
-        } else {
-            // SAFETY: dlpi_phdr points to dlpi_phnum program headers in the object's mapped
-            // image, valid while the callback runs (the loader lock keeps the object mapped).
-            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-        };
-        let name = if info.dlpi_name.is_null() {
-            &[][..]
-        } else {
-            // SAFETY: a non-null dlpi_name is a NUL-terminated string owned by the loader, valid
-            // while the callback runs.
-            unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes()
-        };
-        let view = Info {
-            name,
-            bias: info.dlpi_addr as usize,
-            phdr_address: info.dlpi_phdr as usize,
-            phdrs,
-            tls_module: info.dlpi_tls_modid,
-            tls_data: info.dlpi_tls_data as usize,
-        };
-        // A non-zero return stops the iteration.
-        c_int::from(!f(&view))
-    }
-
-    // SAFETY: the callback matches dl_iterate_phdr's expected signature, does not unwind (an
-    // `extern "C"` function aborts instead), and `data` points to `f`, which outlives the call.
-    unsafe {
-        libc::dl_iterate_phdr(Some(callback::<F>), (&mut f as *mut F).cast::<c_void>());
     }
 }

@@ -1,14 +1,12 @@
-//! The one place redirects stop the world ([`crate::world`]).
+//! The one place redirects stop the world ([`crate::sys::world`]).
 //!
-//! Redirects ask one question of a stopped world: can a thread resume inside these bytes? Today
-//! the world gives each stopped thread's interrupted PC; return addresses never point into the
-//! bytes a redirect replaces (the entry check refuses a `call` there, see
-//! [`crate::overwrite`]). When the world reports every resumable context of a thread (return
-//! addresses, PCs saved in signal frames), [`Stopped::resumable_in`] asks it that instead, and
-//! nothing else in the redirects changes.
+//! Redirects ask one question of a stopped world: can a thread resume inside these bytes? The
+//! world answers with every context a thread can resume at — its interrupted PC, the PCs saved
+//! in signal frames on its stack, its return addresses, and, past code the unwind tables do not
+//! describe, every stack word ([`crate::world::World::resumable_in`]).
 
 use crate::error::{ErrorKind, Result};
-use crate::world::stop_the_world_threads;
+use crate::sys::world::{stop_the_world, World};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -20,19 +18,17 @@ pub(super) struct Busy {
 }
 
 /// The other threads, stopped.
-pub(super) struct Stopped<'a> {
-    tids: &'a [i32],
-    pcs: &'a [usize],
+pub(super) struct Stopped<'a, 'w> {
+    world: &'a World<'w>,
 }
 
-impl Stopped<'_> {
+impl Stopped<'_, '_> {
     /// A thread that can resume inside `range`, if any. Allocation-free.
     pub fn resumable_in(&self, range: Range<usize>) -> Option<Busy> {
-        self.pcs
-            .iter()
-            .zip(self.tids)
-            .find(|(pc, _)| range.contains(pc))
-            .map(|(&pc, &tid)| Busy { tid, pc })
+        self.world.resumable_in(range).map(|r| Busy {
+            tid: r.tid,
+            pc: r.pc,
+        })
     }
 }
 
@@ -45,14 +41,16 @@ const TIMEOUT_RETRIES: usize = 3;
 /// the first thread was signalled to after the last was told to resume: an upper bound of the
 /// pause any thread saw. A stop that times out ran nothing and is tried again (up to
 /// [`TIMEOUT_RETRIES`] times).
-pub(super) fn with_world_stopped<R>(mut f: impl FnMut(&Stopped<'_>) -> R) -> Result<(R, Duration)> {
+pub(super) fn with_world_stopped<R>(
+    mut f: impl FnMut(&Stopped<'_, '_>) -> R,
+) -> Result<(R, Duration)> {
     let mut retries = 0;
     loop {
         let started = Instant::now();
-        match stop_the_world_threads(|tids, pcs| f(&Stopped { tids, pcs })) {
+        match stop_the_world(|world| f(&Stopped { world })) {
             Ok(result) => return Ok((result, started.elapsed())),
             Err(e)
-                if matches!(e.kind(), ErrorKind::Unsupported { .. })
+                if matches!(e.kind(), ErrorKind::ThreadsDidNotStop { .. })
                     && retries < TIMEOUT_RETRIES =>
             {
                 retries += 1;

@@ -104,29 +104,21 @@ impl Drop for Mappings {
     }
 }
 
-/// Parses `/proc/self/maps`: every mapping of this process, in address order.
+/// Every mapping of this process, in address order (parsed by [`crate::sys::maps`]).
 pub fn mappings() -> Result<Mappings> {
-    let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
-        Error::new(ErrorKind::Os {
-            operation: "read /proc/self/maps",
-            errno: e.raw_os_error().unwrap_or(0),
-        })
-    })?;
-    Ok(Mappings(text.lines().filter_map(parse_maps_line).collect()))
-}
-
-fn parse_maps_line(line: &str) -> Option<Mapping> {
-    let mut fields = line.split_ascii_whitespace();
-    let (start, end) = fields.next()?.split_once('-')?;
-    let perms = fields.next()?.as_bytes();
-    Some(Mapping {
-        range: usize::from_str_radix(start, 16).ok()?..usize::from_str_radix(end, 16).ok()?,
+    let mut text = super::maps::MapsBuffer::with_capacity(64 << 10);
+    text.read_growing()?;
+    // Sized once: a vector that grows would free blocks holding plain patch addresses.
+    let mut list = Vec::with_capacity(text.regions().count());
+    list.extend(text.regions().map(|r| Mapping {
+        range: r.range,
         protection: Protection {
-            read: perms.first() == Some(&b'r'),
-            write: perms.get(1) == Some(&b'w'),
-            exec: perms.get(2) == Some(&b'x'),
+            read: r.read,
+            write: r.write,
+            exec: r.exec,
         },
-    })
+    }));
+    Ok(Mappings(list))
 }
 
 /// The mapping containing `addr`, from a list sorted by address.
@@ -345,18 +337,6 @@ pub unsafe fn write_via_proc_mem(addr: usize, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maps_line_parses_range_and_protection() {
-        let m = parse_maps_line(
-            "55d0c0a00000-55d0c0a21000 r-xp 00001000 fd:01 123 /usr/bin/some thing",
-        )
-        .unwrap();
-        assert_eq!(m.range, 0x55d0c0a00000..0x55d0c0a21000);
-        assert_eq!(m.protection, Protection::READ_EXEC);
-        let anon = parse_maps_line("7f0000000000-7f0000001000 rw-p 00000000 00:00 0").unwrap();
-        assert!(anon.protection.write && !anon.protection.exec);
-    }
 
     #[test]
     fn own_code_is_in_an_executable_mapping() {

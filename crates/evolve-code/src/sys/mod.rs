@@ -8,7 +8,15 @@
 
 #[cfg(feature = "fault-injection")]
 pub mod inject;
+pub mod loader;
+pub mod maps;
 pub mod membarrier;
 pub mod memory;
+pub mod pagemap;
+pub mod peek;
 pub mod ptrace;
+pub mod regs;
+pub mod signal;
 pub mod trap;
+pub mod walk;
+pub mod world;
