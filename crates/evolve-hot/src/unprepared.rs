@@ -342,7 +342,7 @@ fn switch_in(
         let fresh = References::find_many(&programs, &loaded)?;
         let tracked: Vec<(&String, &Replaced)> = state.replaced.iter().collect();
         let tracked_programs: Vec<&Function> = tracked.iter().map(|(_, r)| r.program()).collect();
-        let in_new = References::find_many(&tracked_programs, &[patch])?;
+        let in_new = References::find_in_patches(&tracked_programs, &[patch])?;
         Ok((
             fresh,
             tracked

@@ -174,7 +174,7 @@ fn main() {
                 .map(|p| json!({ "name": p.name, "reverted": p.reverted_at.is_some(), "unloaded": p.unloaded_at.is_some() }))
                 .collect::<Vec<_>>())),
             ["gc"] => evolve_hot::reclaim::collect(evolve_hot::reclaim::Policy::Scan)
-                .map(|r| json!({ "unloaded": r.unloaded, "kept": r.kept.len(), "resident": r.resident }))
+                .map(|r| json!({ "unloaded": r.unloaded, "kept": r.kept, "resident": r.resident }))
                 .map_err(|e| e.to_string()),
             ["code", name] => Ok(json!({ "bytes": code_of(name) })),
             ["quit"] => break,
