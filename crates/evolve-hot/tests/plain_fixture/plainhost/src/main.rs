@@ -173,9 +173,10 @@ fn main() {
                 .into_iter()
                 .map(|p| json!({ "name": p.name, "reverted": p.reverted_at.is_some(), "unloaded": p.unloaded_at.is_some() }))
                 .collect::<Vec<_>>())),
-            ["gc"] => evolve_hot::reclaim::collect(evolve_hot::reclaim::Policy::Scan)
+            ["gc", policy] => evolve_hot::reclaim::collect(policy.parse().unwrap())
                 .map(|r| json!({ "unloaded": r.unloaded, "kept": r.kept, "resident": r.resident }))
                 .map_err(|e| e.to_string()),
+            ["peek", address] => Ok(peek(usize::from_str_radix(address.trim_start_matches("0x"), 16).unwrap())),
             ["code", name] => Ok(json!({ "bytes": code_of(name) })),
             ["quit"] => break,
             _ => Err(format!("unknown command {line:?}")),
@@ -203,4 +204,22 @@ fn code_of(name: &str) -> Vec<u8> {
     let mut bytes = vec![0u8; 16];
     file.read_exact(&mut bytes).unwrap();
     bytes
+}
+
+fn peek(address: usize) -> Value {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let region = maps.lines().find(|l| {
+        let range = l.split_whitespace().next().unwrap();
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+        (a..b).contains(&address)
+    });
+    let mut file = std::fs::File::open("/proc/self/mem").unwrap();
+    file.seek(SeekFrom::Start((address - 64) as u64)).unwrap();
+    let mut bytes = vec![0u8; 192];
+    file.read_exact(&mut bytes).unwrap();
+    let words: Vec<String> = bytes.chunks(8).map(|c| format!("{:#x}", c.iter().rev().fold(0u64, |w, &b| w << 8 | b as u64))).collect();
+    let text: String = bytes.iter().map(|&b| if b.is_ascii_graphic() { b as char } else { '.' }).collect();
+    json!({ "region": region, "words": words, "text": text })
 }
