@@ -68,7 +68,11 @@ pub(crate) struct Replaced {
 
 impl Replaced {
     fn current(&self) -> &Function {
-        &self.versions.last().expect("the program's version").function
+        &self
+            .versions
+            .last()
+            .expect("the program's version")
+            .function
     }
 
     fn program(&self) -> &Function {
@@ -85,6 +89,9 @@ impl Replaced {
             .filter(move |f| f.address() != except)
     }
 }
+
+/// References found in a new patch, by the symbol of the tracked function they call.
+type TrackedReferences = Vec<(String, References)>;
 
 /// The ms elapsed since `since`.
 fn ms(since: Instant) -> f64 {
@@ -337,7 +344,7 @@ fn switch_in(
         .filter(|o| !o.is_unloaded())
         .collect();
     loaded.push(patch);
-    let found = (|| -> Result<(Vec<References>, Vec<(String, References)>)> {
+    let found = (|| -> Result<(Vec<References>, TrackedReferences)> {
         let programs: Vec<&Function> = first_time.iter().map(|(p, _)| p).collect();
         let fresh = References::find_many(&programs, &loaded)?;
         let tracked: Vec<(&String, &Replaced)> = state.replaced.iter().collect();
@@ -558,11 +565,7 @@ pub(crate) fn revert_function(state: &mut State, symbol: &str, version: usize) -
 }
 
 /// After `patch` (index `index`) was unloaded: forget its versions and its call sites.
-pub(crate) fn forget(
-    replaced: &mut HashMap<String, Replaced>,
-    index: usize,
-    patch: &LoadedPatch,
-) {
+pub(crate) fn forget(replaced: &mut HashMap<String, Replaced>, index: usize, patch: &LoadedPatch) {
     for replaced in replaced.values_mut() {
         replaced.retired.retain(|v| v.patch != Some(index));
         replaced.references.forget_patch(patch);

@@ -104,7 +104,10 @@ fn every_kind_of_function_is_patched_live_and_reverted_exactly() {
         .iter()
         .map(|f| host.send(&format!("code {f}"))["bytes"].clone())
         .collect();
-    assert_eq!(code_before, code_after, "revert writes the original bytes back");
+    assert_eq!(
+        code_before, code_after,
+        "revert writes the original bytes back"
+    );
 
     // Applied again after the revert: the same file, a second time.
     host.apply(&patch);
@@ -137,7 +140,11 @@ fn a_patch_in_the_middle_of_a_stack_is_reverted_and_stale_patches_are_refused() 
     let b = fixture.build(&host, "b", &[&a]).unwrap().output.unwrap();
     fixture.edit(LIB, &[("2 // free v2", "3 // free v3")]);
     // Built on top of a and b: it expects a's version of `free`.
-    let c = fixture.build(&host, "c", &[&a, &b]).unwrap().output.unwrap();
+    let c = fixture
+        .build(&host, "c", &[&a, &b])
+        .unwrap()
+        .output
+        .unwrap();
 
     host.apply(&a);
     host.assert_versions(|t| if t == "free" || t == "other" { 2 } else { 1 });
@@ -169,7 +176,9 @@ fn a_patch_in_the_middle_of_a_stack_is_reverted_and_stale_patches_are_refused() 
     let refused = host.send(&format!("apply {}", c.display()));
     let message = refused["error"].as_str().unwrap_or_default();
     assert!(
-        message.contains("plainlib::free") && message.contains("patch a") && message.contains("version program runs"),
+        message.contains("plainlib::free")
+            && message.contains("patch a")
+            && message.contains("version program runs"),
         "{refused}"
     );
     host.assert_versions(|t| if t == "other" { 3 } else { 1 });
@@ -186,10 +195,16 @@ fn a_function_whose_entry_is_a_loop_target_is_refused_by_name_and_nothing_change
     let fixture = PlainFixture::new("plain-loop");
     let mut host = fixture.start();
     assert_eq!(host.send("loop 3")["result"], 41);
-    fixture.edit(LIB, &[("[rsi + 1]\", // loop v1", "[rsi + 2]\", // loop v2")]);
+    fixture.edit(
+        LIB,
+        &[("[rsi + 1]\", // loop v1", "[rsi + 2]\", // loop v2")],
+    );
     let report = fixture.build(&host, "loop", &[]).unwrap();
     assert!(
-        report.carried.iter().any(|c| c.name == "plainlib_loop_entry"),
+        report
+            .carried
+            .iter()
+            .any(|c| c.name == "plainlib_loop_entry"),
         "{:?}",
         report.carried
     );
@@ -202,6 +217,10 @@ fn a_function_whose_entry_is_a_loop_target_is_refused_by_name_and_nothing_change
     assert_eq!(host.send("loop 3")["result"], 41);
     assert!(replaced(&mut host).is_empty());
     let history = host.send("history");
-    assert_eq!(history, serde_json::json!([]), "a refused patch is not recorded");
+    assert_eq!(
+        history,
+        serde_json::json!([]),
+        "a refused patch is not recorded"
+    );
     host.assert_versions(|_| 1);
 }

@@ -191,7 +191,10 @@ impl ProgramResolver {
         for (name, definitions) in &by_name {
             if let Some(base) = unpromoted(name).filter(|b| is_rust_mangled(b)) {
                 let functions = definitions.iter().filter(|d| d.function).cloned();
-                promoted.entry(base.to_owned()).or_default().extend(functions);
+                promoted
+                    .entry(base.to_owned())
+                    .or_default()
+                    .extend(functions);
             }
         }
         Ok(ProgramResolver {
@@ -345,15 +348,17 @@ mod tests {
             thread_local: false,
             file: None,
         };
-        let promoted_elsewhere: &'static str =
-            Box::leak(format!("{f}.llvm.999").into_boxed_str());
+        let promoted_elsewhere: &'static str = Box::leak(format!("{f}.llvm.999").into_boxed_str());
         assert_eq!(
             r.in_executable(&wanted(promoted_elsewhere)),
             Ok(Some(Resolution::Address(0x2000)))
         );
         // Not Rust, or not a promotion: no guess.
         assert_eq!(r.in_executable(&wanted("counter.llvm.999")), Ok(None));
-        assert_eq!(r.in_executable(&wanted("_ZN3foo3baz17h0123456789abcdefE")), Ok(None));
+        assert_eq!(
+            r.in_executable(&wanted("_ZN3foo3baz17h0123456789abcdefE")),
+            Ok(None)
+        );
     }
 
     fn resolver(entries: &[(&str, Definition)]) -> ProgramResolver {

@@ -369,9 +369,7 @@ pub fn install(pairs: &[(&Function, &Function)]) -> Result<Installed> {
                 original: p.original,
             },
         );
-        redirects.push(Redirect {
-            entry: p.entry,
-        });
+        redirects.push(Redirect { entry: p.entry });
     }
     crate::hidden::scrub_plain(registered);
     stops.total = started.elapsed();
