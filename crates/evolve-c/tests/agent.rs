@@ -35,7 +35,9 @@ fn switch_and_commit_through_the_agent_change_a_c_program() {
     let socket = evolve_agent::paths::socket_path(&sockets, child.id());
     let mut agent = Connection::connect(&socket).expect("the agent's socket");
     let timeout = Duration::from_secs(30);
-    let functions = agent.call(&Request::Functions { symbols: None }, timeout).unwrap();
+    let functions = agent
+        .call(&Request::Functions { symbols: None }, timeout)
+        .unwrap();
     let text = functions.to_string();
     assert!(
         text.contains("\"scaled\"") && text.contains("\"handler\""),

@@ -101,6 +101,23 @@ pub enum ErrorKind {
         /// Why.
         reason: String,
     },
+    /// A format-2 patch was built against another version of a function than the one running
+    /// (for instance a patch in between was reverted, or another was applied since).
+    StaleVersion {
+        /// The function.
+        function: String,
+        /// The version the patch was built against (`program`, or a patch's SHA-256).
+        expected: String,
+        /// The version running now, said the same way.
+        running: String,
+    },
+    /// A format-2 patch asks for something this Evolve does not do with such patches yet.
+    Unsupported {
+        /// The file.
+        path: String,
+        /// What, and what to do instead.
+        what: String,
+    },
     /// The engine refused a change.
     Engine(evolve_code::Error),
 }
@@ -186,6 +203,18 @@ impl fmt::Display for Error {
                 blockers.join("; ")
             ),
             ErrorKind::Canary { reason } => write!(f, "canary: {reason}"),
+            ErrorKind::StaleVersion {
+                function,
+                expected,
+                running,
+            } => write!(
+                f,
+                "the patch replaces {function} as of version {expected}, but version {running} \
+                 runs now: rebuild the patch against the running versions"
+            ),
+            ErrorKind::Unsupported { path, what } => {
+                write!(f, "patch {path} is refused: {what}")
+            }
             ErrorKind::Engine(e) => write!(f, "{e}"),
         }
     }

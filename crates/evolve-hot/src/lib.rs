@@ -41,6 +41,7 @@ pub mod patch;
 pub mod reclaim;
 pub mod safepoint;
 mod trial;
+pub mod unprepared;
 
 pub use error::{Error, ErrorKind, Result};
 pub use evolve_hot_macros::{adaptor, hot, transfer};

@@ -35,6 +35,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{content_digest, hex, Manifest, FORMAT, MANIFEST_SYMBOL};
 use evolve_code::dylib::{PatchFile, PatchObject};
+use evolve_code::loader::LoadedPatch;
 use evolve_code::stub::{Code, Stub, StubEntry, STUBS};
 use evolve_code::Batch;
 use std::collections::HashMap;
@@ -125,16 +126,63 @@ impl Function {
     }
 }
 
-struct Applied {
-    record: PatchRecord,
+/// A loaded patch: a format-1 shared object or a format-2 relocatable object.
+pub(crate) enum Object {
+    Shared(PatchObject),
+    Relocatable(LoadedPatch),
+}
+
+impl Object {
+    pub(crate) fn relocatable(&self) -> Option<&LoadedPatch> {
+        match self {
+            Object::Relocatable(o) => Some(o),
+            Object::Shared(_) => None,
+        }
+    }
+
+    fn contains(&self, address: usize) -> bool {
+        match self {
+            Object::Shared(o) => o.contains(address),
+            Object::Relocatable(o) => o.contains(address),
+        }
+    }
+
+    fn is_unloaded(&self) -> bool {
+        match self {
+            Object::Shared(o) => o.is_unloaded(),
+            Object::Relocatable(o) => o.is_unloaded(),
+        }
+    }
+
+    pub(crate) fn unload(
+        &mut self,
+        scope: evolve_code::scan::Scope,
+        timeout: Duration,
+        name: &str,
+    ) -> evolve_code::Result<evolve_code::dylib::Unload> {
+        match self {
+            Object::Shared(o) => o.unload(scope, timeout, name),
+            Object::Relocatable(o) => o.unload(scope, timeout, name),
+        }
+    }
+}
+
+pub(crate) struct Applied {
+    pub(crate) record: PatchRecord,
     /// Kept loaded while threads may run its code; unloaded by reclamation.
-    object: PatchObject,
+    pub(crate) object: Object,
+    /// The manifest's SHA-256: the name of its versions in later patches' `expected`.
+    pub(crate) sha256: String,
+    /// Earlier patches whose definitions it bound to: kept loaded while it is.
+    depends_on: Vec<usize>,
 }
 
 #[derive(Default)]
 pub(crate) struct State {
     functions: HashMap<&'static str, Function>,
-    patches: Vec<Applied>,
+    pub(crate) patches: Vec<Applied>,
+    /// Functions of the program replaced by format-2 patches, by symbol.
+    pub(crate) replaced: HashMap<String, crate::unprepared::Replaced>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -175,6 +223,15 @@ impl State {
                 needed.extend(v.patch);
             }
         }
+        for (index, applied) in self.patches.iter().enumerate() {
+            if crate::unprepared::needed(self, index) {
+                needed.insert(index);
+            }
+            // A loaded patch may call what an earlier one defines.
+            if !applied.object.is_unloaded() {
+                needed.extend(applied.depends_on.iter().copied());
+            }
+        }
         let mut report = crate::reclaim::ReclaimReport::default();
         for index in 0..self.patches.len() {
             let applied = &self.patches[index];
@@ -198,6 +255,11 @@ impl State {
             let name = applied.record.name.clone();
             match crate::reclaim::unload(&mut applied.object, scope, &name)? {
                 evolve_code::dylib::Unload::Unloaded(scan) => {
+                    if let Object::Relocatable(patch) = &self.patches[index].object {
+                        // Its versions and call sites are gone with it.
+                        crate::unprepared::forget(&mut self.replaced, index, patch);
+                    }
+                    let applied = &mut self.patches[index];
                     report.max_pause_us = report.max_pause_us.max(scan.pause_us);
                     report.bytes_scanned += scan.bytes_scanned;
                     applied.record.unloaded_at = Some(now());
@@ -224,7 +286,7 @@ pub(crate) fn state_is_free() -> bool {
     STATE.try_lock().is_ok()
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -235,6 +297,21 @@ fn ms(since: Instant) -> f64 {
 }
 
 impl State {
+    pub(crate) fn push_applied(
+        &mut self,
+        record: PatchRecord,
+        object: Object,
+        sha256: String,
+        depends_on: Vec<usize>,
+    ) {
+        self.patches.push(Applied {
+            record,
+            object,
+            sha256,
+            depends_on,
+        });
+    }
+
     fn function(&mut self, entry: &'static StubEntry) -> Result<&mut Function> {
         if !self.functions.contains_key(entry.id()) {
             let stub = Stub::of(entry)?;
@@ -472,6 +549,8 @@ pub(crate) struct Loaded {
     pub(crate) path: PathBuf,
     plan: Plan,
     pub(crate) object: PatchObject,
+    /// The manifest's digest of the patch file.
+    sha256: String,
     start: Instant,
     load_start: Instant,
     verify_ms: f64,
@@ -506,6 +585,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
         path: path.to_path_buf(),
         plan,
         object,
+        sha256: manifest.sha256.clone(),
         start,
         load_start,
         verify_ms,
@@ -540,13 +620,23 @@ pub(crate) fn retire(state: &mut State, loaded: Loaded) {
             unloaded_at: None,
             functions,
         },
-        object: loaded.object,
+        object: Object::Shared(loaded.object),
+        sha256: loaded.sha256,
+        depends_on: Vec::new(),
     });
 }
 
 /// Applies the patch at `path` with `options` (atomically at a safe point, on trial).
 pub fn apply_with(path: impl AsRef<Path>, options: &ApplyOptions) -> Result<ApplyReport> {
-    let loaded = load(path.as_ref())?;
+    let path = path.as_ref();
+    if crate::unprepared::is_object_patch(path) {
+        crate::canary::refuse_while_running()?;
+        return with_state(|state| {
+            let name = unique_name(state, path);
+            crate::unprepared::apply(state, path, options, name)
+        });
+    }
+    let loaded = load(path)?;
     with_state(|state| bind(state, loaded, options))
 }
 
@@ -560,6 +650,7 @@ pub(crate) fn bind(
         path,
         plan,
         object,
+        sha256,
         start,
         load_start,
         verify_ms,
@@ -640,7 +731,9 @@ pub(crate) fn bind(
                 unloaded_at: None,
                 functions: updated.clone(),
             },
-            object,
+            object: Object::Shared(object),
+            sha256,
+            depends_on: Vec::new(),
         });
         Ok(ApplyReport {
             patch: name,
@@ -697,6 +790,11 @@ pub fn revert(what: Revert) -> Result<Vec<String>> {
                         },
                     })
                 })?;
+                if state.patches[index].object.relocatable().is_some() {
+                    changed = crate::unprepared::revert(state, index)?;
+                    state.patches[index].record.reverted_at = Some(now());
+                    return Ok(changed);
+                }
                 let mut touched = Vec::new();
                 for function in state.functions.values_mut() {
                     let Some(at) = function
@@ -731,6 +829,17 @@ pub fn revert(what: Revert) -> Result<Vec<String>> {
                 state.patches[index].record.reverted_at = Some(now());
             }
             Revert::Function { name, version } => {
+                let matches = |shown: &str| shown == name || shown.ends_with(&format!("::{name}"));
+                let unprepared = state
+                    .replaced
+                    .keys()
+                    .find(|symbol| matches(&crate::unprepared::display_name(symbol)))
+                    .cloned();
+                if let Some(symbol) = unprepared {
+                    crate::unprepared::revert_function(state, &symbol, version)?;
+                    changed.push(crate::unprepared::display_name(&symbol));
+                    return Ok(changed);
+                }
                 let function = state
                     .functions
                     .values_mut()
@@ -792,6 +901,21 @@ pub fn functions() -> Vec<FunctionStatus> {
                     versions,
                 }
             })
+            .chain(state.replaced.iter().map(|(symbol, replaced)| {
+                let versions: Vec<String> = replaced
+                    .versions
+                    .iter()
+                    .map(|v| match v.patch {
+                        None => crate::unprepared::PROGRAM.to_string(),
+                        Some(i) => state.patches[i].record.name.clone(),
+                    })
+                    .collect();
+                FunctionStatus {
+                    name: crate::unprepared::display_name(symbol),
+                    current: versions.len() - 1,
+                    versions,
+                }
+            }))
             .collect())
     })
     .unwrap_or_default()

@@ -105,7 +105,7 @@ pub fn start_background(policy: Policy, interval: Duration) {
 pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) fn unload(
-    object: &mut evolve_code::dylib::PatchObject,
+    object: &mut crate::patch::Object,
     scope: Scope,
     name: &str,
 ) -> Result<Unload> {

@@ -209,7 +209,10 @@ impl BranchIndex {
 /// The 5-byte direct branches of `code`, a function starting at `start` (for code outside the
 /// executable's index: loaded patches).
 pub(crate) fn direct_branches(code: &[u8], start: usize) -> Vec<BranchSite> {
-    let mut out = Vec::new();
+    // Sized once for the most 5-byte branches the code can hold: a growing vector would leave
+    // copies of the (plain) addresses in freed memory, where a reclamation scan of a patch's
+    // code would find them (the caller scrubs this one).
+    let mut out = Vec::with_capacity(code.len() / 5 + 1);
     scan(code, start, &mut Instruction::default(), &mut out);
     out
 }

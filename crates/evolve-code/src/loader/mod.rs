@@ -50,6 +50,7 @@
 mod file;
 mod layout;
 mod load;
+mod program;
 mod relocate;
 mod resolve;
 mod tls;

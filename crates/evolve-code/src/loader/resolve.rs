@@ -21,6 +21,9 @@
 //!    `#[inline]` functions into every codegen unit that calls them as local symbols, and one
 //!    mangled name (which hashes the instance) always denotes one function, so every copy
 //!    behaves the same (a test binary holds seven local copies of `<String as Display>::fmt`);
+//!    The same holds across ThinLTO's renaming of locals (`F.llvm.<n>`, a number that differs
+//!    between two builds of one source): a name the program lacks binds to a copy of the same
+//!    Rust function under its other name;
 //! 5. otherwise the reference is refused, listing the candidates and their files (two C
 //!    `static`s of one name are different objects: guessing would bind the wrong one).
 //!
@@ -99,7 +102,15 @@ struct Definition {
 #[derive(Debug)]
 pub struct ProgramResolver {
     by_name: HashMap<String, Vec<Definition>>,
+    /// Rust functions renamed by ThinLTO's promotion of locals (`F.llvm.<n>`), by `F`.
+    promoted: HashMap<String, Vec<Definition>>,
     files: Vec<String>,
+}
+
+/// `F` of a name ThinLTO promoted (`F.llvm.<digits>`), if it is one.
+fn unpromoted(name: &str) -> Option<&str> {
+    let (base, suffix) = name.rsplit_once(".llvm.")?;
+    suffix.bytes().all(|b| b.is_ascii_digit()).then_some(base)
 }
 
 impl ProgramResolver {
@@ -176,7 +187,21 @@ impl ProgramResolver {
                     file: if global { None } else { file },
                 });
         }
-        Ok(ProgramResolver { by_name, files })
+        let mut promoted: HashMap<String, Vec<Definition>> = HashMap::new();
+        for (name, definitions) in &by_name {
+            if let Some(base) = unpromoted(name).filter(|b| is_rust_mangled(b)) {
+                let functions = definitions.iter().filter(|d| d.function).cloned();
+                promoted
+                    .entry(base.to_owned())
+                    .or_default()
+                    .extend(functions);
+            }
+        }
+        Ok(ProgramResolver {
+            by_name,
+            promoted,
+            files,
+        })
     }
 
     /// Where the executable defines `wanted`: `Ok(None)` if it does not, an error if the
@@ -186,7 +211,7 @@ impl ProgramResolver {
         wanted: &Wanted<'_>,
     ) -> std::result::Result<Option<Resolution>, String> {
         let Some(all) = self.by_name.get(wanted.name) else {
-            return Ok(None);
+            return Ok(self.promoted_copy(wanted.name));
         };
         let file_of = |d: &Definition| d.file.map(|f| self.files[f as usize].as_str());
         let chosen: Vec<&Definition> = if all.len() == 1 {
@@ -233,6 +258,29 @@ impl ProgramResolver {
             }
             (false, true) => Err("the patch uses it as thread-local, the program's is not".into()),
         }
+    }
+
+    /// A Rust function the program or the patch knows under a ThinLTO-promoted name
+    /// (`F.llvm.<n>`, whose number differs between two builds of one source): a mangled Rust
+    /// name with its hash denotes one function instance, so any copy of `F` — promoted or not —
+    /// is it (rule 4 of the module docs); the lowest-addressed one is chosen.
+    fn promoted_copy(&self, name: &str) -> Option<Resolution> {
+        let base = unpromoted(name).unwrap_or(name);
+        if !is_rust_mangled(base) {
+            return None;
+        }
+        let plain = self
+            .by_name
+            .get(base)
+            .into_iter()
+            .flatten()
+            .filter(|d| d.function);
+        plain
+            .chain(self.promoted.get(base).into_iter().flatten())
+            .filter(|d| !d.thread_local)
+            .map(|d| d.value)
+            .min()
+            .map(Resolution::Address)
     }
 
     /// The address `dlsym(RTLD_DEFAULT, name)` gives: the first definition in the global
@@ -284,6 +332,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_promoted_rust_function_binds_to_a_copy_under_its_other_name() {
+        let f = "_ZN3foo3bar17h0123456789abcdefE";
+        let mut r = resolver(&[(
+            &format!("{f}.llvm.111"),
+            definition(0x3000, false, Some(0), true),
+        )]);
+        r.promoted
+            .insert(f.into(), vec![definition(0x3000, false, Some(0), true)]);
+        r.by_name
+            .insert(f.into(), vec![definition(0x2000, false, Some(1), true)]);
+        let wanted = |name: &'static str| Wanted {
+            name,
+            thread_local: false,
+            file: None,
+        };
+        let promoted_elsewhere: &'static str = Box::leak(format!("{f}.llvm.999").into_boxed_str());
+        assert_eq!(
+            r.in_executable(&wanted(promoted_elsewhere)),
+            Ok(Some(Resolution::Address(0x2000)))
+        );
+        // Not Rust, or not a promotion: no guess.
+        assert_eq!(r.in_executable(&wanted("counter.llvm.999")), Ok(None));
+        assert_eq!(
+            r.in_executable(&wanted("_ZN3foo3baz17h0123456789abcdefE")),
+            Ok(None)
+        );
+    }
+
     fn resolver(entries: &[(&str, Definition)]) -> ProgramResolver {
         let mut by_name: HashMap<String, Vec<Definition>> = HashMap::new();
         for (name, d) in entries {
@@ -294,6 +371,7 @@ mod tests {
         }
         ProgramResolver {
             by_name,
+            promoted: HashMap::new(),
             files: vec!["a.c".into(), "b.c".into()],
         }
     }

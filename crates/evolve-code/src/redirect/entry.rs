@@ -241,7 +241,9 @@ pub struct Installed {
 
 /// One entry to overwrite, checked.
 struct Planned {
-    entry: usize,
+    /// Hidden: the entry may be a patch's function (a version superseded by a newer one), and
+    /// the plans are freed after the install (see `crate::hidden`).
+    entry: Hidden,
     covered: usize,
     original: [u8; SITE_LEN],
     jmp: [u8; SITE_LEN],
@@ -345,21 +347,21 @@ pub fn install(pairs: &[(&Function, &Function)]) -> Result<Installed> {
     // The jumps are in place: the entries become patch sites (registered reading the jumps).
     let mut registered = Vec::with_capacity(plans.len());
     for p in &plans {
-        if let Err(e) = write::register(p.entry) {
+        if let Err(e) = write::register(p.entry.get()) {
             for &entry in &registered {
                 let _ = write::unregister(entry);
             }
             rollback(&plans, &progress, &mut stops);
             return Err(e);
         }
-        registered.push(p.entry);
+        registered.push(p.entry.get());
     }
     let map = registry.as_mut().expect("created by registry()");
     let mut redirects = Vec::with_capacity(plans.len());
     for p in plans {
-        crate::detour::entry_changed(p.entry);
+        crate::detour::entry_changed(p.entry.get());
         map.insert(
-            Hidden::new(p.entry),
+            p.entry,
             Record {
                 shown: p.function.name().to_owned(),
                 lineage: p.function.lineage().clone(),
@@ -367,9 +369,7 @@ pub fn install(pairs: &[(&Function, &Function)]) -> Result<Installed> {
                 original: p.original,
             },
         );
-        redirects.push(Redirect {
-            entry: Hidden::new(p.entry),
-        });
+        redirects.push(Redirect { entry: p.entry });
     }
     crate::hidden::scrub_plain(registered);
     stops.total = started.elapsed();
@@ -456,7 +456,7 @@ fn plan_install(registry: &Registry, pairs: &[(&Function, &Function)]) -> Result
         })?;
         check_no_cycle(registry, entry, target, &batch)?;
         plans.push(Planned {
-            entry,
+            entry: Hidden::new(entry),
             covered: bytes.covered,
             original: bytes.original,
             jmp,
@@ -482,7 +482,7 @@ fn write_round(plans: &[Planned], progress: &mut [Progress], stops: &mut StopSta
         .iter()
         .zip(progress.iter())
         .filter(|(_, p)| **p != Progress::Written)
-        .map(|(plan, _)| (plan.entry, SITE_LEN))
+        .map(|(plan, _)| (plan.entry.get(), SITE_LEN))
         .collect();
     let window = w.open_code_window_over(&ranges)?;
     crate::hidden::scrub_plain(ranges);
@@ -491,10 +491,10 @@ fn write_round(plans: &[Planned], progress: &mut [Progress], stops: &mut StopSta
             if *p == Progress::Written {
                 continue;
             }
-            let found = read5(plan.entry);
+            let found = read5(plan.entry.get());
             if found != plan.original {
                 return Err(Error::new(ErrorKind::UnexpectedBytes {
-                    address: plan.entry,
+                    address: plan.entry.get(),
                     expected: plan.original,
                     found,
                 }));
@@ -505,10 +505,10 @@ fn write_round(plans: &[Planned], progress: &mut [Progress], stops: &mut StopSta
             if *p == Progress::Written {
                 continue;
             }
-            match world.resumable_in(plan.entry + 1..plan.entry + plan.covered) {
+            match world.resumable_in(plan.entry.get() + 1..plan.entry.get() + plan.covered) {
                 Some(busy) => *p = Progress::Busy(busy),
                 None => {
-                    window.write(plan.entry, &plan.jmp)?;
+                    window.write(plan.entry.get(), &plan.jmp)?;
                     *p = Progress::Written;
                     wrote = true;
                 }
@@ -540,7 +540,7 @@ fn rollback(plans: &[Planned], progress: &[Progress], stops: &mut StopStats) {
         return;
     }
     let mut w = write::lock();
-    let ranges: Vec<(usize, usize)> = written.iter().map(|p| (p.entry, SITE_LEN)).collect();
+    let ranges: Vec<(usize, usize)> = written.iter().map(|p| (p.entry.get(), SITE_LEN)).collect();
     let Ok(window) = w.open_code_window_over(&ranges) else {
         return;
     };
@@ -548,8 +548,8 @@ fn rollback(plans: &[Planned], progress: &[Progress], stops: &mut StopStats) {
     let outcome = with_world_stopped(|_| {
         for plan in &written {
             // Only our own jump is taken back.
-            if read5(plan.entry) == plan.jmp {
-                let _ = window.write(plan.entry, &plan.original);
+            if read5(plan.entry.get()) == plan.jmp {
+                let _ = window.write(plan.entry.get(), &plan.original);
             }
         }
         let _ = membarrier::sync_cores();

@@ -87,6 +87,37 @@ impl References {
     /// (the functions before it keep their registered sites, which still hold their
     /// original bytes).
     pub fn find_many(functions: &[&Function], patches: &[&LoadedPatch]) -> Result<Vec<References>> {
+        References::find_where(functions, patches, true)
+    }
+
+    /// [`References::find_many`] in `patches` only: the references a newly loaded patch makes
+    /// to functions whose other references were found before (and may have been retargeted
+    /// since).
+    ///
+    /// # Errors
+    /// As [`References::find_many`].
+    ///
+    /// # Example
+    /// ```
+    /// use evolve_code::redirect::{Function, References};
+    /// let main = Function::in_executable("main")?;
+    /// // No patch: nothing to find, and the executable is not looked at.
+    /// let found = References::find_in_patches(&[&main], &[])?;
+    /// assert!(found[0].is_empty());
+    /// # Ok::<(), evolve_code::Error>(())
+    /// ```
+    pub fn find_in_patches(
+        functions: &[&Function],
+        patches: &[&LoadedPatch],
+    ) -> Result<Vec<References>> {
+        References::find_where(functions, patches, false)
+    }
+
+    fn find_where(
+        functions: &[&Function],
+        patches: &[&LoadedPatch],
+        in_executable_too: bool,
+    ) -> Result<Vec<References>> {
         for f in functions {
             f.check_not_aliased()?;
         }
@@ -106,7 +137,7 @@ impl References {
         // Code sites by function, from the executable's index and each patch's code.
         let mut sites: Vec<Vec<(Hidden, BranchKind)>> = vec![Vec::new(); functions.len()];
         for (i, f) in functions.iter().enumerate() {
-            if in_executable(f.address()) {
+            if in_executable_too && in_executable(f.address()) {
                 for b in inspect::branch_sites_to(f.address())? {
                     sites[i].push((Hidden::new(b.address), b.kind));
                 }
@@ -128,13 +159,14 @@ impl References {
                         }
                     }
                     crate::hidden::scrub_plain(found);
+                    crate::hidden::scrub_plain(code);
                 }
             }
         }
         // GOT slots by function (the executable's functions only: its GOT never held patch
         // code, except where a retarget put it).
         let mut slots: Vec<Vec<SlotReference>> = vec![Vec::new(); functions.len()];
-        if functions.iter().any(|f| in_executable(f.address())) {
+        if in_executable_too && functions.iter().any(|f| in_executable(f.address())) {
             let entries = inspect::got_entries()?;
             for &(slot, value) in &entries {
                 if let Some(&i) = wanted.get(&Hidden::new(value)) {

@@ -173,3 +173,4 @@ pub const V2: &[(&str, &str)] = &[
     ),
     ("let started_as = 1; // v1", "let started_as = 2; // v2"),
 ];
+pub mod plain;
