@@ -220,9 +220,11 @@ pub(crate) fn check(data: &[u8], loaded: &dyn Fn(&str) -> bool) -> Result<(), Re
         .get(elf::DT_FLAGS_1)
         .is_some_and(|flags| flags & u64::from(elf::DF_1_PIE) != 0)
     {
-        return Err("not an x86-64 shared object: it is a position-independent executable \
+        return Err(
+            "not an x86-64 shared object: it is a position-independent executable \
                     (DF_1_PIE)"
-            .into());
+                .into(),
+        );
     }
     check_initializers(&dynamic)?;
     check_needed(&image, &dynamic, loaded)?;
