@@ -6,13 +6,17 @@
 //!    still reaches the file a process was started from after it is replaced on disk — for its
 //!    build id, the symbols it exports, its statics' sizes and the libraries it needs.
 //! 2. **Compile** the changed crate with the same toolchain, lockfile and profile, through
-//!    `cargo rustc -- --emit=obj=…`: cargo computes the same symbol hashes as for the program's
-//!    build (extra arguments change only its file names), so the patch's references name the
-//!    program's definitions exactly.
-//! 3. **Check** before writing anything: every hot implementation in the object becomes a
-//!    manifest entry; every symbol the object needs must be exported by the base or defined by a
-//!    library it needs (those that are not — e.g. inlined away by LTO — are listed); statics
-//!    whose size changed are reported.
+//!    `cargo rustc -p PACKAGE --lib`: the same unit as the program's build, so the same symbol
+//!    hashes and the same codegen units. The objects are the `.rcgu.o` members of the rlib it
+//!    produces (a single `--emit=obj=…` object would force one codegen unit, which inlines
+//!    differently, and unchanged code would no longer compare equal).
+//! 3. **Check** before writing anything: each hot implementation is compared with the
+//!    program's code, relocation-aware ([`crate::compare`]), and only those that differ — or
+//!    reach a function of the crate that differs or that the program lacks — become manifest
+//!    entries (a patch carries and reports only what changed; nothing changed is refused);
+//!    every symbol the objects need must be exported by the base or defined by a library it
+//!    needs (those that are not — e.g. inlined away by LTO — are listed); statics whose size
+//!    changed are reported.
 //! 4. **Link** `cc -shared -nostartfiles -Wl,-Bsymbolic-functions`: no initializers (loading runs
 //!    no code), and calls inside the patch bind to the patch's own new functions while its data
 //!    references still bind to the program's statics (one of every static). The manifest is
@@ -231,11 +235,56 @@ fn split_fingerprint(rest: &str) -> Option<FunctionEntry> {
     })
 }
 
-fn read_object(path: &Path) -> Result<ObjectInfo> {
-    let data = read_regular_file(path, MAX_INPUT_BYTES)
-        .map_err(|e| build_error("reading the object", e.to_string()))?;
-    let file = object::File::parse(&*data)
-        .map_err(|e| build_error("reading the object", e.to_string()))?;
+/// The objects of the crate's library as cargo just built it: the `.rcgu.o` members of its
+/// rlib, written to `scratch`. These are the program's codegen units, compiled the same way
+/// (one object from `--emit=obj=…` would force a single codegen unit, which inlines
+/// differently, so unchanged functions would not compare equal to the program's).
+fn crate_objects(messages: &str, package: &str, scratch: &Path) -> Result<Vec<PathBuf>> {
+    let step = "finding the compiled library";
+    let krate = package.replace('-', "_");
+    let rlib = messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| {
+            m["target"]["name"].as_str().map(|n| n.replace('-', "_")) == Some(krate.clone())
+        })
+        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| f.extension().is_some_and(|e| e == "rlib"))
+        .ok_or_else(|| build_error(step, format!("cargo reported no rlib of package {package}")))?;
+    let data =
+        read_regular_file(&rlib, MAX_INPUT_BYTES).map_err(|e| build_error(step, e.to_string()))?;
+    let members = crate::objfile::rlib_members(&data, &rlib.display().to_string())
+        .map_err(|e| build_error(step, e.to_string()))?;
+    if members
+        .iter()
+        .any(|(_, bytes)| crate::objfile::is_bitcode(bytes))
+    {
+        return Err(build_error(
+            step,
+            format!(
+                "{} holds LLVM bitcode (LTO): a thin patch needs machine code",
+                rlib.display()
+            ),
+        ));
+    }
+    let mut paths = Vec::new();
+    for (i, (_, bytes)) in members.iter().enumerate() {
+        let path = scratch.join(format!("unit-{i}.o"));
+        std::fs::write(&path, bytes).map_err(|e| build_error(step, e.to_string()))?;
+        paths.push(path);
+    }
+    if paths.is_empty() {
+        return Err(build_error(
+            step,
+            format!("{} holds no object", rlib.display()),
+        ));
+    }
+    Ok(paths)
+}
+
+fn read_object(paths: &[PathBuf]) -> Result<ObjectInfo> {
     let mut info = ObjectInfo {
         functions: Vec::new(),
         adaptors: Vec::new(),
@@ -244,6 +293,25 @@ fn read_object(path: &Path) -> Result<ObjectInfo> {
         statics: Vec::new(),
     };
     let mut defined = HashSet::new();
+    for path in paths {
+        read_one_object(path, &mut info, &mut defined)?;
+    }
+    info.undefined.retain(|u| !defined.contains(u));
+    info.undefined.sort();
+    info.undefined.dedup();
+    info.functions.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(info)
+}
+
+fn read_one_object(
+    path: &Path,
+    info: &mut ObjectInfo,
+    defined: &mut HashSet<String>,
+) -> Result<()> {
+    let data = read_regular_file(path, MAX_INPUT_BYTES)
+        .map_err(|e| build_error("reading the object", e.to_string()))?;
+    let file = object::File::parse(&*data)
+        .map_err(|e| build_error("reading the object", e.to_string()))?;
     for symbol in file.symbols() {
         let Ok(name) = symbol.name() else { continue };
         if symbol.is_undefined() {
@@ -263,9 +331,97 @@ fn read_object(path: &Path) -> Result<ObjectInfo> {
             info.statics.push((name.to_string(), symbol.size()));
         }
     }
-    info.undefined.retain(|u| !defined.contains(u));
-    info.functions.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(info)
+    Ok(())
+}
+
+/// The ids of the hot functions of the compiled objects (at `object_paths`) whose code differs
+/// from the program's, or reaches (through the crate's own functions) code that does: an
+/// unchanged hot function that calls a changed helper must be carried, since the patch's
+/// calls bind to the patch's own functions. A function the program lacks counts as changed.
+fn changed_hot_functions(
+    program: &Path,
+    object_paths: &[PathBuf],
+    krate: &str,
+) -> Result<HashSet<String>> {
+    use crate::compare::{Comparator, Verdict};
+    use crate::objfile::ObjectFile;
+    use crate::program::{Program, SymbolKind};
+    let step = "comparing with the program";
+    let program = Program::read(program).map_err(|e| build_error(step, e.to_string()))?;
+    let mut objects = Vec::new();
+    for path in object_paths {
+        let data = read_regular_file(path, MAX_INPUT_BYTES)
+            .map_err(|e| build_error(step, e.to_string()))?;
+        objects.push(
+            ObjectFile::parse(&data, &path.display().to_string(), krate)
+                .map_err(|e| build_error(step, e.to_string()))?,
+        );
+    }
+    let comparator = Comparator::with_rebuilt(&program, &objects);
+    // A function is (object, symbol); a global one is found in any object by name.
+    let global = |name: &str| {
+        objects
+            .iter()
+            .enumerate()
+            .find_map(|(o, object)| object.defined(name).map(|s| (o, s)))
+    };
+    let differs = |(o, f): (usize, usize)| {
+        let object = &objects[o];
+        let name = object.symbols[f].name.as_str();
+        let copies: Vec<_> = program
+            .definitions(name)
+            .iter()
+            .filter(|d| d.kind == SymbolKind::Function)
+            .collect();
+        // Several copies (a local symbol in several units): equal to any one is unchanged.
+        !copies
+            .iter()
+            .any(|d| comparator.with_program(object, f, d.address, d.size) == Verdict::Same)
+    };
+    // The crate's functions a function refers to (directly, or through a section symbol).
+    let callees = |(o, f): (usize, usize)| -> Vec<(usize, usize)> {
+        let object = &objects[o];
+        let symbol = &object.symbols[f];
+        let Some(section) = symbol.section else {
+            return Vec::new();
+        };
+        object.sections[section]
+            .relocations_in(symbol.value, symbol.value + symbol.size)
+            .iter()
+            .filter_map(|r| {
+                let target = &object.symbols[r.symbol];
+                let (o, t) = match (target.is_section(), target.section) {
+                    (true, Some(s)) => (o, object.symbol_at_start(s)?),
+                    (false, Some(_)) => (o, r.symbol),
+                    _ => global(&target.name)?,
+                };
+                objects[o].symbols[t].is_function().then_some((o, t))
+            })
+            .collect()
+    };
+    let mut changed = HashSet::new();
+    let mut verdicts: HashMap<(usize, usize), bool> = HashMap::new();
+    for (o, object) in objects.iter().enumerate() {
+        for f in object.functions() {
+            let Some(entry) = object.symbols[f]
+                .name
+                .strip_prefix("__evolve_impl_")
+                .and_then(split_fingerprint)
+            else {
+                continue;
+            };
+            // Through everything it reaches, each function compared once.
+            let (mut queue, mut seen) = (vec![(o, f)], HashSet::from([(o, f)]));
+            while let Some(g) = queue.pop() {
+                if *verdicts.entry(g).or_insert_with(|| differs(g)) {
+                    changed.insert(entry.id.clone());
+                    break;
+                }
+                queue.extend(callees(g).into_iter().filter(|c| seen.insert(*c)));
+            }
+        }
+    }
+    Ok(changed)
 }
 
 /// A symbol's demangled path without the hash (`hotfix::CALLS`), or the symbol itself.
@@ -397,7 +553,6 @@ fn build_in(
     toolchain: String,
     scratch: &Path,
 ) -> Result<BuildReport> {
-    let object_path = scratch.join("patch.o");
     let compile_start = Instant::now();
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
@@ -411,6 +566,7 @@ fn build_in(
             &options.package,
             "--lib",
             "--quiet",
+            "--message-format=json-render-diagnostics",
         ]);
     if options.no_default_features {
         cargo.arg("--no-default-features");
@@ -418,19 +574,30 @@ fn build_in(
     if !options.features.is_empty() {
         cargo.arg("--features").arg(options.features.join(","));
     }
-    cargo
-        .arg("--")
-        .arg(format!("--emit=obj={}", object_path.display()))
-        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    run("cargo rustc", &mut cargo)?;
+    cargo.envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let messages = run("cargo rustc", &mut cargo)?;
     let compile_seconds = compile_start.elapsed().as_secs_f64();
+    let object_paths = crate_objects(&messages, &options.package, scratch)?;
 
-    let object = read_object(&object_path)?;
+    let mut object = read_object(&object_paths)?;
     if object.functions.is_empty() {
         return Err(build_error(
             "reading the object",
             format!(
                 "package {} has no #[evolve::hot] functions",
+                options.package
+            ),
+        ));
+    }
+    // Only what changed is carried (and reported, and replaced at apply).
+    let changed = changed_hot_functions(&options.base.file(), &object_paths, &options.package)?;
+    object.functions.retain(|f| changed.contains(&f.id));
+    object.adaptors.retain(|a| changed.contains(&a.id));
+    if object.functions.is_empty() {
+        return Err(build_error(
+            "comparing with the program",
+            format!(
+                "no #[evolve::hot] function of package {} changed: the patch would change nothing",
                 options.package
             ),
         ));
@@ -518,7 +685,7 @@ fn build_in(
                 "-o",
             ])
             .arg(&linked)
-            .arg(&object_path)
+            .args(&object_paths)
             .arg(&manifest_c),
     )?;
     let sealed = seal(&linked, &mut manifest, json.len())?;

@@ -93,6 +93,30 @@ pub fn read_regular_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// The name of the memfd a patch read from `path` is loaded from: `evolve-patch:` and the
+/// file's name, so `/proc/PID/maps` says which patch a mapping is
+/// (`/memfd:evolve-patch:fix.so (deleted)`). Cut to the kernel's limit of 249 bytes.
+///
+/// # Example
+///
+/// ```
+/// let name = evolve_code::dylib::file::memfd_name("/var/patches/fix-42.so".as_ref());
+/// assert_eq!(name, "evolve-patch:fix-42.so");
+/// ```
+pub fn memfd_name(path: &Path) -> String {
+    const LIMIT: usize = 249;
+    let file_name = path.file_name().unwrap_or(path.as_os_str());
+    let mut name = format!("evolve-patch:{}", file_name.to_string_lossy());
+    if name.len() > LIMIT {
+        let mut end = LIMIT;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
 /// A patch file's bytes, read once (see the module docs).
 #[derive(Debug, Clone)]
 pub struct PatchFile {
@@ -140,7 +164,8 @@ impl PatchFile {
         &self.data
     }
 
-    /// A sealed in-memory copy of the bytes: no one can change them any more.
+    /// A sealed in-memory copy of the bytes, named after the file (see [`memfd_name`]): no one
+    /// can change them any more.
     pub(super) fn sealed(&self) -> Result<OwnedFd> {
         let os = |operation: &'static str| {
             move |e: rustix::io::Errno| {
@@ -151,7 +176,7 @@ impl PatchFile {
             }
         };
         let fd = rustix::fs::memfd_create(
-            "evolve-patch",
+            memfd_name(&self.path).as_str(),
             MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
         )
         .map_err(os("memfd_create for a patch"))?;

@@ -8,7 +8,8 @@
 //! file may omit or contradict.
 //!
 //! An object is loadable without running any of its code only if:
-//! - it is an x86-64 ELF64 little-endian shared object whose `PT_LOAD` segments are in
+//! - it is an x86-64 ELF64 little-endian shared object (not a position-independent
+//!   executable, which is `ET_DYN` too but marked `DF_1_PIE`) whose `PT_LOAD` segments are in
 //!   ascending order and map one file byte to each page they share (so "the bytes at an
 //!   address" means one thing);
 //! - its dynamic array has no initializer or finalizer (`DT_INIT`, `DT_INIT_ARRAY`,
@@ -213,6 +214,18 @@ pub(crate) fn check(data: &[u8], loaded: &dyn Fn(&str) -> bool) -> Result<(), Re
         entries.push((tag, d.d_val.get(LE)));
     }
     let dynamic = Dynamic { entries };
+    // A position-independent executable is ET_DYN too, and has initializers: the loader refuses
+    // to `dlopen` one, so say what it is before anything else.
+    if dynamic
+        .get(elf::DT_FLAGS_1)
+        .is_some_and(|flags| flags & u64::from(elf::DF_1_PIE) != 0)
+    {
+        return Err(
+            "not an x86-64 shared object: it is a position-independent executable \
+                    (DF_1_PIE)"
+                .into(),
+        );
+    }
     check_initializers(&dynamic)?;
     check_needed(&image, &dynamic, loaded)?;
     check_ifunc(&image, &dynamic)
