@@ -13,7 +13,7 @@
 //! 3. **Check** before writing anything: each hot implementation is compared with the
 //!    program's code, relocation-aware ([`crate::compare`]), and only those that differ — or
 //!    reach a function of the crate that differs or that the program lacks — become manifest
-//!    entries (a patch carries and reports only what changed; nothing changed is refused);
+//!    entries (a patch carries and reports only what changed; when nothing did, a warning says so);
 //!    every symbol the objects need must be exported by the base or defined by a library it
 //!    needs (those that are not — e.g. inlined away by LTO — are listed); statics whose size
 //!    changed are reported.
@@ -378,24 +378,38 @@ fn changed_hot_functions(
             .iter()
             .any(|d| comparator.with_program(object, f, d.address, d.size) == Verdict::Same)
     };
-    // The crate's functions a function refers to (directly, or through a section symbol).
-    let callees = |(o, f): (usize, usize)| -> Vec<(usize, usize)> {
+    // What a piece of code or data refers to, within the crate: functions (compared) and data
+    // (followed: an async function's future reaches its poll function through a vtable).
+    // A node is (object, section, start, end, function symbol if it is one).
+    type Node = (usize, usize, u64, u64, Option<usize>);
+    let node_of = |o: usize, t: usize| -> Option<Node> {
+        let symbol = &objects[o].symbols[t];
+        let section = symbol.section?;
+        let is_function = symbol.is_function() && symbol.size > 0;
+        Some((
+            o,
+            section,
+            symbol.value,
+            symbol.value + symbol.size,
+            is_function.then_some(t),
+        ))
+    };
+    let references = |(o, section, start, end, _): Node| -> Vec<Node> {
         let object = &objects[o];
-        let symbol = &object.symbols[f];
-        let Some(section) = symbol.section else {
-            return Vec::new();
-        };
         object.sections[section]
-            .relocations_in(symbol.value, symbol.value + symbol.size)
+            .relocations_in(start, end)
             .iter()
             .filter_map(|r| {
                 let target = &object.symbols[r.symbol];
-                let (o, t) = match (target.is_section(), target.section) {
-                    (true, Some(s)) => (o, object.symbol_at_start(s)?),
-                    (false, Some(_)) => (o, r.symbol),
-                    _ => global(&target.name)?,
-                };
-                objects[o].symbols[t].is_function().then_some((o, t))
+                match (target.is_section(), target.section) {
+                    (true, Some(s)) => match object.symbol_at_start(s) {
+                        Some(t) => node_of(o, t),
+                        // Anonymous data (a vtable, a constant): the whole section.
+                        None => Some((o, s, 0, object.sections[s].size, None)),
+                    },
+                    (false, Some(_)) => node_of(o, r.symbol),
+                    _ => global(&target.name).and_then(|(o, t)| node_of(o, t)),
+                }
             })
             .collect()
     };
@@ -411,13 +425,19 @@ fn changed_hot_functions(
                 continue;
             };
             // Through everything it reaches, each function compared once.
-            let (mut queue, mut seen) = (vec![(o, f)], HashSet::from([(o, f)]));
-            while let Some(g) = queue.pop() {
-                if *verdicts.entry(g).or_insert_with(|| differs(g)) {
-                    changed.insert(entry.id.clone());
-                    break;
+            let Some(first) = node_of(o, f) else { continue };
+            let (mut queue, mut seen) = (vec![first], HashSet::from([first]));
+            while let Some(node) = queue.pop() {
+                if let Some(g) = node.4 {
+                    if *verdicts
+                        .entry((node.0, g))
+                        .or_insert_with(|| differs((node.0, g)))
+                    {
+                        changed.insert(entry.id.clone());
+                        break;
+                    }
                 }
-                queue.extend(callees(g).into_iter().filter(|c| seen.insert(*c)));
+                queue.extend(references(node).into_iter().filter(|c| seen.insert(*c)));
             }
         }
     }
@@ -593,15 +613,6 @@ fn build_in(
     let changed = changed_hot_functions(&options.base.file(), &object_paths, &options.package)?;
     object.functions.retain(|f| changed.contains(&f.id));
     object.adaptors.retain(|a| changed.contains(&a.id));
-    if object.functions.is_empty() {
-        return Err(build_error(
-            "comparing with the program",
-            format!(
-                "no #[evolve::hot] function of package {} changed: the patch would change nothing",
-                options.package
-            ),
-        ));
-    }
     let mut available = base.exported.clone();
     available.extend(library_symbols(&base.needed));
     let missing: Vec<String> = object
@@ -645,7 +656,7 @@ fn build_in(
     // The patch still builds (the operator sees why it will be refused, and a later Evolve
     // with a transfer function for it can apply it); apply refuses it.
     let krate = options.package.replace('-', "_");
-    let warnings: Vec<String> = changed_statics
+    let mut warnings: Vec<String> = changed_statics
         .iter()
         .filter(|c| !object.transfers.contains(&c.transfer_symbol(&krate)))
         .map(|c| {
@@ -657,6 +668,12 @@ fn build_in(
             .to_string()
         })
         .collect();
+    if object.functions.is_empty() {
+        warnings.push(format!(
+            "no #[evolve::hot] function of package {} changed: the patch replaces nothing",
+            options.package
+        ));
+    }
 
     let mut manifest = Manifest {
         format: FORMAT,
