@@ -327,7 +327,12 @@ fn read_one_object(
             info.adaptors.extend(split_fingerprint(rest));
         } else if name.starts_with("__evolve_transfer_") {
             info.transfers.push(name.to_string());
-        } else if symbol.kind() == SymbolKind::Data && symbol.is_global() {
+        } else if symbol.kind() == SymbolKind::Data
+            && symbol.is_global()
+            && !crate::objfile::is_anonymous(name)
+        {
+            // Anonymous constants (`anon.<hash>.<n>`, shared between a crate's units) have no
+            // identity or state: the patch uses its own copy, whatever the program's holds.
             info.statics.push((name.to_string(), symbol.size()));
         }
     }

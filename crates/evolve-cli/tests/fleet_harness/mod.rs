@@ -35,6 +35,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test keeps its logs (each machine's node.log) for the post-mortem.
+            eprintln!("kept for the post-mortem: {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -235,11 +240,18 @@ impl Machine {
         if let Some(h) = &self.health {
             args.extend(["--health-cmd".into(), h.clone()]);
         }
+        // The daemon's log, kept beside the machine for a failing test's post-mortem.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_evolve"))
             .args(&args)
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.node = Some(child);
