@@ -77,7 +77,6 @@ pub mod loader;
 mod near;
 mod overwrite;
 pub mod padded;
-mod primitive;
 mod published;
 pub mod redirect;
 pub mod scan;

@@ -168,7 +168,7 @@ impl<T> Versions<T> {
     }
 
     /// Versions held: the current one and the retired ones not freed yet.
-    #[cfg_attr(loom, allow(dead_code))]
+    #[cfg_attr(feature = "loom", allow(dead_code))]
     pub(crate) fn held(&self) -> usize {
         1 + lock(&self.retired).len()
     }
@@ -210,7 +210,7 @@ impl<T> Drop for Versions<T> {
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 mod process {
     //! The process-wide registry and each thread's record.
     use super::{Record, Registry};
@@ -277,18 +277,18 @@ mod process {
 
 /// A value replaced by whole versions, read without a lock (see the module docs).
 pub struct Published<T> {
-    #[cfg_attr(loom, allow(dead_code))]
+    #[cfg_attr(feature = "loom", allow(dead_code))]
     versions: Versions<T>,
 }
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 impl<T: std::fmt::Debug> std::fmt::Debug for Published<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.read(|v| f.debug_struct("Published").field("current", v).finish())
     }
 }
 
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 impl<T> Published<T> {
     /// A cell holding `value`.
     ///
@@ -330,7 +330,7 @@ impl<T> Published<T> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 
@@ -378,7 +378,7 @@ mod tests {
     }
 }
 
-#[cfg(all(test, loom))]
+#[cfg(all(test, feature = "loom"))]
 mod loom_tests {
     //! The protocol under loom: two readers and a writer replacing the value twice, every
     //! interleaving (up to two preemptions) and every permitted reordering. Each version is a `loom::cell::UnsafeCell`

@@ -1,14 +1,20 @@
-//! The atomics, locks and fences of the engine's pure-memory protocols ([`crate::published`]),
-//! behind one door so that `loom` can swap them in and model-check the protocol unchanged:
-//! `RUSTFLAGS="--cfg loom" cargo test --release -p evolve-code --lib loom`.
+//! The atomics, locks and fences of the engine's pure-memory protocols (the published lists,
+//! [`crate::published`], and the trap slots, [`crate::sys::trap::slots`]), behind one door so
+//! that `loom` can swap them in and model-check the protocols unchanged (the way
+//! crossbeam-epoch's `primitive` module works): `cargo test --release -p evolve-code --features
+//! loom --lib loom`. Everything else of the engine uses `std` directly: signal handlers, statics
+//! and code bytes are no business of a model checker.
+//!
+//! A feature rather than `--cfg loom`: only this crate is rebuilt for the model check, not every
+//! dependency (which a changed `RUSTFLAGS` forces).
 
-#[cfg(loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicUsize};
-#[cfg(loom)]
+#[cfg(feature = "loom")]
+pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize};
+#[cfg(feature = "loom")]
 pub(crate) use loom::sync::{Arc, Mutex};
-#[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicUsize};
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
+pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize};
+#[cfg(not(feature = "loom"))]
 pub(crate) use std::sync::{Arc, Mutex};
 
 pub(crate) use std::sync::atomic::Ordering;
@@ -16,9 +22,9 @@ pub(crate) use std::sync::atomic::Ordering;
 /// Locks `m`, ignoring poisoning (the protocols' invariants hold between statements), with
 /// probes off for the holding thread ([`crate::thread_state::Locked`]): hooks take these locks.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> impl std::ops::DerefMut<Target = T> + '_ {
-    #[cfg(loom)]
+    #[cfg(feature = "loom")]
     return m.lock().unwrap();
-    #[cfg(not(loom))]
+    #[cfg(not(feature = "loom"))]
     return crate::thread_state::Locked::new(m);
 }
 
@@ -29,9 +35,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> impl std::ops::DerefMut<Target = T> + '_ 
 /// (membarrier(2); liburcu's "memb" flavour). Under loom it is a full fence.
 #[inline(always)]
 pub(crate) fn light_fence() {
-    #[cfg(loom)]
+    #[cfg(feature = "loom")]
     fence(Ordering::SeqCst);
-    #[cfg(not(loom))]
+    #[cfg(not(feature = "loom"))]
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 
@@ -40,8 +46,8 @@ pub(crate) fn light_fence() {
 /// words show.
 pub(crate) fn heavy_fence() -> bool {
     fence(Ordering::SeqCst);
-    #[cfg(not(loom))]
+    #[cfg(not(feature = "loom"))]
     return crate::sys::membarrier::sync_cores().is_ok();
-    #[cfg(loom)]
+    #[cfg(feature = "loom")]
     return true;
 }

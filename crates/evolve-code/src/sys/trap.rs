@@ -66,13 +66,13 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
 
 /// The process's write epoch (see [`slots`]).
-#[cfg(not(loom))]
+#[cfg(not(feature = "loom"))]
 fn epoch() -> &'static WriteEpoch {
     static EPOCH: WriteEpoch = WriteEpoch::new();
     &EPOCH
 }
 
-#[cfg(loom)]
+#[cfg(feature = "loom")]
 fn epoch() -> &'static WriteEpoch {
     unreachable!("loom models the protocol in `slots`, not the process's handler")
 }

@@ -1,6 +1,6 @@
 //! The memory protocol between the patcher and the `SIGTRAP` handler: trap slots and the write
 //! epoch. Pure memory ordering, no system calls: model-checked with loom (`tests` below, run
-//! with `RUSTFLAGS="--cfg loom"`).
+//! with `--features loom`, see [`crate::sync`]).
 //!
 //! # The shared state
 //!
@@ -52,7 +52,7 @@
 //! The handler therefore never spins on an `int3` nobody will remove, and never takes a trap of
 //! the engine's for a foreign one.
 
-use crate::primitive::{AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicU64, AtomicUsize, Ordering};
 
 /// The `int3` opcode.
 pub(crate) const INT3: u8 = 0xcc;
@@ -175,13 +175,13 @@ pub(crate) struct WriteEpoch(AtomicU64);
 
 impl WriteEpoch {
     /// Epoch 0: no write in flight.
-    #[cfg(not(loom))]
+    #[cfg(not(feature = "loom"))]
     pub(crate) const fn new() -> WriteEpoch {
         WriteEpoch(AtomicU64::new(0))
     }
 
     /// Epoch 0: no write in flight (loom's atomics are not `const`; only the model makes one).
-    #[cfg(loom)]
+    #[cfg(feature = "loom")]
     #[allow(dead_code)]
     pub(crate) fn new() -> WriteEpoch {
         WriteEpoch(AtomicU64::new(0))
@@ -242,7 +242,7 @@ pub(crate) fn resolve(
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU8;
@@ -290,7 +290,7 @@ mod tests {
 }
 
 /// The loom model: every interleaving of a writer and a handler, under the C++ memory model.
-#[cfg(all(test, loom))]
+#[cfg(all(test, feature = "loom"))]
 mod loom_tests {
     use super::*;
     use loom::sync::atomic::AtomicU8;
