@@ -114,8 +114,8 @@ impl LoadedPatch {
             used: RefCell::new(Vec::new()),
         };
         let loading = load::Loading::new(path, &data)?;
-        // SAFETY: the build id check above, with the verified digest (see the docs): the patch
-        // was built against this program, which is `load`'s contract.
+        // The build id check above, with the verified digest: the patch was built against this
+        // program, which is what binding it to the program's symbols assumes.
         let patch = loading.finish(&chain, manifest)?;
         Ok((patch, chain.used.into_inner()))
     }
