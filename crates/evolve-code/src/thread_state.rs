@@ -124,23 +124,33 @@ pub(crate) fn at_offset() -> bool {
     offset().is_some_and(|o| offset_here() == o as isize)
 }
 
-/// Probes off for the calling thread while it lives (see the module docs); nests.
+/// Probes off for the calling thread while it lives (see the module docs); nests, in any
+/// order.
+///
+/// The guard is a depth: each value adds one and takes it back when dropped. Restoring a saved
+/// previous value instead would need values dropped in the reverse order of their creation,
+/// which struct fields do not follow (they drop in declaration order): two `Locked` fields
+/// built first-to-last and dropped first-to-last left the guard at 1, turning probes off for
+/// the thread for good. Generated code sets the guard to 1 and back to 0 only around calls it
+/// makes when the guard was 0, and the exit path restores the value it saved; Rust code in
+/// between leaves the depth as it found it, so both agree.
 pub(crate) struct Unprobed {
-    previous: usize,
+    _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl Unprobed {
     /// Turns probes off for this thread until the value is dropped.
     pub(crate) fn enter() -> Unprobed {
+        STATE.with(|s| s.guard.set(s.guard.get() + 1));
         Unprobed {
-            previous: STATE.with(|s| s.guard.replace(1)),
+            _not_send: std::marker::PhantomData,
         }
     }
 }
 
 impl Drop for Unprobed {
     fn drop(&mut self) {
-        STATE.with(|s| s.guard.set(self.previous));
+        STATE.with(|s| s.guard.set(s.guard.get() - 1));
     }
 }
 
@@ -177,5 +187,34 @@ impl<T> std::ops::Deref for Locked<'_, T> {
 impl<T> std::ops::DerefMut for Locked<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         &mut self.guard
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards dropped in the order they were made (as two fields of one struct are) turn
+    /// probes back on once the last one goes.
+    #[test]
+    fn guards_dropped_in_any_order_leave_probes_on() {
+        assert!(!unprobed());
+        let first = Unprobed::enter();
+        let second = Unprobed::enter();
+        drop(first);
+        assert!(unprobed(), "the second guard still holds");
+        drop(second);
+        assert!(!unprobed(), "probes stay off for the thread");
+        struct Two {
+            _a: Locked<'static, ()>,
+            _b: Locked<'static, ()>,
+        }
+        static A: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        static B: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        drop(Two {
+            _a: Locked::new(&A),
+            _b: Locked::new(&B),
+        });
+        assert!(!unprobed());
     }
 }

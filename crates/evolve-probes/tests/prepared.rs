@@ -172,6 +172,41 @@ fn every_kind_on_a_multiverse_function_before_and_after_a_commit() {
     assert_eq!(bytes_at(stub, 5), before);
 }
 
+/// Removing probes reclaims their trampolines every 16 removals, on the removing thread, with
+/// probes off for it while the engine holds its locks. Probes come back on for that thread:
+/// probes added afterwards see its calls, of every kind, on a committed multiverse function
+/// (this order of tests once left every later call of the thread unprobed) and after an
+/// explicit reclaim.
+#[test]
+fn probes_see_the_calls_of_the_thread_that_reclaimed_trampolines() {
+    let _s = serial();
+    let pointer = black_box(mv_scale as extern "C-unwind" fn(u64) -> u64);
+    let both = |x: u64| caller_of_mv_scale(x) + pointer(x);
+    TRIPLE.set(true);
+    mv::commit_fn(mv_scale).unwrap();
+    // At least one removal finds 16 trampolines quarantined and reclaims them here.
+    for _ in 0..17 {
+        let id = add("*::mv_scale", ProbeKind::Count).unwrap()[0];
+        assert_eq!(both(1), 6);
+        remove(id).unwrap();
+    }
+    for kind in KINDS {
+        check_kind("*::mv_scale", kind, (50, 2), &both, &|x| 6 * x);
+    }
+    mv::revert_fn(mv_scale).unwrap();
+    TRIPLE.set(false);
+    evolve::code::reclaim_trampolines();
+    for kind in KINDS {
+        check_kind(
+            "*::hot_square",
+            kind,
+            (100, 1),
+            &caller_of_hot_square,
+            &square,
+        );
+    }
+}
+
 #[test]
 fn multiverse_commit_and_revert_under_a_probe_keep_both_working() {
     let _s = serial();
