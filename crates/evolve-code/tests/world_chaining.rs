@@ -4,6 +4,11 @@
 //! dispositions are process-wide.
 #![allow(unsafe_code)]
 
+mod common;
+
+use common::signals::{
+    first_handler, install, second_handler, FIRST_HANDLER_HITS, SECOND_HANDLER_HITS,
+};
 use evolve_code::{stop_signal, stop_the_world};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,31 +19,6 @@ struct SetOnDrop<'a>(&'a AtomicBool);
 impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-static FIRST_HANDLER_HITS: AtomicU64 = AtomicU64::new(0);
-static SECOND_HANDLER_HITS: AtomicU64 = AtomicU64::new(0);
-
-extern "C" fn first_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    FIRST_HANDLER_HITS.fetch_add(1, Ordering::SeqCst);
-}
-
-extern "C" fn second_handler(_: libc::c_int) {
-    SECOND_HANDLER_HITS.fetch_add(1, Ordering::SeqCst);
-}
-
-fn install(handler: libc::sighandler_t, siginfo: bool) {
-    // SAFETY: a zeroed sigaction filled with a valid handler of the declared signature.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = handler;
-        action.sa_flags = if siginfo { libc::SA_SIGINFO } else { 0 };
-        libc::sigemptyset(&mut action.sa_mask);
-        assert_eq!(
-            libc::sigaction(stop_signal(), &action, std::ptr::null_mut()),
-            0
-        );
     }
 }
 
@@ -76,7 +56,11 @@ fn a_program_handler_on_the_stop_signal_gets_its_signals_and_stops_still_work() 
         };
 
         // Installed before the engine's: the engine's handler passes the program's signals on.
-        install(first_handler as *const () as libc::sighandler_t, true);
+        install(
+            stop_signal(),
+            first_handler as *const () as libc::sighandler_t,
+            true,
+        );
         for _ in 0..20 {
             assert!(stop_the_world(|w| w.len()).unwrap() >= 1);
         }
@@ -87,7 +71,11 @@ fn a_program_handler_on_the_stop_signal_gets_its_signals_and_stops_still_work() 
         );
 
         // Installed after: the next stop puts the engine's handler back in front, chaining.
-        install(second_handler as *const () as libc::sighandler_t, false);
+        install(
+            stop_signal(),
+            second_handler as *const () as libc::sighandler_t,
+            false,
+        );
         for _ in 0..20 {
             assert!(stop_the_world(|w| w.len()).unwrap() >= 1);
         }

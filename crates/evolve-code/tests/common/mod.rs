@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod patch;
+pub mod signals;
 
 use evolve_code::{Batch, NearBlock, PatchSite, Placement, SiteInsn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
