@@ -46,6 +46,7 @@ impl Fixture {
             )],
             features: Vec::new(),
             no_default_features: false,
+            built_with: Vec::new(),
         })
     }
 
