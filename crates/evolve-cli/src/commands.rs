@@ -611,6 +611,7 @@ fn build_object_patch(
         profile: o.profile.clone(),
         features: (!o.features.is_empty() || o.no_default_features).then(|| o.features.clone()),
         no_default_features: o.no_default_features,
+        built_with: Vec::new(),
     };
     let progress = Progress::start("rebuilding the program and comparing it with the running code");
     let result = evolve_builder::build_patch(&options);

@@ -155,6 +155,7 @@ impl KvWorkspace {
             // without kv-commands's defaults.
             features: vec!["evolve".into()],
             no_default_features: true,
+            built_with: Vec::new(),
         })?;
         Ok(report)
     }

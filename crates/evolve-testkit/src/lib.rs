@@ -102,6 +102,7 @@ impl Workspace {
         std::fs::copy(repository().join("Cargo.lock"), dir.join("Cargo.lock"))
             .expect("the repository has a Cargo.lock");
         let workspace = Workspace { dir, target };
+        let _claim = workspace.claim_target();
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["build", "--release", "--quiet", "--manifest-path"])
             .arg(workspace.dir.join("Cargo.toml"))
@@ -111,6 +112,25 @@ impl Workspace {
             .expect("cargo runs");
         assert!(status.success(), "building the fixture {name} failed");
         workspace
+    }
+
+    /// Holds the shared target directory for a build of this copy (cargo, or a patch builder
+    /// that runs cargo and then reads what it built): the returned guard must live until the
+    /// build's artifacts are read.
+    ///
+    /// Every copy of a fixture is the same workspace to cargo (unit hashes hash a package's
+    /// path relative to its workspace root), so copies share their crates' artifacts and
+    /// fingerprints in the shared target directory. Without this, a test's edited crate is
+    /// taken as fresh when another copy built it later than the edit (cargo compares source
+    /// mtimes with the last build's), or overwritten by another copy's build before the patch
+    /// builder reads it, and the patch is built from another copy's source. So builds are
+    /// serialised within the test process, and this copy's sources are marked as modified now,
+    /// so that cargo rebuilds its own crates from them (dependencies stay shared).
+    pub fn claim_target(&self) -> std::sync::MutexGuard<'static, ()> {
+        static SHARED_TARGET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = SHARED_TARGET.lock().unwrap_or_else(|p| p.into_inner());
+        touch_sources(&self.dir, std::time::SystemTime::now());
+        guard
     }
 
     /// Rewrites `file` (relative to the copy) with `edits`, pairs of old and new text; each old
@@ -123,6 +143,21 @@ impl Workspace {
             text = text.replace(old, new);
         }
         std::fs::write(path, text).expect("the copy is writable");
+    }
+}
+
+/// Sets the modification time of every file under `dir` (but its `target`) to `now`.
+fn touch_sources(dir: &Path, now: std::time::SystemTime) {
+    for entry in std::fs::read_dir(dir).expect("the copy exists") {
+        let entry = entry.expect("a directory entry");
+        let path = entry.path();
+        if entry.file_type().expect("a file type").is_dir() {
+            if entry.file_name() != "target" {
+                touch_sources(&path, now);
+            }
+        } else if let Ok(file) = std::fs::File::options().write(true).open(&path) {
+            file.set_modified(now).expect("the copy is writable");
+        }
     }
 }
 

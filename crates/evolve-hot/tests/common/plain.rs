@@ -58,6 +58,7 @@ impl PlainFixture {
             self.workspace.target.display().to_string(),
         )];
         options.applied = applied.iter().map(|p| (*p).clone()).collect();
+        let _claim = self.workspace.claim_target();
         build_patch(&options)
     }
 
