@@ -1,7 +1,8 @@
 //! The host of the format-2 tests: `EVOLVE_STRESS_THREADS` threads (default 4) call every
 //! target continuously and check every result (`base << 4 | version`: the base must be right,
 //! the version is counted); commands on stdin apply and revert patches; one JSON line answers
-//! each. Calls are counted by the epoch they started in: the epoch moves on after every apply
+//! each. With `--agent` it also starts the control agent (one line in `main`, no build step),
+//! so the `evolve` CLI reaches it; `epoch` then marks a change made through the CLI. Calls are counted by the epoch they started in: the epoch moves on after every apply
 //! or revert, so a call counted in the current epoch started after the change returned.
 use plainlib::Shape;
 use serde_json::{json, Value};
@@ -113,6 +114,9 @@ fn answer(result: Result<Value, String>) {
 }
 
 fn main() {
+    let agent = std::env::args()
+        .any(|a| a == "--agent")
+        .then(|| evolve_agent::start().expect("the agent starts"));
     let threads: usize = std::env::var("EVOLVE_STRESS_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -126,7 +130,8 @@ fn main() {
         .collect();
     // Each target once on this thread too: every result of the program's version.
     let direct: Vec<u64> = TARGETS.iter().map(|(_, call, _)| call(3) & 0xf).collect();
-    answer(Ok(json!({ "ready": true, "versions": direct })));
+    let socket = agent.as_ref().map(|a| a.socket().display().to_string());
+    answer(Ok(json!({ "ready": true, "versions": direct, "socket": socket })));
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -159,6 +164,7 @@ fn main() {
                     .map_err(|e| e.to_string())
             }
             ["stats"] => Ok(stats()),
+            ["epoch"] => Ok(json!({ "epoch": EPOCH.fetch_add(1, Ordering::AcqRel) + 1 })),
             ["call", name, x] => TARGETS
                 .iter()
                 .find(|t| t.0 == *name)
