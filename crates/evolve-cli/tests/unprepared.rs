@@ -275,3 +275,71 @@ fn a_patch_of_another_build_is_refused_through_the_cli_and_nothing_changes() {
     let status = evolve(&sockets, &["status", pid, "--json"]).expect_json();
     assert_eq!(status["patches"], Value::Array(Vec::new()), "{status}");
 }
+
+/// `n` requests to the host's Tokio service: (versions seen, panics); no wrong result.
+fn serve(host: &mut PlainHost, n: u64) -> ([u64; 4], u64) {
+    let answer = host.send(&format!("serve {n}"));
+    assert_eq!(answer["errors"], 0, "{answer}");
+    let versions = answer["versions"].as_array().unwrap();
+    let mut seen = [0u64; 4];
+    for (slot, v) in seen.iter_mut().zip(versions) {
+        *slot = v.as_u64().unwrap();
+    }
+    (seen, answer["panics"].as_u64().unwrap())
+}
+
+/// Defect of issue 11 item 7: `--trial` did not revert when the patched code panicked on a
+/// Tokio worker (the runtime catches the panic). The trial's panic hook sees the panic before
+/// anyone catches it, by the panicking frames' addresses in the patch's code.
+#[test]
+fn trial_reverts_a_patch_whose_handler_panics_on_a_tokio_worker() {
+    let _serial = serial();
+    let fixture = PlainFixture::new("cli-plain-trial");
+    let sockets = socket_dir("unprepared-trial");
+    let mut host = fixture.start_with(&["--agent"], &[("EVOLVE_SOCKET_DIR", &sockets)]);
+    let pid = host.pid().to_string();
+    let pid = pid.as_str();
+    assert_eq!(serve(&mut host, 64), ([64, 0, 0, 0], 0));
+
+    // Version 2 fails every request.
+    fixture.edit(LIB, &[("assert!(x != u64::MAX", "assert!(x == u64::MAX")]);
+    let patch = built(&build_patch(&fixture, &sockets, &host, "panics"));
+    let applied = evolve(
+        &sockets,
+        &[
+            "apply",
+            pid,
+            patch.to_str().unwrap(),
+            "--trial",
+            "10m",
+            "--json",
+        ],
+    )
+    .expect_json();
+    assert!(
+        applied["updated"].to_string().contains("plainlib::handle"),
+        "{applied}"
+    );
+    // The first requests reach the new handler and panic on a worker; the runtime catches it.
+    let (_, panics) = serve(&mut host, 64);
+    assert!(panics > 0, "the patched handler ran and panicked");
+    // The trial reverts the patch (on the panicking thread, or right after on another).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = evolve(&sockets, &["status", pid, "--json"]).expect_json();
+        if status["patches"][0]["reverted_at"].is_u64() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trial did not revert the patch: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The service goes on serving, on the program's version.
+    assert_eq!(serve(&mut host, 256), ([256, 0, 0, 0], 0));
+    let listing = symbols(&sockets, pid, "plainlib::handle");
+    assert_eq!(versions_of(&listing, "plainlib::handle"), ["program"]);
+    host.epoch();
+    host.assert_versions(|_| 1);
+}

@@ -164,6 +164,7 @@ fn main() {
                     .map_err(|e| e.to_string())
             }
             ["stats"] => Ok(stats()),
+            ["serve", n] => Ok(serve(n.parse().unwrap())),
             ["epoch"] => Ok(json!({ "epoch": EPOCH.fetch_add(1, Ordering::AcqRel) + 1 })),
             ["call", name, x] => TARGETS
                 .iter()
@@ -193,6 +194,36 @@ fn main() {
     for w in workers {
         w.join().unwrap();
     }
+}
+
+/// A Tokio service: `n` requests, each a task calling `plainlib::handle` on the runtime's
+/// workers (which catch a panicking task: its `JoinHandle` reports it). Answers the versions
+/// the requests saw, the panics and the wrong results.
+fn serve(n: u64) -> Value {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    });
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|x| tokio::spawn(async move { (x, plainlib::handle(black_box(x))) }))
+            .collect();
+        let (mut versions, mut panics, mut errors) = ([0u64; 4], 0u64, 0u64);
+        for task in tasks {
+            match task.await {
+                Ok((x, r)) if r >> 4 == x + 1 && (1..=4).contains(&(r & 0xf)) => {
+                    versions[(r & 0xf) as usize - 1] += 1
+                }
+                Ok(_) => errors += 1,
+                Err(e) if e.is_panic() => panics += 1,
+                Err(_) => errors += 1,
+            }
+        }
+        json!({ "versions": versions, "panics": panics, "errors": errors })
+    })
 }
 
 /// The first 16 bytes of a target's function (to check that revert restores them exactly).
