@@ -31,6 +31,9 @@ const TARGETS: &[Target] = &[
     ("scaled", |x| plainlib::scaled(x), |x| x.wrapping_mul(7) & (u64::MAX >> 4)),
     ("scaled_xor", |x| plainlib::scaled_xor(x), |x| (x.wrapping_mul(7) ^ (x << 4)) & (u64::MAX >> 4)),
     ("other", |x| plainlib::other(x), |x| x + 5),
+    // The stress test's 100 functions: through their table, and through direct calls.
+    ("many", |x| plainlib::MANY[(x % 100) as usize](x), |x| x + x % 100 + 1000),
+    ("many_direct", |x| plainlib::call_many(x), |x| x + x % 100 + 1000),
 ];
 
 /// Per epoch, per target: [errors, v1, v2, v3, v4].
