@@ -378,6 +378,11 @@ fn functions(context: &Context) -> Functions {
 /// read-only: the agent asks the engine directly, as the probes capability does to resolve).
 fn symbols(pattern: &str) -> Result<(Vec<FunctionSymbol>, bool), (ErrorKind, String)> {
     let images = evolve_code::inspect::images().map_err(failed)?;
+    // Functions of the executable that format-2 patches replaced, by symbol: their versions.
+    let replaced: std::collections::HashMap<String, Vec<String>> = evolve_hot::patch::functions()
+        .into_iter()
+        .filter_map(|f| Some((f.symbol?, f.versions)))
+        .collect();
     let glob = pattern.contains(['*', '?']);
     let mut out = Vec::new();
     for image in &images {
@@ -400,6 +405,11 @@ fn symbols(pattern: &str) -> Result<(Vec<FunctionSymbol>, bool), (ErrorKind, Str
                 size: f.size as u64,
                 image: image.path().display().to_string(),
                 debug_file: image.debug_file().map(|d| d.display().to_string()),
+                versions: replaced
+                    .get(&f.name)
+                    .filter(|_| image.is_main_executable())
+                    .cloned()
+                    .unwrap_or_else(|| vec![evolve_hot::unprepared::PROGRAM.to_string()]),
             });
         }
     }

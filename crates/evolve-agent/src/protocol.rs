@@ -441,6 +441,10 @@ pub struct FunctionSymbol {
     /// The separate debug file its image's symbols came from (the image is stripped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug_file: Option<String>,
+    /// Its versions, oldest first: `program` (its own code), then the name of each applied
+    /// patch that replaced it; the last one runs. Empty from agents older than this field.
+    #[serde(default)]
+    pub versions: Vec<String>,
 }
 
 /// The result of `status`.

@@ -30,7 +30,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let status: Status = typed(call(t.pid, Request::Status, TIMEOUT)?)?;
             print(json, &status, || show_status(&status))
         }
-        Command::Functions { target: t, symbols } => {
+        Command::Functions {
+            target: t,
+            glob,
+            symbols,
+        } => {
+            let symbols = glob.or(symbols);
             let f: Functions = typed(call(t.pid, Request::Functions { symbols }, TIMEOUT)?)?;
             print(json, &f, || show_functions(&f))
         }
@@ -344,7 +349,7 @@ fn show_functions(f: &Functions) {
         );
         for s in &f.symbols {
             outln!(
-                "  {:#014x} {:>7} {:<40} {}{}",
+                "  {:#014x} {:>7} {:<40} {}{}{}",
                 s.address,
                 s.size,
                 s.name,
@@ -352,7 +357,12 @@ fn show_functions(f: &Functions) {
                 s.debug_file
                     .as_deref()
                     .map(|d| format!(" (symbols from {d})"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if s.versions.len() > 1 {
+                    format!("  (versions: {})", s.versions.join(" → "))
+                } else {
+                    String::new()
+                }
             );
         }
     }

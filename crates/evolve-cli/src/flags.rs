@@ -43,7 +43,11 @@ pub enum Command {
     Functions {
         #[command(flatten)]
         target: Target,
-        /// List the function symbols matching this glob (e.g. 'handle_*', '*' for all).
+        /// List every function symbol matching this glob (e.g. 'handle_*', '*' for all), hot
+        /// or not, each with its versions (the program's, then each patch that replaced it).
+        #[arg(value_name = "GLOB", conflicts_with = "symbols")]
+        glob: Option<String>,
+        /// The same as GLOB, as an option.
         #[arg(long, value_name = "GLOB")]
         symbols: Option<String>,
     },

@@ -89,6 +89,9 @@ pub struct PatchRecord {
 pub struct FunctionStatus {
     /// Its path.
     pub name: String,
+    /// Its symbol in the executable, for an unprepared function a format-2 patch replaced
+    /// (`None` for a `#[evolve::hot]` function: its stub has no symbol of the program's).
+    pub symbol: Option<String>,
     /// Version 0 is the program's own; each patch that changed it adds one.
     pub versions: Vec<String>,
     /// Index in `versions` of the version callers reach now.
@@ -898,6 +901,7 @@ pub fn functions() -> Vec<FunctionStatus> {
                 );
                 FunctionStatus {
                     name: entry.name().to_string(),
+                    symbol: None,
                     current: versions.len() - 1,
                     versions,
                 }
@@ -913,6 +917,7 @@ pub fn functions() -> Vec<FunctionStatus> {
                     .collect();
                 FunctionStatus {
                     name: crate::unprepared::display_name(symbol),
+                    symbol: Some(symbol.clone()),
                     current: versions.len() - 1,
                     versions,
                 }
