@@ -120,21 +120,16 @@ pub fn parse_producer(producer: &str) -> Option<Producer> {
 pub fn units(data: &[u8], what: &str) -> Result<Vec<Unit>> {
     let file = object::File::parse(data).map_err(|e| Error::object(what, e))?;
     let mut sections = std::collections::HashMap::new();
-    for id in [
-        SectionId::DebugInfo,
-        SectionId::DebugAbbrev,
-        SectionId::DebugStr,
-        SectionId::DebugLineStr,
-        SectionId::DebugStrOffsets,
-    ] {
-        if let Some(section) = file.section_by_name(id.name()) {
+    for section in file.sections() {
+        let Ok(name) = section.name() else { continue };
+        if name.starts_with(".debug_") {
             let bytes = section
                 .uncompressed_data()
                 .map_err(|e| Error::object(what, e))?;
-            sections.insert(id, bytes.into_owned());
+            sections.insert(name.to_string(), bytes.into_owned());
         }
     }
-    if !sections.contains_key(&SectionId::DebugInfo) {
+    if !sections.contains_key(".debug_info") {
         return Err(Error::object(
             what,
             "it has no debug information: the builder reads each C unit's compiler, flags and \
@@ -144,7 +139,7 @@ pub fn units(data: &[u8], what: &str) -> Result<Vec<Unit>> {
     let empty: &[u8] = &[];
     let load = |id: SectionId| -> std::result::Result<EndianSlice<'_, LittleEndian>, gimli::Error> {
         Ok(EndianSlice::new(
-            sections.get(&id).map_or(empty, Vec::as_slice),
+            sections.get(id.name()).map_or(empty, Vec::as_slice),
             LittleEndian,
         ))
     };
@@ -486,5 +481,30 @@ mod tests {
         assert!(parse_producer("GNU C++17 12.2.0 -O2").is_none());
         assert!(parse_producer("Debian clang version 14.0.6").is_none());
         assert!(parse_producer("clang LLVM (rustc version 1.80.0)").is_none());
+    }
+
+    #[test]
+    fn a_gcc_program_names_each_unit_with_its_flags_and_directory() {
+        let dir = std::env::temp_dir().join(format!("evolve-c-units-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("one.c"), "static int n; int one(void) { return ++n; }\n").unwrap();
+        std::fs::write(dir.join("main.c"), "int one(void); int main(void) { return one(); }\n")
+            .unwrap();
+        let status = Command::new("gcc")
+            .current_dir(&dir)
+            .args(["-O1", "-g", "-o", "prog", "one.c", "main.c"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let data = std::fs::read(dir.join("prog")).unwrap();
+        let found = units(&data, "prog").unwrap();
+        let one = found.iter().find(|u| u.name == "one.c").expect("one.c");
+        assert_eq!(one.path(), dir.join("one.c"));
+        let producer = parse_producer(&one.producer).unwrap();
+        assert!(producer.switches.iter().any(|s| s == "-O1"), "{producer:?}");
+        let program = Program::parse(data, "prog").unwrap();
+        let n = program.definitions("n")[0];
+        assert_eq!(program.file_of(&n), Some("one.c"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
