@@ -256,7 +256,9 @@ fn compile(
         flags.join(" "),
         source.display()
     );
-    let output = command.output().map_err(|e| Error::io(Path::new(compiler), e))?;
+    let output = command
+        .output()
+        .map_err(|e| Error::io(Path::new(compiler), e))?;
     if !output.status.success() {
         let diagnostics = String::from_utf8_lossy(&output.stderr);
         let lines: Vec<&str> = diagnostics.lines().collect();
@@ -409,6 +411,15 @@ fn check_reproduced(
         crates: &[],
         // Nothing counts as edited: every difference is the flags'.
         built_at: std::time::SystemTime::now(),
+    })
+    .map_err(|e| {
+        Error::new(ErrorKind::NotReproducible {
+            detail: format!(
+                "the original {} compiled with `{}` cannot be matched with the running code                  ({e}): the program was built with other flags (gcc does not record -D, -I and                  -U: give them with --cflags) or from another source",
+                unit.name,
+                flags.join(" ")
+            ),
+        })
     })?;
     let differing: Vec<String> = diff
         .carried
@@ -442,7 +453,10 @@ fn check_reproduced(
 
 /// A replaced `static` function whose name several files of the program define cannot be
 /// named to the engine, which redirects functions by symbol.
-pub(crate) fn check_unambiguous(program: &Program, carried: &[crate::CarriedFunction]) -> Result<()> {
+pub(crate) fn check_unambiguous(
+    program: &Program,
+    carried: &[crate::CarriedFunction],
+) -> Result<()> {
     for c in carried.iter().filter(|c| c.replaces) {
         let functions: Vec<_> = program
             .definitions(&c.symbol)
@@ -487,9 +501,16 @@ mod tests {
     fn a_gcc_program_names_each_unit_with_its_flags_and_directory() {
         let dir = std::env::temp_dir().join(format!("evolve-c-units-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("one.c"), "static int n; int one(void) { return ++n; }\n").unwrap();
-        std::fs::write(dir.join("main.c"), "int one(void); int main(void) { return one(); }\n")
-            .unwrap();
+        std::fs::write(
+            dir.join("one.c"),
+            "static int n; int one(void) { return ++n; }\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("main.c"),
+            "int one(void); int main(void) { return one(); }\n",
+        )
+        .unwrap();
         let status = Command::new("gcc")
             .current_dir(&dir)
             .args(["-O1", "-g", "-o", "prog", "one.c", "main.c"])

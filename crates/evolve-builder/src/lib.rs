@@ -416,10 +416,7 @@ pub(crate) fn compare_and_write(rebuilt: Rebuilt<'_>) -> Result<BuildReport> {
     if dry_run {
         return Ok(report);
     }
-    if let Some(dir) = output
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::write(output, bytes).map_err(|e| Error::io(output, e))?;

@@ -663,14 +663,19 @@ fn build_c_patch(
         applied,
         dry_run: o.dry_run,
     };
-    let progress = Progress::start("compiling the C units and comparing them with the running code");
+    let progress =
+        Progress::start("compiling the C units and comparing them with the running code");
     let result = evolve_builder::c::build_patch(&options);
     drop(progress);
     let report = result.context("building the patch")?;
     show_object_report(json, o.dry_run, &report)
 }
 
-fn show_object_report(json: bool, dry_run: bool, report: &evolve_builder::BuildReport) -> Result<()> {
+fn show_object_report(
+    json: bool,
+    dry_run: bool,
+    report: &evolve_builder::BuildReport,
+) -> Result<()> {
     let out = json!({
         "output": report.output.as_ref().map(|p| p.display().to_string()),
         "dry_run": dry_run,

@@ -75,7 +75,9 @@ fn build_server(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&src).unwrap();
     for file in ["server.c", "stats.c"] {
         std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixture/cpatch").join(file),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixture/cpatch")
+                .join(file),
             src.join(file),
         )
         .unwrap();
@@ -287,8 +289,7 @@ impl Load {
                                 let served = f.get(2).and_then(|n| n.parse::<i64>().ok());
                                 match (f.as_slice(), served) {
                                     (["VERSION", v @ ("1" | "2"), _], Some(n)) if n > 0 => {
-                                        versions[v.parse::<usize>().unwrap()]
-                                            .fetch_add(1, Relaxed);
+                                        versions[v.parse::<usize>().unwrap()].fetch_add(1, Relaxed);
                                         true
                                     }
                                     _ => false,
@@ -356,7 +357,10 @@ fn a_static_c_function_is_patched_live_under_load_and_reverted() {
         .build_patch(&fix, "version.o")
         .unwrap_or_else(|e| panic!("build-patch: {e}"));
     let carried = report["carried"].as_array().unwrap();
-    let names: Vec<&str> = carried.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = carried
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["reply_version"], "{report:#}");
     assert!(
         // version() has no out-of-line copy: its caller is what changes.
@@ -366,7 +370,10 @@ fn a_static_c_function_is_patched_live_under_load_and_reverted() {
     assert_eq!(report["configuration"]["found_by"], "DW_AT_producer");
     let patch = target.dir.join("version.o");
 
-    ok(&target.sockets, &["apply", &target.pid(), patch.to_str().unwrap()]);
+    ok(
+        &target.sockets,
+        &["apply", &target.pid(), patch.to_str().unwrap()],
+    );
     load.wait_for(&load.versions[2], 500);
     let reply = ask(port, "VERSION\n");
     assert!(reply.starts_with("VERSION 2 "), "{reply}");
@@ -378,7 +385,12 @@ fn a_static_c_function_is_patched_live_under_load_and_reverted() {
     load.wait_for(&load.versions[1], 500);
     assert!(load.versions[1].load(Relaxed) > v1);
     let (served, wrong) = load.finish();
-    assert!(wrong.is_empty(), "{} wrong replies: {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    assert!(
+        wrong.is_empty(),
+        "{} wrong replies: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
     assert!(served > 3000, "{served}");
     // stats.c's `count` was not touched by the patch (it binds server.c's).
     assert!(ask(port, "STATS\n").starts_with("STATS -1000000 2"));
@@ -396,7 +408,10 @@ fn refused_c_patches_name_their_cause_and_change_nothing() {
     let layout = edited(
         &target.dir,
         "layout",
-        &[("    long misses;\n} tally;", "    long misses;\n    long total;\n} tally;")],
+        &[(
+            "    long misses;\n} tally;",
+            "    long misses;\n    long total;\n} tally;",
+        )],
     );
     let report = target
         .build_patch(&layout, "layout.o")
@@ -406,13 +421,16 @@ fn refused_c_patches_name_their_cause_and_change_nothing() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|c| c["name"] == "handle_get"
-                && c["reason"].as_str().unwrap().contains("tally")),
+            .any(|c| c["name"] == "handle_get" && c["reason"].as_str().unwrap().contains("tally")),
         "{report:#}"
     );
     let refused = evolve(
         &target.sockets,
-        &["apply", &target.pid(), target.dir.join("layout.o").to_str().unwrap()],
+        &[
+            "apply",
+            &target.pid(),
+            target.dir.join("layout.o").to_str().unwrap(),
+        ],
     )
     .expect_err("a changed layout must be refused");
     assert!(refused.contains("tally"), "{refused}");
@@ -421,25 +439,38 @@ fn refused_c_patches_name_their_cause_and_change_nothing() {
     let looped = edited(
         &target.dir,
         "loop",
-        &[("    while (!*flag)\n        ;", "    while (!*flag)\n        __builtin_ia32_pause();")],
+        &[(
+            "    while (!*flag)\n        ;",
+            "    while (!*flag)\n        __builtin_ia32_pause();",
+        )],
     );
     target
         .build_patch(&looped, "loop.o")
         .unwrap_or_else(|e| panic!("build-patch: {e}"));
     let refused = evolve(
         &target.sockets,
-        &["apply", &target.pid(), target.dir.join("loop.o").to_str().unwrap()],
+        &[
+            "apply",
+            &target.pid(),
+            target.dir.join("loop.o").to_str().unwrap(),
+        ],
     )
     .expect_err("a loop-head entry must be refused");
     assert!(refused.contains("wait_ready"), "{refused}");
-    assert!(refused.contains("branch target") || refused.contains("loop"), "{refused}");
+    assert!(
+        refused.contains("branch target") || refused.contains("loop"),
+        "{refused}"
+    );
 
     // `twice` is a static of server.c and of stats.c: which one a patch replaces cannot be
     // told by its symbol.
     let ambiguous = edited(
         &target.dir,
         "ambiguous",
-        &[("static long twice(long v) { return v + v; }", "static long twice(long v) { return v << 1; }")],
+        &[(
+            "static long twice(long v) { return v + v; }",
+            "static long twice(long v) { return v + v + 1; }",
+        )],
     );
     let refused = target
         .build_patch(&ambiguous, "ambiguous.o")
@@ -476,9 +507,9 @@ fn refused_c_patches_name_their_cause_and_change_nothing() {
     // Nothing changed: the code, the history, the replies.
     assert_eq!(target.code(&watched), before);
     let status = ok(&target.sockets, &["status", &target.pid()]);
-    let active = status["patches"]
-        .as_array()
-        .map_or(0, |p| p.iter().filter(|p| p["reverted_at"].is_null()).count());
+    let active = status["patches"].as_array().map_or(0, |p| {
+        p.iter().filter(|p| p["reverted_at"].is_null()).count()
+    });
     assert_eq!(active, 0, "{status:#}");
     assert!(ask(port, "VERSION\n").starts_with("VERSION 1 "));
     assert_eq!(ask(port, "SET a 7\n"), "OK");
