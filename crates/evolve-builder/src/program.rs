@@ -77,6 +77,9 @@ pub struct Program {
     data: Vec<u8>,
     segments: Vec<Segment>,
     symbols: HashMap<String, Vec<Definition>>,
+    /// The source file (`STT_FILE`) of each local definition, by address: a C program may
+    /// define one `static` name in several files.
+    local_files: HashMap<u64, String>,
     /// Promoted names (`X.llvm.N`) by `X`.
     promoted: HashMap<String, Vec<String>>,
     imports: std::collections::HashSet<String>,
@@ -143,7 +146,16 @@ impl Program {
         }
         let mut symbols: HashMap<String, Vec<Definition>> = HashMap::new();
         let mut imports = std::collections::HashSet::new();
+        let mut local_files = HashMap::new();
+        let mut source_file: Option<String> = None;
         for symbol in table.iter() {
+            if symbol.st_type() == elf::STT_FILE {
+                source_file = table
+                    .symbol_name(endian, symbol)
+                    .ok()
+                    .map(|n| String::from_utf8_lossy(n).into_owned());
+                continue;
+            }
             if symbol.st_shndx(endian) == elf::SHN_UNDEF {
                 if let Ok(name) = table.symbol_name(endian, symbol) {
                     let name = String::from_utf8_lossy(name);
@@ -167,6 +179,10 @@ impl Program {
             if name.is_empty() {
                 continue;
             }
+            let local = symbol.st_bind() == elf::STB_LOCAL;
+            if let (true, Some(file)) = (local, &source_file) {
+                local_files.insert(symbol.st_value(endian), file.clone());
+            }
             symbols
                 .entry(String::from_utf8_lossy(name).into_owned())
                 .or_default()
@@ -174,7 +190,7 @@ impl Program {
                     address: symbol.st_value(endian),
                     size: symbol.st_size(endian),
                     kind,
-                    local: symbol.st_bind() == elf::STB_LOCAL,
+                    local,
                 });
         }
         let promoted = promoted_names(symbols.keys());
@@ -218,6 +234,7 @@ impl Program {
             data,
             segments,
             symbols,
+            local_files,
             promoted,
             imports,
             pointers,
@@ -236,6 +253,41 @@ impl Program {
         self.canonical(name)
             .and_then(|n| self.symbols.get(n))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// The source file a local definition came from (its `STT_FILE`: `server.c`); `None` for
+    /// a global one.
+    pub fn file_of(&self, definition: &Definition) -> Option<&str> {
+        definition
+            .local
+            .then(|| self.local_files.get(&definition.address))
+            .flatten()
+            .map(String::as_str)
+    }
+
+    /// The definitions of `name` that code of source file `file` sees: its own local ones and
+    /// the global ones, when `file` defines or sees any (a C `static` of one name in several
+    /// files); else all of them.
+    pub fn definitions_in(&self, name: &str, file: Option<&str>) -> Vec<Definition> {
+        let all = self.definitions(name);
+        let Some(file) = file else {
+            return all.to_vec();
+        };
+        let seen: Vec<Definition> = all
+            .iter()
+            .filter(|d| !d.local || self.file_of(d) == Some(file))
+            .copied()
+            .collect();
+        if seen.is_empty() {
+            all.to_vec()
+        } else {
+            seen
+        }
+    }
+
+    /// Every source file (`STT_FILE`) the program's local symbols name.
+    pub fn files(&self) -> std::collections::BTreeSet<&str> {
+        self.local_files.values().map(String::as_str).collect()
     }
 
     /// Whether the program defines `name` (see [`Program::definitions`]).
@@ -393,6 +445,7 @@ impl Program {
                 memory_size: len,
             }],
             symbols: map,
+            local_files: HashMap::new(),
             imports: Default::default(),
             pointers: pointers.iter().cloned().collect(),
             plt: Vec::new(),
