@@ -4,7 +4,8 @@
 //! lockfile and profile; editing the repository's own example would leave it dirty, so every user
 //! of the example (demo, test, benchmark) works on a copy under `target/evolve-demo/<name>`, with
 //! a workspace manifest derived from the repository's (same lints, profiles and dependency
-//! versions). All copies share one cargo target directory, so dependencies compile once.
+//! versions). All copies share the repository's cargo target directory, so dependencies the
+//! repository already compiled are not compiled again.
 
 use anyhow::{anyhow, bail, Context, Result};
 use evolve_builder::so::{build_patch, Base, BuildOptions, BuildReport};
@@ -33,7 +34,7 @@ pub fn repository() -> PathBuf {
 pub struct KvWorkspace {
     /// The workspace's root.
     pub dir: PathBuf,
-    /// The cargo target directory (shared by all copies).
+    /// The cargo target directory: the repository's own, shared by all copies.
     pub target: PathBuf,
     /// Whether cargo's progress is shown.
     pub verbose: bool,
@@ -65,7 +66,9 @@ impl KvWorkspace {
         std::fs::copy(repository.join("Cargo.lock"), dir.join("Cargo.lock"))?;
         Ok(KvWorkspace {
             dir,
-            target: root.join("target"),
+            // The repository's own target directory: the copy's dependencies are the
+            // repository's (same lockfile, manifest and profile), already compiled there.
+            target: cargo_target,
             verbose: false,
         })
     }

@@ -55,12 +55,16 @@ pub fn repository() -> PathBuf {
         .expect("the repository exists")
 }
 
-/// Where scratch workspaces go: `<cargo target dir>/evolve-e2e`.
-pub fn scratch() -> PathBuf {
+/// The repository's cargo target directory (`CARGO_TARGET_DIR`, or `<repository>/target`).
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repository().join("target"))
-        .join("evolve-e2e")
+}
+
+/// Where scratch workspaces go: `<cargo target dir>/evolve-e2e`.
+pub fn scratch() -> PathBuf {
+    target_dir().join("evolve-e2e")
 }
 
 /// A fixture workspace copied to `scratch()/<name>` and built (release profile).
@@ -68,7 +72,11 @@ pub fn scratch() -> PathBuf {
 pub struct Workspace {
     /// The copy.
     pub dir: PathBuf,
-    /// Its cargo target directory, shared by every copy (dependencies build once).
+    /// Its cargo target directory: the repository's own, shared by every copy, so the
+    /// dependencies the repository's build compiled are not compiled again (cargo hashes a
+    /// registry crate's artifacts by its version, features and profile, the same here; the
+    /// repository's crates are compiled again, their hashes include their path relative to
+    /// the workspace). `cargo test` does not hold the directory's lock while tests run.
     pub target: PathBuf,
 }
 
@@ -82,7 +90,7 @@ impl Workspace {
 
     /// [`Workspace::build`] with extra environment for cargo (e.g. `CARGO_PROFILE_RELEASE_LTO`).
     pub fn build_with(fixture: &Path, name: &str, env: &[(&str, &str)]) -> Workspace {
-        Workspace::build_in(fixture, name, env, scratch().join("target"))
+        Workspace::build_in(fixture, name, env, target_dir())
     }
 
     /// [`Workspace::build_with`] into a target directory of its own (`<copy>/target`): for
