@@ -82,6 +82,8 @@ pub struct Program {
     local_files: HashMap<u64, String>,
     /// Promoted names (`X.llvm.N`) by `X`.
     promoted: HashMap<String, Vec<String>>,
+    /// Every promoted name by `X`, never restricted (see [`Program::has_copy_at`]).
+    copies: HashMap<String, Vec<String>>,
     imports: std::collections::HashSet<String>,
     pointers: HashMap<u64, Pointer>,
     plt: Vec<(u64, u64)>,
@@ -194,6 +196,7 @@ impl Program {
                 });
         }
         let promoted = promoted_names(symbols.keys());
+        let copies = promoted.clone();
         let mut pointers = HashMap::new();
         let dynamic = file.elf_dynamic_symbol_table();
         if let Some(relocations) = file.dynamic_relocations() {
@@ -236,6 +239,7 @@ impl Program {
             symbols,
             local_files,
             promoted,
+            copies,
             imports,
             pointers,
             plt,
@@ -310,6 +314,31 @@ impl Program {
                 self.promoted.remove(base);
             }
         }
+    }
+
+    /// Whether the program has, at `address`, a copy of the Rust instance `name` names: the
+    /// same mangled symbol (its hash covers the instance's path and generic arguments), with or
+    /// without an LLVM promotion suffix. A generic instance or drop glue is emitted in each
+    /// codegen unit that uses it; ThinLTO promotes several of them (`X.llvm.<unit hash>`), the
+    /// unit hashes change with any edit in the unit, and which copy a caller uses is the
+    /// partitioner's choice: every copy is the same code, so a reference to any is the same
+    /// reference. Names without a rustc hash (C statics, which may share a name across files)
+    /// are never matched this way.
+    pub fn has_copy_at(&self, name: &str, address: u64) -> bool {
+        let base = strip_llvm_suffix(name).unwrap_or(name);
+        if !has_rust_hash(base) {
+            return false;
+        }
+        let at = |n: &str| {
+            self.symbols
+                .get(n)
+                .is_some_and(|defs| defs.iter().any(|d| d.address == address))
+        };
+        at(base)
+            || self
+                .copies
+                .get(base)
+                .is_some_and(|c| c.iter().any(|n| at(n)))
     }
 
     /// The program's name for `name`: itself, or the program's promoted name of the same
@@ -432,8 +461,10 @@ impl Program {
             });
         }
         let promoted = promoted_names(map.keys());
+        let copies = promoted.clone();
         Program {
             promoted,
+            copies,
             build_id: "00".into(),
             rustc_comment: None,
             pie: true,
@@ -452,6 +483,16 @@ impl Program {
             tls_block: Some((0x100, 16)),
         }
     }
+}
+
+/// Whether `name` is a legacy-mangled Rust symbol ending in its hash (`..17h<16 hex>E`).
+fn has_rust_hash(name: &str) -> bool {
+    name.starts_with("_ZN")
+        && name.len() > 20
+        && name.ends_with('E')
+        && name[..name.len() - 1]
+            .rsplit_once("17h")
+            .is_some_and(|(_, h)| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `X` of a name LLVM promoted out of its unit (`X.llvm.<digits>`).

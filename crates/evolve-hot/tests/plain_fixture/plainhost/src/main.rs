@@ -148,7 +148,7 @@ fn main() {
                 };
                 let r = evolve_hot::patch::apply_with(path, &options);
                 EPOCH.fetch_add(1, Ordering::AcqRel);
-                r.map(|r| json!({ "ok": true, "patch": r.patch, "updated": r.updated }))
+                r.map(|r| json!({ "ok": true, "patch": r.patch, "updated": r.updated, "verify_ms": r.verify_ms, "load_ms": r.load_ms, "apply_ms": r.apply_ms, "total_ms": r.total_ms }))
                     .map_err(|e| e.to_string())
             }
             ["revert", rest @ ..] => {
