@@ -542,6 +542,7 @@ fn build_hot_patch(json: bool, base: evolve_builder::Base, o: BuildPatch) -> Res
         env: Vec::new(),
         features,
         no_default_features,
+        built_with: Vec::new(),
     };
     let progress = Progress::start(&format!("building a patch of {package} (cargo)"));
     let result = build_patch(&options);
@@ -623,7 +624,6 @@ fn build_object_patch(
         profile: o.profile.clone(),
         features: (!o.features.is_empty() || o.no_default_features).then(|| o.features.clone()),
         no_default_features: o.no_default_features,
-        built_with: Vec::new(),
     };
     let progress = Progress::start("rebuilding the program and comparing it with the running code");
     let result = evolve_builder::build_patch(&options);
