@@ -27,7 +27,7 @@ fn repo() -> PathBuf {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = repo().join("target/evolve-e2e/attach").join(name);
+    let dir = evolve_testkit::scratch().join("attach").join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir

@@ -116,7 +116,7 @@ struct Target {
 
 impl Target {
     fn start(name: &str) -> Target {
-        let dir = repo().join("target/evolve-e2e/cpatch").join(name);
+        let dir = evolve_testkit::scratch().join("cpatch").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let server = build_server(&dir);

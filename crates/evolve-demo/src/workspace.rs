@@ -2,7 +2,7 @@
 //!
 //! Patches are built from edited source against the running program, with the same toolchain,
 //! lockfile and profile; editing the repository's own example would leave it dirty, so every user
-//! of the example (demo, test, benchmark) works on a copy under `target/evolve-demo/<name>`, with
+//! of the example (demo, test, benchmark) works on a copy under `target-copies/evolve-demo/<name>`, with
 //! a workspace manifest derived from the repository's (same lints, profiles and dependency
 //! versions). All copies share the repository's cargo target directory, so dependencies the
 //! repository already compiled are not compiled again.
@@ -98,12 +98,12 @@ pub struct ExampleWorkspace {
 }
 
 impl ExampleWorkspace {
-    /// Copies the kv example afresh to `target/evolve-demo/<name>` (replacing an older copy).
+    /// Copies the kv example afresh to `target-copies/evolve-demo/<name>` (replacing an older copy).
     pub fn prepare(name: &str) -> Result<ExampleWorkspace> {
         ExampleWorkspace::prepare_example(&KV, name)
     }
 
-    /// Copies `example` afresh to `target/evolve-demo/<name>` (replacing an older copy).
+    /// Copies `example` afresh to `target-copies/evolve-demo/<name>` (replacing an older copy).
     pub fn prepare_example(example: &'static Example, name: &str) -> Result<ExampleWorkspace> {
         let repository = repository()
             .canonicalize()
@@ -111,7 +111,12 @@ impl ExampleWorkspace {
         let cargo_target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| repository.join("target"));
-        let root = cargo_target.join("evolve-demo");
+        // Beside the target directory, never inside it: cargo records a source file under the
+        // target directory relative to it, not to its package, so a copy inside would have its
+        // freshness checked against the files of whichever copy built that crate last.
+        let mut copies = cargo_target.clone().into_os_string();
+        copies.push("-copies");
+        let root = PathBuf::from(copies).join("evolve-demo");
         let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         for krate in example.crates {

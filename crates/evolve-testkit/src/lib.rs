@@ -62,9 +62,18 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repository().join("target"))
 }
 
-/// Where scratch workspaces go: `<cargo target dir>/evolve-e2e`.
+/// Where scratch workspaces go: `<cargo target dir>-copies/evolve-e2e`, beside the target
+/// directory and never inside it.
+///
+/// Cargo records a source file under the target directory relative to the target directory,
+/// before it considers the package's root: a copy inside it would have its freshness checked
+/// against the files of whichever copy built that crate last (the edit of a copy was not seen,
+/// a fresh copy got another copy's edited crate).
 pub fn scratch() -> PathBuf {
-    target_dir().join("evolve-e2e")
+    let target = target_dir();
+    let mut copies = target.clone().into_os_string();
+    copies.push("-copies");
+    PathBuf::from(copies).join("evolve-e2e")
 }
 
 /// A fixture workspace copied to `scratch()/<name>` and built (release profile).
