@@ -163,15 +163,18 @@ impl Workspace {
     }
 }
 
-/// Sets the modification time of every file under `dir` (but its `target`) to `now`.
+/// Sets the modification time of every regular file under `dir` (but its `target`) to `now`.
 fn touch_sources(dir: &Path, now: std::time::SystemTime) {
     for entry in std::fs::read_dir(dir).expect("the copy exists") {
         let entry = entry.expect("a directory entry");
         let path = entry.path();
-        if entry.file_type().expect("a file type").is_dir() {
+        let kind = entry.file_type().expect("a file type");
+        if kind.is_dir() {
             if entry.file_name() != "target" {
                 touch_sources(&path, now);
             }
+        } else if !kind.is_file() {
+            // A FIFO a test made (opening it would wait for a writer), a socket: not source.
         } else if let Ok(file) = std::fs::File::options().write(true).open(&path) {
             file.set_modified(now).expect("the copy is writable");
         }
