@@ -372,6 +372,14 @@ fn probe_a_live_server(name: &str, program: &Path, handlers: [&str; 3], dir: &Pa
     assert_eq!(listed["attached"], true, "{ps}");
     let status = ok(&sockets, &["status", &pid.to_string()]);
     assert_eq!(status["hello"]["attached"], true);
+    // The agent's thread state went to glibc's static-TLS surplus: the probes' fast paths
+    // address it at one offset from the thread pointer.
+    assert!(
+        status["hello"]["static_tls_offset"]
+            .as_i64()
+            .is_some_and(|o| o < 0),
+        "{status}"
+    );
 
     let p = pid.to_string();
     let [get, set, stats] = handlers;
