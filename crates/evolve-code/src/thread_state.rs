@@ -21,7 +21,8 @@
 //! glibc places it in the static-TLS surplus it reserves for such objects, at one offset from
 //! the thread pointer in every thread, present ones included. From then on the thread state is
 //! that block, not [`STATE`]. When glibc refuses (the surplus is used up), the agent keeps
-//! [`STATE`] and its probes the fallback path.
+//! [`STATE`] and its probes the fallback path (`EVOLVE_STATIC_TLS=0` in the target's
+//! environment does the same, for comparisons).
 //!
 //! The block is a `const`-initialised thread-local without a destructor, so it exists for the
 //! whole life of every thread, during TLS destruction too, and reading it never registers
@@ -165,6 +166,9 @@ pub(crate) fn use_static_tls() -> Result<isize, String> {
         .get_or_init(|| {
             if OFFSET.get().is_some() {
                 return Err("the thread state was already in use".into());
+            }
+            if std::env::var_os("EVOLVE_STATIC_TLS").is_some_and(|v| v == "0") {
+                return Err("disabled by EVOLVE_STATIC_TLS=0".into());
             }
             let offset = load_static_block()?;
             if i32::try_from(offset).is_err() || i32::try_from(offset + 64).is_err() {
