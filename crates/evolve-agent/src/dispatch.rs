@@ -326,6 +326,8 @@ fn journal_commit(
 }
 
 fn hello(context: &Context) -> Hello {
+    let attached = crate::attached::is_attached();
+    let static_tls = attached.then(evolve_code::attached::static_tls);
     let program = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -337,7 +339,9 @@ fn hello(context: &Context) -> Hello {
         agent: env!("CARGO_PKG_VERSION").to_string(),
         uid: rustix::process::geteuid().as_raw(),
         uptime_s: context.started.elapsed().as_secs(),
-        attached: crate::attached::is_attached(),
+        attached,
+        static_tls_offset: static_tls.clone().and_then(|t| t.ok()).map(|o| o as i64),
+        static_tls_refused: static_tls.and_then(|t| t.err()),
     }
 }
 

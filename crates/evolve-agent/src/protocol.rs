@@ -358,6 +358,13 @@ pub struct Hello {
     /// Whether the agent was brought in by `evolve attach` (the program never linked it).
     #[serde(default)]
     pub attached: bool,
+    /// In an attached agent: the offset from the thread pointer of the static-TLS block its
+    /// probes' fast paths address (see `evolve_code::attached::static_tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_tls_offset: Option<i64>,
+    /// In an attached agent without that block: why (its probes take their slow path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_tls_refused: Option<String>,
 }
 
 /// A hot function and its versions.
