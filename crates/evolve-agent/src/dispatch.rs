@@ -326,6 +326,8 @@ fn journal_commit(
 }
 
 fn hello(context: &Context) -> Hello {
+    let attached = crate::attached::is_attached();
+    let static_tls = attached.then(evolve_code::attached::static_tls);
     let program = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -337,7 +339,9 @@ fn hello(context: &Context) -> Hello {
         agent: env!("CARGO_PKG_VERSION").to_string(),
         uid: rustix::process::geteuid().as_raw(),
         uptime_s: context.started.elapsed().as_secs(),
-        attached: crate::attached::is_attached(),
+        attached,
+        static_tls_offset: static_tls.clone().and_then(|t| t.ok()).map(|o| o as i64),
+        static_tls_refused: static_tls.and_then(|t| t.err()),
     }
 }
 
@@ -378,6 +382,11 @@ fn functions(context: &Context) -> Functions {
 /// read-only: the agent asks the engine directly, as the probes capability does to resolve).
 fn symbols(pattern: &str) -> Result<(Vec<FunctionSymbol>, bool), (ErrorKind, String)> {
     let images = evolve_code::inspect::images().map_err(failed)?;
+    // Functions of the executable that format-2 patches replaced, by symbol: their versions.
+    let replaced: std::collections::HashMap<String, Vec<String>> = evolve_hot::patch::functions()
+        .into_iter()
+        .filter_map(|f| Some((f.symbol?, f.versions)))
+        .collect();
     let glob = pattern.contains(['*', '?']);
     let mut out = Vec::new();
     for image in &images {
@@ -400,6 +409,11 @@ fn symbols(pattern: &str) -> Result<(Vec<FunctionSymbol>, bool), (ErrorKind, Str
                 size: f.size as u64,
                 image: image.path().display().to_string(),
                 debug_file: image.debug_file().map(|d| d.display().to_string()),
+                versions: replaced
+                    .get(&f.name)
+                    .filter(|_| image.is_main_executable())
+                    .cloned()
+                    .unwrap_or_else(|| vec![evolve_hot::unprepared::PROGRAM.to_string()]),
             });
         }
     }

@@ -358,6 +358,13 @@ pub struct Hello {
     /// Whether the agent was brought in by `evolve attach` (the program never linked it).
     #[serde(default)]
     pub attached: bool,
+    /// In an attached agent: the offset from the thread pointer of the static-TLS block its
+    /// probes' fast paths address (see `evolve_code::attached::static_tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_tls_offset: Option<i64>,
+    /// In an attached agent without that block: why (its probes take their slow path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_tls_refused: Option<String>,
 }
 
 /// A hot function and its versions.
@@ -441,6 +448,10 @@ pub struct FunctionSymbol {
     /// The separate debug file its image's symbols came from (the image is stripped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debug_file: Option<String>,
+    /// Its versions, oldest first: `program` (its own code), then the name of each applied
+    /// patch that replaced it; the last one runs. Empty from agents older than this field.
+    #[serde(default)]
+    pub versions: Vec<String>,
 }
 
 /// The result of `status`.

@@ -139,6 +139,7 @@ fn measure(
         ],
         features: Vec::new(),
         no_default_features: false,
+        built_with: Vec::new(),
     })
     .map_err(|e| format!("building the patch: {e}"))?;
     let build_s = build_start.elapsed().as_secs_f64();

@@ -7,6 +7,7 @@
 mod apply_latency;
 mod apply_unprepared;
 mod async_call;
+mod async_live_update;
 mod attach;
 mod build_patch_time;
 mod c_call_overhead;
@@ -80,6 +81,9 @@ enum Scenario {
     /// The kv example server under redis-benchmark: built without Evolve, with it, and with a
     /// patch applied and reverted continuously while the benchmark runs.
     KvLiveUpdate(kv_live_update::Args),
+    /// The http example (Tokio + axum) under wrk, with a patch of its hot async handlers
+    /// applied and reverted every 100 ms, against the same service without updates.
+    AsyncLiveUpdate(async_live_update::Args),
     /// Attach: stop time and end-to-end time of `evolve attach` to a C process with N threads,
     /// against stopping every thread (`--threads`, `--runs`).
     Attach(attach::Args),
@@ -132,6 +136,7 @@ fn main() {
         Scenario::ProbeOverhead(args) => probe_overhead::run(args),
         Scenario::Attach(args) => attach::run(args).map_err(|e| format!("{e:#}")),
         Scenario::KvLiveUpdate(args) => kv_live_update::run(args),
+        Scenario::AsyncLiveUpdate(args) => async_live_update::run(args),
         Scenario::Fleet(args) => fleet::run(args),
         Scenario::CCallOverhead(raw) => c_call_overhead::run(&raw.args),
         Scenario::CMultiverseSpinlock(raw) => c_multiverse_spinlock::run(&raw.args),

@@ -480,6 +480,9 @@ impl<'p> Comparator<'p> {
         let name = if target.is_section() {
             let section = target.section.ok_or("a section symbol without section")?;
             match object.symbol_at_start(section) {
+                Some(s) if self.program.has_copy_at(&object.symbols[s].name, address) => {
+                    return Ok(())
+                }
                 Some(s) if self.program.defines(&object.symbols[s].name) => {
                     object.symbols[s].name.as_str()
                 }
@@ -507,6 +510,9 @@ impl<'p> Comparator<'p> {
                 let offset = (defined.value as i64 + piece) as u64;
                 return self.data(other, section, offset, address.wrapping_add_signed(piece));
             }
+        }
+        if self.program.has_copy_at(name, address) {
+            return Ok(());
         }
         if self.program.defines(name) {
             if self
@@ -980,6 +986,48 @@ mod tests {
             comparator.with_program(&obj, function(&obj), BASE, 6),
             Verdict::Same
         );
+    }
+
+    /// Drop glue the program has in two promoted copies (two codegen units), the rebuild under a
+    /// third unit hash: a call to either copy is the same call; a call to another instance
+    /// (another rustc hash) is not.
+    #[test]
+    fn a_call_to_any_promoted_copy_of_the_same_instance_is_the_same() {
+        const GLUE: &str = "_ZN4core3ptr13drop_in_place17h0123456789abcdefE";
+        const OTHER: &str = "_ZN4core3ptr13drop_in_place17hfedcba9876543210E";
+        let (copy1, copy2) = (format!("{GLUE}.llvm.111"), format!("{GLUE}.llvm.222"));
+        let rebuilt = format!("{GLUE}.llvm.333");
+        let program_calling_glue = |at: u64| {
+            let mut text = vec![0xcc; 0x1000];
+            text[..6].copy_from_slice(&call_code());
+            let rel = at as i64 - (BASE as i64 + 5);
+            text[1..5].copy_from_slice(&(rel as i32).to_le_bytes());
+            Program::from_parts(
+                BASE,
+                text,
+                &[
+                    ("f", BASE, 6, Function),
+                    (&copy1, 0x1800, 16, Function),
+                    (&copy2, 0x1900, 16, Function),
+                    (&format!("{OTHER}.llvm.111"), 0x1a00, 16, Function),
+                ],
+                &[],
+            )
+        };
+        let obj = object(&call_code(), &[(1, elf::R_X86_64_PLT32, &rebuilt, -4)], &[]);
+        for at in [0x1800, 0x1900] {
+            let program = program_calling_glue(at);
+            assert_eq!(
+                Comparator::new(&program).with_program(&obj, function(&obj), BASE, 6),
+                Verdict::Same,
+                "copy at {at:#x}"
+            );
+        }
+        let program = program_calling_glue(0x1a00);
+        assert!(matches!(
+            Comparator::new(&program).with_program(&obj, function(&obj), BASE, 6),
+            Verdict::Differs(_)
+        ));
     }
 
     #[test]

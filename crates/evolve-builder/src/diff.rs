@@ -149,8 +149,8 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
                 continue;
             }
             let Some(def) = program
-                .definitions(&symbol.name)
-                .iter()
+                .definitions_in(&symbol.name, object.source_file.as_deref())
+                .into_iter()
                 .find(|d| d.kind == SymbolKind::Data)
             else {
                 // A static the legacy mangling renamed because its type changed: the one
@@ -217,11 +217,11 @@ pub fn diff(inputs: &Inputs<'_>) -> Result<Diff> {
                     Some((verdict, (patch.manifest.sha256.clone(), sha256_hex(&code))))
                 }
                 None => {
+                    // A C `static` of this name in several files: the one of this file.
                     let mut copies: Vec<_> = program
-                        .definitions(name)
-                        .iter()
+                        .definitions_in(name, object.source_file.as_deref())
+                        .into_iter()
                         .filter(|d| d.kind == SymbolKind::Function)
-                        .copied()
                         .collect();
                     copies.sort_by_key(|d| d.address);
                     if copies.is_empty() {

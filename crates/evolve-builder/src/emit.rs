@@ -119,6 +119,16 @@ pub fn assemble(objects: &[ObjectFile], program: &Program, diff: &Diff) -> Resul
             })
             .collect(),
     };
+    // The source file of C code (its `STT_FILE`): the loader binds the patch's references to
+    // the `static`s of that file when the program has several of one name.
+    let files: std::collections::BTreeSet<&str> = diff
+        .carried
+        .iter()
+        .filter_map(|c| objects[c.function.0].source_file.as_deref())
+        .collect();
+    if let Some(file) = files.first().filter(|_| files.len() == 1) {
+        builder.out.add_file_symbol(file.as_bytes().to_vec());
+    }
     for carried in &diff.carried {
         builder.function(carried)?;
     }

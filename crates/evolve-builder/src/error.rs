@@ -58,7 +58,8 @@ pub enum ErrorKind {
         /// How many functions differ, which, and why that is not an edit.
         detail: String,
     },
-    /// Cargo or rustc failed (the edited source does not compile, …).
+    /// The compiler failed — cargo, rustc, or a C unit's gcc (the edited source does not
+    /// compile, …).
     Cargo {
         /// The command.
         command: String,

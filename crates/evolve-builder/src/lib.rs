@@ -19,6 +19,9 @@
 //!    `__evolve_new__<symbol>`, the data only they need, undefined references to everything the
 //!    program has, their unwind information, and the manifest with its SHA-256.
 //!
+//! C programs take the same steps 3 and 4 after their own discovery and rebuild ([`c`]): the
+//! flags each unit was compiled with are in the program's DWARF.
+//!
 //! Format 1 (`.so` patches of `#[evolve::hot]` functions, applied today by
 //! `evolve_hot::patch::apply`) is built by [`so`] until the apply of format 2 lands.
 //!
@@ -37,6 +40,7 @@
 //! # Ok::<(), evolve_builder::Error>(())
 //! ```
 
+pub mod c;
 pub mod cargo;
 pub mod compare;
 pub mod diff;
@@ -182,7 +186,7 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     let built_at = std::fs::metadata(&base_file)
         .and_then(|m| m.modified())
         .map_err(|e| Error::io(&base_file, e))?;
-    let mut program = program::Program::read(&base_file)?;
+    let program = program::Program::read(&base_file)?;
     let applied = options
         .applied
         .iter()
@@ -205,10 +209,65 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     {
         return Err(error);
     }
+    let configuration = Discovered {
+        profile: config.profile.clone(),
+        package: config.package.clone(),
+        bin: config.bin.clone(),
+        unit: config.unit.clone(),
+        found_by: config.found_by.to_string(),
+        features: config.features.clone(),
+        command: format!(
+            "cargo {}",
+            cargo::command(&config, &options.overrides).join(" ")
+        ),
+    };
+    compare_and_write(Rebuilt {
+        program,
+        objects: rebuilt.objects,
+        applied,
+        crates: &options.crates,
+        built_at,
+        toolchain,
+        configuration,
+        compile_seconds: rebuilt.seconds,
+        output: &options.output,
+        dry_run: options.dry_run,
+    })
+}
+
+/// What the rebuild produced, for [`compare_and_write`] (Rust through cargo, C through the
+/// program's compiler).
+pub(crate) struct Rebuilt<'a> {
+    pub program: program::Program,
+    pub objects: Vec<objfile::ObjectFile>,
+    pub applied: Vec<diff::Applied>,
+    pub crates: &'a [String],
+    pub built_at: std::time::SystemTime,
+    pub toolchain: String,
+    pub configuration: Discovered,
+    pub compile_seconds: f64,
+    pub output: &'a Path,
+    pub dry_run: bool,
+}
+
+/// Steps 3 and 4 of the crate docs, common to every language: compare the rebuilt objects with
+/// the running code and write the patch.
+pub(crate) fn compare_and_write(rebuilt: Rebuilt<'_>) -> Result<BuildReport> {
+    let Rebuilt {
+        mut program,
+        objects,
+        applied,
+        crates,
+        built_at,
+        toolchain,
+        configuration,
+        compile_seconds,
+        output,
+        dry_run,
+    } = rebuilt;
     let started = Instant::now();
     program.restrict_promoted(
-        rebuilt
-            .objects
+        objects
             .iter()
             .flat_map(|o| o.symbols.iter())
             .filter(|s| s.section.is_some())
@@ -216,9 +275,9 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     );
     let diff = diff::diff(&diff::Inputs {
         program: &program,
-        objects: &rebuilt.objects,
+        objects: &objects,
         applied: &applied,
-        crates: &options.crates,
+        crates,
         built_at,
     })?;
     let async_changed: Vec<String> = diff
@@ -232,10 +291,10 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
         })
     });
     // A dry run reports the refusal with everything else.
-    if let (Some(refusal), false) = (&async_refusal, options.dry_run) {
+    if let (Some(refusal), false) = (&async_refusal, dry_run) {
         return Err(Error::new(refusal.kind().clone()));
     }
-    let objects = &rebuilt.objects;
+    let objects = &objects;
     let carried: Vec<CarriedFunction> = diff
         .carried
         .iter()
@@ -248,6 +307,9 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
             detail: c.detail.clone(),
         })
         .collect();
+    if objects.iter().any(|o| o.source_file.is_some()) {
+        c::check_unambiguous(&program, &carried)?;
+    }
     let mut manifest = ObjectManifest {
         format: OBJECT_FORMAT,
         base_build_id: program.build_id.clone(),
@@ -287,18 +349,6 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
         new_statics: Vec::new(),
         async_refused: async_changed,
     };
-    let configuration = Discovered {
-        profile: config.profile.clone(),
-        package: config.package.clone(),
-        bin: config.bin.clone(),
-        unit: config.unit.clone(),
-        found_by: config.found_by.to_string(),
-        features: config.features.clone(),
-        command: format!(
-            "cargo {}",
-            cargo::command(&config, &options.overrides).join(" ")
-        ),
-    };
     let mut report = BuildReport {
         output: None,
         manifest,
@@ -306,14 +356,14 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
         compared: diff.compared,
         configuration,
         warnings: diff.warnings.clone(),
-        compile_seconds: rebuilt.seconds,
+        compile_seconds,
         compare_seconds: 0.0,
     };
     if let Some(refusal) = async_refusal {
         report.warnings.push(refusal.to_string());
     }
     if report.carried.is_empty() {
-        if options.dry_run {
+        if dry_run {
             report.compare_seconds = started.elapsed().as_secs_f64();
             return Ok(report);
         }
@@ -327,6 +377,12 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     manifest.new_statics = patch.new_statics.clone();
     // Statics whose layout changed (as format 1 finds them: by exact symbol, or by path for a
     // static the legacy mangling renamed when its type changed): apply needs a transfer.
+    // A C patch's statics are those its file sees (several files may define one name).
+    let files: std::collections::BTreeSet<&str> = objects
+        .iter()
+        .filter_map(|o| o.source_file.as_deref())
+        .collect();
+    let file = files.first().copied().filter(|_| files.len() == 1);
     let running: std::collections::HashMap<String, u64> = patch
         .statics
         .iter()
@@ -337,8 +393,8 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
                 .filter(move |n| *n == name || compare::readable(n) == path)
                 .filter_map(|n| {
                     let d = program
-                        .definitions(n)
-                        .iter()
+                        .definitions_in(n, file)
+                        .into_iter()
                         .find(|d| d.kind == program::SymbolKind::Data)?;
                     Some((n.to_string(), d.size))
                 })
@@ -357,18 +413,14 @@ pub fn build_patch(options: &BuildOptions) -> Result<BuildReport> {
     let bytes = patch.finish(&mut manifest)?;
     report.manifest = manifest;
     report.compare_seconds = started.elapsed().as_secs_f64();
-    if options.dry_run {
+    if dry_run {
         return Ok(report);
     }
-    if let Some(dir) = options
-        .output
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::write(&options.output, bytes).map_err(|e| Error::io(&options.output, e))?;
-    report.output = Some(options.output.clone());
+    std::fs::write(output, bytes).map_err(|e| Error::io(output, e))?;
+    report.output = Some(output.to_path_buf());
     Ok(report)
 }
 

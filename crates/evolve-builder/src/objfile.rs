@@ -163,6 +163,10 @@ pub struct ObjectFile {
     pub sections: Vec<Section>,
     /// Symbols by ELF index.
     pub symbols: Vec<Symbol>,
+    /// The program's source file this object was compiled from, as its `STT_FILE` symbol names
+    /// it (`server.c`), when the builder knows it (C translation units): its local references
+    /// bind to that file's definitions, and the patch carries the name for the loader.
+    pub source_file: Option<String>,
     by_name: HashMap<String, usize>,
 }
 
@@ -262,6 +266,7 @@ impl ObjectFile {
             krate: krate.to_string(),
             sections,
             symbols,
+            source_file: None,
             by_name,
         })
     }

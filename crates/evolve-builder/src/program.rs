@@ -77,8 +77,13 @@ pub struct Program {
     data: Vec<u8>,
     segments: Vec<Segment>,
     symbols: HashMap<String, Vec<Definition>>,
+    /// The source file (`STT_FILE`) of each local definition, by address: a C program may
+    /// define one `static` name in several files.
+    local_files: HashMap<u64, String>,
     /// Promoted names (`X.llvm.N`) by `X`.
     promoted: HashMap<String, Vec<String>>,
+    /// Every promoted name by `X`, never restricted (see [`Program::has_copy_at`]).
+    copies: HashMap<String, Vec<String>>,
     imports: std::collections::HashSet<String>,
     pointers: HashMap<u64, Pointer>,
     plt: Vec<(u64, u64)>,
@@ -143,7 +148,16 @@ impl Program {
         }
         let mut symbols: HashMap<String, Vec<Definition>> = HashMap::new();
         let mut imports = std::collections::HashSet::new();
+        let mut local_files = HashMap::new();
+        let mut source_file: Option<String> = None;
         for symbol in table.iter() {
+            if symbol.st_type() == elf::STT_FILE {
+                source_file = table
+                    .symbol_name(endian, symbol)
+                    .ok()
+                    .map(|n| String::from_utf8_lossy(n).into_owned());
+                continue;
+            }
             if symbol.st_shndx(endian) == elf::SHN_UNDEF {
                 if let Ok(name) = table.symbol_name(endian, symbol) {
                     let name = String::from_utf8_lossy(name);
@@ -167,6 +181,10 @@ impl Program {
             if name.is_empty() {
                 continue;
             }
+            let local = symbol.st_bind() == elf::STB_LOCAL;
+            if let (true, Some(file)) = (local, &source_file) {
+                local_files.insert(symbol.st_value(endian), file.clone());
+            }
             symbols
                 .entry(String::from_utf8_lossy(name).into_owned())
                 .or_default()
@@ -174,10 +192,11 @@ impl Program {
                     address: symbol.st_value(endian),
                     size: symbol.st_size(endian),
                     kind,
-                    local: symbol.st_bind() == elf::STB_LOCAL,
+                    local,
                 });
         }
         let promoted = promoted_names(symbols.keys());
+        let copies = promoted.clone();
         let mut pointers = HashMap::new();
         let dynamic = file.elf_dynamic_symbol_table();
         if let Some(relocations) = file.dynamic_relocations() {
@@ -218,7 +237,9 @@ impl Program {
             data,
             segments,
             symbols,
+            local_files,
             promoted,
+            copies,
             imports,
             pointers,
             plt,
@@ -236,6 +257,41 @@ impl Program {
         self.canonical(name)
             .and_then(|n| self.symbols.get(n))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// The source file a local definition came from (its `STT_FILE`: `server.c`); `None` for
+    /// a global one.
+    pub fn file_of(&self, definition: &Definition) -> Option<&str> {
+        definition
+            .local
+            .then(|| self.local_files.get(&definition.address))
+            .flatten()
+            .map(String::as_str)
+    }
+
+    /// The definitions of `name` that code of source file `file` sees: its own local ones and
+    /// the global ones, when `file` defines or sees any (a C `static` of one name in several
+    /// files); else all of them.
+    pub fn definitions_in(&self, name: &str, file: Option<&str>) -> Vec<Definition> {
+        let all = self.definitions(name);
+        let Some(file) = file else {
+            return all.to_vec();
+        };
+        let seen: Vec<Definition> = all
+            .iter()
+            .filter(|d| !d.local || self.file_of(d) == Some(file))
+            .copied()
+            .collect();
+        if seen.is_empty() {
+            all.to_vec()
+        } else {
+            seen
+        }
+    }
+
+    /// Every source file (`STT_FILE`) the program's local symbols name.
+    pub fn files(&self) -> std::collections::BTreeSet<&str> {
+        self.local_files.values().map(String::as_str).collect()
     }
 
     /// Whether the program defines `name` (see [`Program::definitions`]).
@@ -258,6 +314,31 @@ impl Program {
                 self.promoted.remove(base);
             }
         }
+    }
+
+    /// Whether the program has, at `address`, a copy of the Rust instance `name` names: the
+    /// same mangled symbol (its hash covers the instance's path and generic arguments), with or
+    /// without an LLVM promotion suffix. A generic instance or drop glue is emitted in each
+    /// codegen unit that uses it; ThinLTO promotes several of them (`X.llvm.<unit hash>`), the
+    /// unit hashes change with any edit in the unit, and which copy a caller uses is the
+    /// partitioner's choice: every copy is the same code, so a reference to any is the same
+    /// reference. Names without a rustc hash (C statics, which may share a name across files)
+    /// are never matched this way.
+    pub fn has_copy_at(&self, name: &str, address: u64) -> bool {
+        let base = strip_llvm_suffix(name).unwrap_or(name);
+        if !has_rust_hash(base) {
+            return false;
+        }
+        let at = |n: &str| {
+            self.symbols
+                .get(n)
+                .is_some_and(|defs| defs.iter().any(|d| d.address == address))
+        };
+        at(base)
+            || self
+                .copies
+                .get(base)
+                .is_some_and(|c| c.iter().any(|n| at(n)))
     }
 
     /// The program's name for `name`: itself, or the program's promoted name of the same
@@ -380,8 +461,10 @@ impl Program {
             });
         }
         let promoted = promoted_names(map.keys());
+        let copies = promoted.clone();
         Program {
             promoted,
+            copies,
             build_id: "00".into(),
             rustc_comment: None,
             pie: true,
@@ -393,12 +476,23 @@ impl Program {
                 memory_size: len,
             }],
             symbols: map,
+            local_files: HashMap::new(),
             imports: Default::default(),
             pointers: pointers.iter().cloned().collect(),
             plt: Vec::new(),
             tls_block: Some((0x100, 16)),
         }
     }
+}
+
+/// Whether `name` is a legacy-mangled Rust symbol ending in its hash (`..17h<16 hex>E`).
+fn has_rust_hash(name: &str) -> bool {
+    name.starts_with("_ZN")
+        && name.len() > 20
+        && name.ends_with('E')
+        && name[..name.len() - 1]
+            .rsplit_once("17h")
+            .is_some_and(|(_, h)| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `X` of a name LLVM promoted out of its unit (`X.llvm.<digits>`).

@@ -59,6 +59,12 @@ pub struct BuildOptions {
     pub features: Vec<String>,
     /// Build the package without its default features (cargo's `--no-default-features`).
     pub no_default_features: bool,
+    /// Packages the program's build built together with `package` — the binary's package
+    /// (e.g. `evolve-bench` for its `evolve-bench-reclaim` library): the rebuild selects them
+    /// too (`cargo build -p PACKAGE -p OTHER… --lib`), so that cargo unifies the features of
+    /// the dependencies as the program's build did; they are part of every symbol's hash.
+    /// Empty: `package` alone (`cargo rustc`).
+    pub built_with: Vec<String>,
 }
 
 /// What [`build_patch`] produced.
@@ -581,7 +587,11 @@ fn build_in(
     let compile_start = Instant::now();
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
-        .arg("rustc")
+        .arg(if options.built_with.is_empty() {
+            "rustc"
+        } else {
+            "build"
+        })
         .arg("--manifest-path")
         .arg(&options.manifest_path)
         .args([
@@ -593,6 +603,9 @@ fn build_in(
             "--quiet",
             "--message-format=json-render-diagnostics",
         ]);
+    for other in &options.built_with {
+        cargo.args(["-p", other]);
+    }
     if options.no_default_features {
         cargo.arg("--no-default-features");
     }

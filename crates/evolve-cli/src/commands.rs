@@ -30,7 +30,12 @@ pub fn run(cli: Cli) -> Result<()> {
             let status: Status = typed(call(t.pid, Request::Status, TIMEOUT)?)?;
             print(json, &status, || show_status(&status))
         }
-        Command::Functions { target: t, symbols } => {
+        Command::Functions {
+            target: t,
+            glob,
+            symbols,
+        } => {
+            let symbols = glob.or(symbols);
             let f: Functions = typed(call(t.pid, Request::Functions { symbols }, TIMEOUT)?)?;
             print(json, &f, || show_functions(&f))
         }
@@ -344,7 +349,7 @@ fn show_functions(f: &Functions) {
         );
         for s in &f.symbols {
             outln!(
-                "  {:#014x} {:>7} {:<40} {}{}",
+                "  {:#014x} {:>7} {:<40} {}{}{}",
                 s.address,
                 s.size,
                 s.name,
@@ -352,7 +357,12 @@ fn show_functions(f: &Functions) {
                 s.debug_file
                     .as_deref()
                     .map(|d| format!(" (symbols from {d})"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if s.versions.len() > 1 {
+                    format!("  (versions: {})", s.versions.join(" → "))
+                } else {
+                    String::new()
+                }
             );
         }
     }
@@ -484,7 +494,9 @@ fn build_patch(json: bool, socket: Option<&Path>, o: BuildPatch) -> Result<()> {
     if o.dry_run && format == 1 {
         bail!("--dry-run compares the rebuild function by function: it is format 2's");
     }
-    if format == 1 {
+    if !o.c_source.is_empty() {
+        build_c_patch(json, socket, base, o)
+    } else if format == 1 {
         build_hot_patch(json, base, o)
     } else {
         build_object_patch(json, socket, base, o)
@@ -530,6 +542,7 @@ fn build_hot_patch(json: bool, base: evolve_builder::Base, o: BuildPatch) -> Res
         env: Vec::new(),
         features,
         no_default_features,
+        built_with: Vec::new(),
     };
     let progress = Progress::start(&format!("building a patch of {package} (cargo)"));
     let result = build_patch(&options);
@@ -616,9 +629,67 @@ fn build_object_patch(
     let result = evolve_builder::build_patch(&options);
     drop(progress);
     let report = result.context("building the patch")?;
+    show_object_report(json, o.dry_run, &report)
+}
+
+/// `build-patch --c-source`: a format-2 patch from edited C units.
+fn build_c_patch(
+    json: bool,
+    socket: Option<&Path>,
+    base: evolve_builder::Base,
+    o: BuildPatch,
+) -> Result<()> {
+    if o.format == Some(1) {
+        bail!("a C patch is format 2 (format 1 is for #[evolve::hot] Rust functions)");
+    }
+    let applied = match (&base, o.applied.is_empty()) {
+        (evolve_builder::Base::Pid(pid), true) => applied_patches(*pid, socket),
+        _ => o.applied.clone(),
+    };
+    let sources = o
+        .c_source
+        .iter()
+        .map(|text| match text.split_once('=') {
+            Some((original, edited)) => evolve_builder::c::CSource {
+                edited: edited.into(),
+                original: Some(original.into()),
+                unit: None,
+            },
+            None => evolve_builder::c::CSource {
+                edited: text.into(),
+                original: None,
+                unit: None,
+            },
+        })
+        .collect();
+    let options = evolve_builder::c::CBuildOptions {
+        base,
+        sources,
+        compiler: o.cc.clone(),
+        cflags: o.cflags.clone(),
+        output: o
+            .output
+            .clone()
+            .unwrap_or_else(|| Path::new("target/evolve").join("patch.o")),
+        applied,
+        dry_run: o.dry_run,
+    };
+    let progress =
+        Progress::start("compiling the C units and comparing them with the running code");
+    let result = evolve_builder::c::build_patch(&options);
+    drop(progress);
+    let report = result.context("building the patch")?;
+    show_object_report(json, o.dry_run, &report)
+}
+
+fn show_object_report(
+    json: bool,
+    dry_run: bool,
+    report: &evolve_builder::BuildReport,
+) -> Result<()> {
     let out = json!({
         "output": report.output.as_ref().map(|p| p.display().to_string()),
-        "dry_run": o.dry_run,
+        "dry_run": dry_run,
         "carried": report.carried.iter().map(|c| json!({
             "name": c.name,
             "symbol": c.symbol,

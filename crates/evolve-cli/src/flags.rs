@@ -43,7 +43,11 @@ pub enum Command {
     Functions {
         #[command(flatten)]
         target: Target,
-        /// List the function symbols matching this glob (e.g. 'handle_*', '*' for all).
+        /// List every function symbol matching this glob (e.g. 'handle_*', '*' for all), hot
+        /// or not, each with its versions (the program's, then each patch that replaced it).
+        #[arg(value_name = "GLOB", conflicts_with = "symbols")]
+        glob: Option<String>,
+        /// The same as GLOB, as an option.
         #[arg(long, value_name = "GLOB")]
         symbols: Option<String>,
     },
@@ -299,6 +303,23 @@ pub struct BuildPatch {
     /// The program's build had no default features (default: discovered).
     #[arg(long)]
     pub no_default_features: bool,
+    /// A C program: an edited translation unit, `EDITED` or `ORIGINAL=EDITED` (repeatable).
+    /// Its compiler flags are read from the program's DWARF (`DW_AT_producer`); with the
+    /// original, the builder first checks that they reproduce the running code. Format 2.
+    #[arg(long, value_name = "[ORIGINAL=]EDITED")]
+    pub c_source: Vec<String>,
+    /// The C compiler (default: gcc; it must be the version that built the program).
+    #[arg(long, value_name = "COMPILER", requires = "c_source")]
+    pub cc: Option<String>,
+    /// C flags gcc does not record in DWARF (`-DHAVE_CONFIG_H -I.`), space-separated.
+    #[arg(
+        long,
+        value_name = "FLAGS",
+        requires = "c_source",
+        allow_hyphen_values = true,
+        value_delimiter = ' '
+    )]
+    pub cflags: Vec<String>,
     /// Sign the patch with this secret key (from `evolve keygen`): writes PATCH.sig.
     #[arg(long, value_name = "KEY")]
     pub sign: Option<PathBuf>,

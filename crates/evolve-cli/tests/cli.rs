@@ -98,7 +98,9 @@ fn every_command_against_a_running_process() {
     evolve(&dir, &["commit", pid, "--json"]).expect_json();
     assert!(!evolve(&dir, &["commit", pid, "NO_SUCH_SWITCH"]).ok());
 
-    // build-patch against the running process
+    // build-patch against the running process; the shared target directory is held until the
+    // dry run below has read what cargo built.
+    let claim = fixture.claim_target();
     fixture.edit(&[("quantity * 10 // v1", "quantity * 20 // v2")]);
     let output = fixture.dir.join("v2.so");
     let built = evolve_with(
@@ -154,6 +156,7 @@ fn every_command_against_a_running_process() {
     );
     assert_eq!(carried[0]["reason"], "changed", "{dry}");
     assert_eq!(dry["configuration"]["bin"], "ctlhost", "{dry}");
+    drop(claim);
 
     // apply, revert (last), apply --atomic --trial, revert FUNCTION
     let applied = evolve(&dir, &["apply", pid, output.to_str().unwrap(), "--json"]).expect_json();

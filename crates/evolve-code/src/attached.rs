@@ -201,6 +201,9 @@ pub unsafe extern "C" fn evolve_attach_entry(block: *mut u8) -> i32 {
             read_u64(block, layout::REGION_LEN) as usize,
         )
     };
+    // First, before the agent uses its thread state: without static TLS the agent still works,
+    // its probes on their slow path (see `static_tls`).
+    let _ = crate::thread_state::use_static_tls();
     let outcome = std::panic::catch_unwind(|| -> Result<(), String> {
         if ATTACH_STARTERS.is_empty() {
             return Err("this shared object registers no attach starter (not an agent)".into());
@@ -223,6 +226,25 @@ pub unsafe extern "C" fn evolve_attach_entry(block: *mut u8) -> i32 {
     }
     release_region_after(request.loader_tid, region, region_len);
     0
+}
+
+/// Where this copy of the engine keeps the per-thread state its generated code reads: `Ok` with
+/// its offset from the thread pointer when an attached agent moved it into static TLS (the
+/// probes' fast paths work), or why it did not (`dlopen` refused the static-TLS object: glibc's
+/// surplus is used up; the probes take their slow path). The attach entry decides, once, before
+/// the agent starts; in a program that linked Evolve this says it was not needed (its
+/// thread-locals are static TLS already).
+///
+/// # Example
+///
+/// ```
+/// // A test binary links the engine: its thread state is static TLS already.
+/// assert!(evolve_code::attached::static_tls().is_err());
+/// ```
+pub fn static_tls() -> Result<isize, String> {
+    crate::thread_state::static_tls_outcome().unwrap_or_else(|| {
+        Err("not an attached agent: the engine's thread-locals are the program's own".into())
+    })
 }
 
 /// Unmaps the loader region once thread `tid` (the only one executing its code) has exited.

@@ -8,6 +8,7 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::hidden::Hidden;
 use crate::write::{self, Batch, BatchReport};
 use std::fmt;
 
@@ -75,7 +76,9 @@ impl fmt::Display for SiteInsn {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PatchSite {
-    address: usize,
+    /// Hidden: handles are kept in bookkeeping (and copied through temporaries) that a
+    /// reclamation scan must not take for references to the code holding the site.
+    address: Hidden,
 }
 
 impl PatchSite {
@@ -94,13 +97,17 @@ impl PatchSite {
     /// holding the site must stay mapped until [`PatchSite::unregister`].
     pub unsafe fn register(address: usize) -> Result<PatchSite> {
         write::register(address)?;
-        Ok(PatchSite { address })
+        Ok(PatchSite {
+            address: Hidden::new(address),
+        })
     }
 
     /// The handle of an already registered site; [`ErrorKind::UnknownSite`] if it is not one.
     pub fn lookup(address: usize) -> Result<PatchSite> {
         if write::is_registered(address) {
-            Ok(PatchSite { address })
+            Ok(PatchSite {
+                address: Hidden::new(address),
+            })
         } else {
             Err(Error::new(ErrorKind::UnknownSite { address }))
         }
@@ -108,17 +115,17 @@ impl PatchSite {
 
     /// The site's address.
     pub fn address(self) -> usize {
-        self.address
+        self.address.get()
     }
 
     /// The instruction the site holds now.
     pub fn current(self) -> SiteInsn {
-        write::current(self.address).expect("registered site")
+        write::current(self.address.get()).expect("registered site")
     }
 
     /// The instruction the site held when it was registered.
     pub fn original(self) -> SiteInsn {
-        write::original(self.address).expect("registered site")
+        write::original(self.address.get()).expect("registered site")
     }
 
     /// Changes the site from `expected` to `new` (a batch of one).
@@ -149,13 +156,13 @@ impl PatchSite {
     /// Forgets the site. It must hold its original bytes (restore it first), or its code must be
     /// about to be unmapped with no thread inside.
     pub fn unregister(self) -> Result<()> {
-        write::unregister(self.address)
+        write::unregister(self.address.get())
     }
 
     /// A read-only view of the site.
     pub fn view(self) -> SiteView {
         SiteView {
-            address: self.address,
+            address: self.address.get(),
         }
     }
 }

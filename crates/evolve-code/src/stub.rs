@@ -20,6 +20,7 @@
 #![allow(unsafe_code)]
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::hidden::Hidden;
 use crate::site::{PatchSite, SiteInsn};
 use crate::write::Batch;
 
@@ -80,10 +81,7 @@ impl StubEntry {
 
     /// The implementation compiled into the program.
     pub fn implementation(&self) -> Code {
-        Code {
-            address: (self.implementation)(),
-            fingerprint: self.fingerprint,
-        }
+        Code::new((self.implementation)(), self.fingerprint)
     }
 }
 
@@ -99,7 +97,9 @@ pub fn entry_by_id(id: &str) -> Option<&'static StubEntry> {
 /// Code with a known signature fingerprint: a valid target for stubs of that fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Code {
-    address: usize,
+    /// Hidden: versions of hot functions are bookkeeping, kept (and copied through
+    /// temporaries) where a reclamation scan must not take them for references to a patch.
+    address: Hidden,
     fingerprint: u64,
 }
 
@@ -107,14 +107,14 @@ impl Code {
     /// Made by the engine only (stub entries and loaded patches).
     pub(crate) fn new(address: usize, fingerprint: u64) -> Code {
         Code {
-            address,
+            address: Hidden::new(address),
             fingerprint,
         }
     }
 
     /// Where the code starts.
     pub fn address(self) -> usize {
-        self.address
+        self.address.get()
     }
 
     /// Its signature fingerprint.
@@ -183,7 +183,7 @@ impl Stub {
             batch.retarget(
                 self.site,
                 SiteInsn::Jmp(expected),
-                SiteInsn::Jmp(new.address),
+                SiteInsn::Jmp(new.address()),
             )
         };
         Ok(())

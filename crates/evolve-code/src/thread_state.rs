@@ -11,6 +11,19 @@
 //! stacks, the guard) takes it from there; `None` (or `EVOLVE_SHARED_COUNTERS=1`, for
 //! comparisons) makes them fall back to shared words and Rust calls.
 //!
+//! # Static TLS for an attached agent
+//!
+//! The agent `evolve attach` loads is such a `dlopen`ed library: its thread-locals are dynamic
+//! TLS (allocated per thread on first use, reached through `__tls_get_addr`), and stable Rust
+//! cannot ask for the initial-exec model that would put them in static TLS. So the attach entry
+//! calls [`use_static_tls`] first: it loads a small object built with this crate
+//! (`static_tls.s`, embedded, loaded from a memfd) whose one thread-local is initial-exec, so
+//! glibc places it in the static-TLS surplus it reserves for such objects, at one offset from
+//! the thread pointer in every thread, present ones included. From then on the thread state is
+//! that block, not [`STATE`]. When glibc refuses (the surplus is used up), the agent keeps
+//! [`STATE`] and its probes the fallback path (`EVOLVE_STATIC_TLS=0` in the target's
+//! environment does the same, for comparisons).
+//!
 //! The block is a `const`-initialised thread-local without a destructor, so it exists for the
 //! whole life of every thread, during TLS destruction too, and reading it never registers
 //! anything or allocates.
@@ -35,6 +48,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::OnceLock;
 
 /// The shadow stack's state as generated code reads it (see [`crate::shadow`]).
@@ -76,14 +90,35 @@ thread_local! {
     };
 }
 
+/// Room for [`ThreadState`] in the static-TLS block of `static_tls.s`.
+const STATIC_BLOCK_LEN: usize = 64;
+const _: () = assert!(std::mem::size_of::<ThreadState>() <= STATIC_BLOCK_LEN);
+
+/// The offset of the static-TLS block from the thread pointer once [`use_static_tls`] loaded
+/// it (always negative on x86-64); 0 while [`STATE`] is the thread state.
+static STATIC_BLOCK: AtomicIsize = AtomicIsize::new(0);
+
+/// The calling thread's state.
+fn current() -> *const ThreadState {
+    match STATIC_BLOCK.load(Ordering::Relaxed) {
+        0 => STATE.with(|s| s as *const ThreadState),
+        offset => thread_pointer().wrapping_add_signed(offset) as *const ThreadState,
+    }
+}
+
 /// The calling thread's state (valid for the thread's whole life: no destructor).
 pub(crate) fn with<R>(f: impl FnOnce(&ThreadState) -> R) -> R {
-    STATE.with(f)
+    // SAFETY: `current` is this thread's state: `STATE` (const-initialised, no destructor) or
+    // its block in static TLS (zeroed by glibc in every thread, present and future, before
+    // `STATIC_BLOCK` is set, and never freed while the thread lives). Both are all-zero valid
+    // `ThreadState`s; only this thread uses its state (Cells), and the reference does not
+    // leave `f`.
+    f(unsafe { &*current() })
 }
 
 /// The calling thread's shadow-stack state. Callers hold no other reference to it.
 pub(crate) fn shadow() -> *mut ShadowState {
-    STATE.with(|s| s.shadow.get())
+    with(|s| s.shadow.get())
 }
 
 /// The thread pointer (`fs:[0]` holds the thread control block's own address: TLS ABI).
@@ -97,14 +132,15 @@ pub(crate) fn thread_pointer() -> usize {
 }
 
 fn offset_here() -> isize {
-    STATE.with(|s| s as *const ThreadState as isize) - thread_pointer() as isize
+    current() as isize - thread_pointer() as isize
 }
+
+static OFFSET: OnceLock<Option<i32>> = OnceLock::new();
 
 /// The offset of the thread state from the thread pointer, if it is the same in every thread
 /// (checked on this thread and a new one), fits a 32-bit displacement, and generated code may
 /// use it (not disabled by `EVOLVE_SHARED_COUNTERS`).
 pub(crate) fn offset() -> Option<i32> {
-    static OFFSET: OnceLock<Option<i32>> = OnceLock::new();
     *OFFSET.get_or_init(|| {
         if std::env::var_os("EVOLVE_SHARED_COUNTERS").is_some() {
             return None;
@@ -116,6 +152,71 @@ pub(crate) fn offset() -> Option<i32> {
             .then(|| i32::try_from(here + 64).ok().map(|_| here as i32))
             .flatten()
     })
+}
+
+/// The static-TLS object (`static_tls.s`, built by `build.rs`; empty if it could not be).
+static STATIC_TLS_OBJECT: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/libevolve_static_tls.so"));
+
+/// Moves this copy of the crate's thread state into static TLS (see the module docs): once,
+/// before anything used the thread state's offset. Returns the block's offset from the thread
+/// pointer, or why the crate keeps its dynamic thread-locals (the probes' fallback path).
+pub(crate) fn use_static_tls() -> Result<isize, String> {
+    STATIC_TLS_OUTCOME
+        .get_or_init(|| {
+            if OFFSET.get().is_some() {
+                return Err("the thread state was already in use".into());
+            }
+            if std::env::var_os("EVOLVE_STATIC_TLS").is_some_and(|v| v == "0") {
+                return Err("disabled by EVOLVE_STATIC_TLS=0".into());
+            }
+            let offset = load_static_block()?;
+            if i32::try_from(offset).is_err() || i32::try_from(offset + 64).is_err() {
+                return Err(format!("offset {offset} does not fit a displacement"));
+            }
+            STATIC_BLOCK.store(offset, Ordering::Relaxed);
+            Ok(offset)
+        })
+        .clone()
+}
+
+static STATIC_TLS_OUTCOME: OnceLock<Result<isize, String>> = OnceLock::new();
+
+/// What [`use_static_tls`] did, if it was called.
+pub(crate) fn static_tls_outcome() -> Option<Result<isize, String>> {
+    STATIC_TLS_OUTCOME.get().cloned()
+}
+
+/// Loads the static-TLS object from a memfd and returns its block's offset.
+fn load_static_block() -> Result<isize, String> {
+    if STATIC_TLS_OBJECT.is_empty() {
+        return Err("this build has no static-TLS object (no C compiler driver at build)".into());
+    }
+    let fd = rustix::fs::memfd_create("evolve-static-tls", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    let file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut &file, STATIC_TLS_OBJECT).map_err(|e| format!("memfd: {e}"))?;
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+    // SAFETY: the object is this crate's own `static_tls.s`: no initialisers, no dependencies,
+    // one function that reads its GOT word. Loading it runs no code.
+    let library = unsafe {
+        libloading::os::unix::Library::open(
+            Some(&path),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL,
+        )
+    }
+    .map_err(|e| format!("glibc refused the static-TLS object: {e}"))?;
+    drop(file);
+    // SAFETY: `evolve_thread_state_offset` is `static_tls.s`'s function, of this signature.
+    let offset = unsafe {
+        library
+            .get::<extern "C" fn() -> isize>(b"evolve_thread_state_offset\0")
+            .map(|f| f())
+    }
+    .map_err(|e| format!("the static-TLS object has no offset function: {e}"))?;
+    // Never unloaded: threads keep addressing the block.
+    std::mem::forget(library);
+    Ok(offset)
 }
 
 /// Whether the calling thread is where generated code must not be used: the crate's TLS is not
@@ -141,7 +242,7 @@ pub(crate) struct Unprobed {
 impl Unprobed {
     /// Turns probes off for this thread until the value is dropped.
     pub(crate) fn enter() -> Unprobed {
-        STATE.with(|s| s.guard.set(s.guard.get() + 1));
+        with(|s| s.guard.set(s.guard.get() + 1));
         Unprobed {
             _not_send: std::marker::PhantomData,
         }
@@ -150,13 +251,13 @@ impl Unprobed {
 
 impl Drop for Unprobed {
     fn drop(&mut self) {
-        STATE.with(|s| s.guard.set(s.guard.get() - 1));
+        with(|s| s.guard.set(s.guard.get() - 1));
     }
 }
 
 /// Whether probes are off for the calling thread.
 pub(crate) fn unprobed() -> bool {
-    STATE.with(|s| s.guard.get() != 0)
+    with(|s| s.guard.get() != 0)
 }
 
 /// A mutex guard held with probes off for the holding thread (see the module docs).

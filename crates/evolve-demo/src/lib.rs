@@ -1,4 +1,5 @@
-//! The harness around the kv example server (`examples/kv`), shared by the one-command demo
+//! The harness around the example servers — the kv server (`examples/kv`) and the async http
+//! service (`examples/http`) — shared by the one-command demo
 //! (`cargo run --release -p evolve-demo`), the live-update test with `redis-benchmark`, and the
 //! `kv-live-update` benchmark:
 //!
@@ -6,7 +7,8 @@
 //!   be edited and patches built against it without touching the repository), built with or
 //!   without Evolve, with the ready source patches of `examples/kv/patches/` applied to it;
 //! - [`server`]: a running server process and its agent;
-//! - [`client`]: a small RESP2 client and a load generator that checks every reply.
+//! - [`client`]: a small RESP2 client and a load generator that checks every reply;
+//! - [`http`]: a minimal HTTP/1.1 client for the http service.
 //!
 //! ```no_run
 //! use evolve_demo::{server::Server, workspace::{Flavor, KvWorkspace}};
@@ -21,5 +23,6 @@
 //! ```
 
 pub mod client;
+pub mod http;
 pub mod server;
 pub mod workspace;

@@ -125,7 +125,7 @@ fn step(text: &str) {
 }
 
 fn demo(phase: Duration) -> Result<()> {
-    step("copying examples/kv to target/evolve-demo/demo and building the server (the first run compiles its dependencies: a minute or two)");
+    step("copying examples/kv to target-copies/evolve-demo/demo and building the server (the first run compiles its dependencies: a minute or two)");
     let mut workspace = KvWorkspace::prepare("demo")?;
     workspace.verbose = true;
     let binary = workspace.build(Flavor::Evolve)?;

@@ -1,4 +1,4 @@
-//! A running kv server and its agent.
+//! A running example server and its agent.
 
 use anyhow::{anyhow, bail, Context, Result};
 use evolve_agent::client::Connection;
@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::workspace::{Example, KV};
+
 /// A server process, shut down when dropped.
 pub struct Server {
     child: Child,
@@ -19,10 +21,11 @@ pub struct Server {
     pub pid: u32,
     /// Its agent's socket directory.
     pub socket_dir: PathBuf,
+    example: &'static Example,
 }
 
 impl Server {
-    /// Starts `binary` on a free port of 127.0.0.1 and waits until it listens. `socket_dir`:
+    /// Starts `binary` (a kv server) on a free port of 127.0.0.1 and waits until it listens. `socket_dir`:
     /// where its agent puts its socket (default: the user's usual directory).
     pub fn start(binary: &Path, socket_dir: Option<&Path>) -> Result<Server> {
         Server::start_with(binary, socket_dir, &[])
@@ -30,6 +33,16 @@ impl Server {
 
     /// [`Server::start`] with more environment variables (e.g. `EVOLVE_TRUSTED_KEYS`).
     pub fn start_with(
+        binary: &Path,
+        socket_dir: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> Result<Server> {
+        Server::start_example(&KV, binary, socket_dir, env)
+    }
+
+    /// [`Server::start_with`] for the server of `example`.
+    pub fn start_example(
+        example: &'static Example,
         binary: &Path,
         socket_dir: Option<&Path>,
         env: &[(&str, &Path)],
@@ -49,10 +62,12 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
-        // "kv-server listening on ADDR pid PID"
+        // "<server> listening on ADDR pid PID"
         let words: Vec<&str> = line.split_whitespace().collect();
         let (addr, pid) = match words.as_slice() {
-            ["kv-server", "listening", "on", addr, "pid", pid] => (addr.parse()?, pid.parse()?),
+            [name, "listening", "on", addr, "pid", pid] if *name == example.server => {
+                (addr.parse()?, pid.parse()?)
+            }
             _ => {
                 let _ = child.kill();
                 bail!("the server did not start: {line:?}");
@@ -66,6 +81,7 @@ impl Server {
             addr,
             pid,
             socket_dir,
+            example,
         })
     }
 
@@ -84,9 +100,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(mut client) = crate::client::Client::connect(self.addr) {
-            let _ = client.send(&[b"SHUTDOWN"]);
-        }
+        (self.example.shutdown)(self.addr);
         for _ in 0..100 {
             if !self.running() {
                 return;

@@ -89,6 +89,9 @@ pub struct PatchRecord {
 pub struct FunctionStatus {
     /// Its path.
     pub name: String,
+    /// Its symbol in the executable, for an unprepared function a format-2 patch replaced
+    /// (`None` for a `#[evolve::hot]` function: its stub has no symbol of the program's).
+    pub symbol: Option<String>,
     /// Version 0 is the program's own; each patch that changed it adds one.
     pub versions: Vec<String>,
     /// Index in `versions` of the version callers reach now.
@@ -108,7 +111,7 @@ struct Function {
     /// The stubs of this function inside loaded patches, with the implementation each patch
     /// carries. A patch's stub jumps to its own implementation while that is the current
     /// version, and to the program's stub otherwise (see [`Function::route_patch_stubs`]).
-    patch_stubs: Vec<(Stub, usize)>,
+    patch_stubs: Vec<(Stub, Code)>,
 }
 
 impl Function {
@@ -118,8 +121,9 @@ impl Function {
     fn route_patch_stubs(&self, batch: &mut Batch) -> Result<()> {
         let current = self.versions.last().expect("base version").code.address();
         for (stub, own) in &self.patch_stubs {
-            if *own != current && stub.target() == *own {
-                stub.retarget_in(batch, *own, self.stub.as_code())?;
+            let own = own.address();
+            if own != current && stub.target() == own {
+                stub.retarget_in(batch, own, self.stub.as_code())?;
             }
         }
         Ok(())
@@ -673,14 +677,14 @@ pub(crate) fn bind(
             // Older patches' code reaches the new version through the program's stub. The
             // patch's own stub already jumps to the new version (its own implementation).
             for (stub, own) in &function.patch_stubs {
-                if stub.target() == *own {
-                    stub.retarget_in(&mut batch, *own, function.stub.as_code())?;
+                if stub.target() == own.address() {
+                    stub.retarget_in(&mut batch, own.address(), function.stub.as_code())?;
                 }
             }
             let patch_stub = if adapted {
                 None
             } else {
-                Some((object.stub(entry.id(), fingerprint)?, code.address()))
+                Some((object.stub(entry.id(), fingerprint)?, code))
             };
             new_versions.push((entry, code, patch_stub));
         }
@@ -897,6 +901,7 @@ pub fn functions() -> Vec<FunctionStatus> {
                 );
                 FunctionStatus {
                     name: entry.name().to_string(),
+                    symbol: None,
                     current: versions.len() - 1,
                     versions,
                 }
@@ -912,6 +917,7 @@ pub fn functions() -> Vec<FunctionStatus> {
                     .collect();
                 FunctionStatus {
                     name: crate::unprepared::display_name(symbol),
+                    symbol: Some(symbol.clone()),
                     current: versions.len() - 1,
                     versions,
                 }

@@ -233,8 +233,6 @@ fn a_changed_signature_with_an_adaptor_is_applied_and_old_callers_reach_the_new_
 }
 
 #[test]
-#[ignore = "known failure (issue 11): the format-1 builder's new change detection finds no \
-            changed hot function for this edit of version() and CALLS; see the closing note"]
 fn a_static_whose_type_changed_is_converted_by_its_transfer_function() {
     let fixture = Fixture::new("transfer");
     let mut host = fixture.start();

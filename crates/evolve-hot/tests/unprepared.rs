@@ -224,3 +224,104 @@ fn a_function_whose_entry_is_a_loop_target_is_refused_by_name_and_nothing_change
     );
     host.assert_versions(|_| 1);
 }
+
+/// The calls of `target` since the last change, by version (1..=4).
+fn many_versions(host: &mut PlainHost, target: &str) -> [u64; 4] {
+    let stats = host.send("stats");
+    assert_eq!(stats["errors"], 0, "wrong results: {stats}");
+    let mut out = [0u64; 4];
+    // No call counted yet in this epoch: no entry (the caller waits for calls).
+    let counted = stats["versions"][target]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (slot, v) in out.iter_mut().zip(&counted) {
+        *slot = v.as_u64().unwrap();
+    }
+    out
+}
+
+/// Waits until `target` was called at least 20 times since the last change; asserts every one
+/// of those calls returned `version`.
+fn assert_many(host: &mut PlainHost, version: usize) {
+    for target in ["many", "many_direct"] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let counts = loop {
+            let counts = many_versions(host, target);
+            if counts.iter().sum::<u64>() >= 20 {
+                break counts;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{target}: too few calls"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        for (i, n) in counts.iter().enumerate() {
+            if i + 1 != version {
+                assert_eq!(
+                    *n,
+                    0,
+                    "{target}: version {} after the change: {counts:?}",
+                    i + 1
+                );
+            }
+        }
+    }
+}
+
+/// `EVOLVE_STRESS_THREADS` threads call 100 patched functions (through a table and through
+/// direct calls) while `EVOLVE_STRESS_PATCHES` (default 1 000) patches replacing all 100 are
+/// applied and reverted, alternating between two builds; every result is checked: zero wrong.
+#[test]
+fn a_thousand_patches_of_a_hundred_functions_are_applied_and_reverted_under_calls() {
+    let _serial = serial();
+    let fixture = PlainFixture::new("plain-stress");
+    let mut host = fixture.start();
+    fixture.edit(LIB, &[("1; // many v1", "2; // many v2")]);
+    let two = fixture.build(&host, "two", &[]).unwrap();
+    assert!(two.carried.len() >= 100, "{:?}", two.carried.len());
+    let two = two.output.unwrap();
+    fixture.edit(LIB, &[("2; // many v2", "3; // many v3")]);
+    let three = fixture.build(&host, "three", &[]).unwrap().output.unwrap();
+    let patches: usize = std::env::var("EVOLVE_STRESS_PATCHES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000);
+    let started = std::time::Instant::now();
+    for i in 0..patches {
+        let (patch, version) = if i % 2 == 0 { (&two, 2) } else { (&three, 3) };
+        let applied = host.apply(patch);
+        assert!(
+            applied["updated"].as_array().unwrap().len() >= 100,
+            "{applied}"
+        );
+        // Check the switch on a sample (each check waits for fresh calls).
+        if i % 50 == 0 {
+            // Where an apply's time goes (printed, never asserted).
+            eprintln!(
+                "apply {i}: verify {} ms, references {} ms, switch {} ms, total {} ms",
+                applied["verify_ms"], applied["load_ms"], applied["apply_ms"], applied["total_ms"]
+            );
+            assert_many(&mut host, version);
+        }
+        let reverted = host.send("revert");
+        assert_eq!(reverted["ok"], true, "{reverted}");
+        if i % 50 == 0 {
+            assert_many(&mut host, 1);
+        }
+        // Unload the reverted patches nothing runs in any more, as a server would.
+        if i % 50 == 49 {
+            let gc = host.send("gc stacks");
+            assert!(gc["resident"].is_u64(), "{gc}");
+        }
+    }
+    eprintln!(
+        "{patches} patches applied and reverted in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_many(&mut host, 1);
+    host.assert_versions(|_| 1);
+    let stats = host.send("stats");
+    assert_eq!(stats["errors"], 0, "{stats}");
+}

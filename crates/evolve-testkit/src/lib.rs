@@ -55,12 +55,25 @@ pub fn repository() -> PathBuf {
         .expect("the repository exists")
 }
 
-/// Where scratch workspaces go: `<cargo target dir>/evolve-e2e`.
-pub fn scratch() -> PathBuf {
+/// The repository's cargo target directory (`CARGO_TARGET_DIR`, or `<repository>/target`).
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repository().join("target"))
-        .join("evolve-e2e")
+}
+
+/// Where scratch workspaces go: `<cargo target dir>-copies/evolve-e2e`, beside the target
+/// directory and never inside it.
+///
+/// Cargo records a source file under the target directory relative to the target directory,
+/// before it considers the package's root: a copy inside it would have its freshness checked
+/// against the files of whichever copy built that crate last (the edit of a copy was not seen,
+/// a fresh copy got another copy's edited crate).
+pub fn scratch() -> PathBuf {
+    let target = target_dir();
+    let mut copies = target.clone().into_os_string();
+    copies.push("-copies");
+    PathBuf::from(copies).join("evolve-e2e")
 }
 
 /// A fixture workspace copied to `scratch()/<name>` and built (release profile).
@@ -68,7 +81,11 @@ pub fn scratch() -> PathBuf {
 pub struct Workspace {
     /// The copy.
     pub dir: PathBuf,
-    /// Its cargo target directory, shared by every copy (dependencies build once).
+    /// Its cargo target directory: the repository's own, shared by every copy, so the
+    /// dependencies the repository's build compiled are not compiled again (cargo hashes a
+    /// registry crate's artifacts by its version, features and profile, the same here; the
+    /// repository's crates are compiled again, their hashes include their path relative to
+    /// the workspace). `cargo test` does not hold the directory's lock while tests run.
     pub target: PathBuf,
 }
 
@@ -82,7 +99,7 @@ impl Workspace {
 
     /// [`Workspace::build`] with extra environment for cargo (e.g. `CARGO_PROFILE_RELEASE_LTO`).
     pub fn build_with(fixture: &Path, name: &str, env: &[(&str, &str)]) -> Workspace {
-        Workspace::build_in(fixture, name, env, scratch().join("target"))
+        Workspace::build_in(fixture, name, env, target_dir())
     }
 
     /// [`Workspace::build_with`] into a target directory of its own (`<copy>/target`): for
@@ -102,6 +119,7 @@ impl Workspace {
         std::fs::copy(repository().join("Cargo.lock"), dir.join("Cargo.lock"))
             .expect("the repository has a Cargo.lock");
         let workspace = Workspace { dir, target };
+        let _claim = workspace.claim_target();
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["build", "--release", "--quiet", "--manifest-path"])
             .arg(workspace.dir.join("Cargo.toml"))
@@ -111,6 +129,25 @@ impl Workspace {
             .expect("cargo runs");
         assert!(status.success(), "building the fixture {name} failed");
         workspace
+    }
+
+    /// Holds the shared target directory for a build of this copy (cargo, or a patch builder
+    /// that runs cargo and then reads what it built): the returned guard must live until the
+    /// build's artifacts are read.
+    ///
+    /// Every copy of a fixture is the same workspace to cargo (unit hashes hash a package's
+    /// path relative to its workspace root), so copies share their crates' artifacts and
+    /// fingerprints in the shared target directory. Without this, a test's edited crate is
+    /// taken as fresh when another copy built it later than the edit (cargo compares source
+    /// mtimes with the last build's), or overwritten by another copy's build before the patch
+    /// builder reads it, and the patch is built from another copy's source. So builds are
+    /// serialised within the test process, and this copy's sources are marked as modified now,
+    /// so that cargo rebuilds its own crates from them (dependencies stay shared).
+    pub fn claim_target(&self) -> std::sync::MutexGuard<'static, ()> {
+        static SHARED_TARGET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = SHARED_TARGET.lock().unwrap_or_else(|p| p.into_inner());
+        touch_sources(&self.dir, std::time::SystemTime::now());
+        guard
     }
 
     /// Rewrites `file` (relative to the copy) with `edits`, pairs of old and new text; each old
@@ -123,6 +160,24 @@ impl Workspace {
             text = text.replace(old, new);
         }
         std::fs::write(path, text).expect("the copy is writable");
+    }
+}
+
+/// Sets the modification time of every regular file under `dir` (but its `target`) to `now`.
+fn touch_sources(dir: &Path, now: std::time::SystemTime) {
+    for entry in std::fs::read_dir(dir).expect("the copy exists") {
+        let entry = entry.expect("a directory entry");
+        let path = entry.path();
+        let kind = entry.file_type().expect("a file type");
+        if kind.is_dir() {
+            if entry.file_name() != "target" {
+                touch_sources(&path, now);
+            }
+        } else if !kind.is_file() {
+            // A FIFO a test made (opening it would wait for a writer), a socket: not source.
+        } else if let Ok(file) = std::fs::File::options().write(true).open(&path) {
+            file.set_modified(now).expect("the copy is writable");
+        }
     }
 }
 

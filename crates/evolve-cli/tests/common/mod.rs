@@ -74,6 +74,12 @@ impl Fixture {
         host
     }
 
+    /// Holds the shared target directory while this copy is built by `evolve build-patch`
+    /// ([`Workspace::claim_target`]: another copy's build would otherwise be taken for this one's).
+    pub fn claim_target(&self) -> std::sync::MutexGuard<'static, ()> {
+        self.workspace.claim_target()
+    }
+
     /// Rewrites the hot crate's source (pairs of old, new text).
     pub fn edit(&self, edits: &[(&str, &str)]) {
         self.workspace.edit("ctlhot/src/lib.rs", edits);

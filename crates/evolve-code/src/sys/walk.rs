@@ -134,12 +134,15 @@ pub(crate) fn deregistered(address: usize) {
         .retain(|r| r.address != address);
 }
 
-/// One loaded object's unwind tables, copied.
+/// One loaded object's unwind tables, copied. Addresses are [`Hidden`] here and in
+/// [`Tables::code`]: the tables are rebuilt for every stop of the world and freed after it, and
+/// plain copies of a patch's addresses left in freed memory would keep reclamation from ever
+/// unloading it.
 struct ImageTables {
-    bias: usize,
-    hdr_address: usize,
+    bias: Hidden,
+    hdr_address: Hidden,
     hdr: Box<[u8]>,
-    eh_address: usize,
+    eh_address: Hidden,
     eh: Box<[u8]>,
 }
 
@@ -161,8 +164,8 @@ pub struct Tables {
     images: Vec<ImageTables>,
     /// Sections registered for generated code: their address and bytes.
     registered: Vec<(usize, Arc<[u8]>)>,
-    /// Executable ranges, sorted, with where their FDEs are.
-    code: Vec<(Range<usize>, Source)>,
+    /// Executable ranges (start, end), sorted, with where their FDEs are.
+    code: Vec<(Hidden, Hidden, Source)>,
 }
 
 /// Copies `len` bytes at `address`, if all of them can be read.
@@ -177,9 +180,9 @@ impl Tables {
     pub fn refresh(&mut self) {
         peek::prepare();
         struct Seen {
-            bias: usize,
-            hdr: Range<usize>,
-            loads: Vec<(Range<usize>, bool)>,
+            bias: Hidden,
+            hdr: (Hidden, Hidden),
+            loads: Vec<(Hidden, Hidden, bool)>,
         }
         let mut seen = Vec::new();
         super::loader::for_each(|object| {
@@ -191,14 +194,15 @@ impl Tables {
                     .map(|p| {
                         let start = object.bias.wrapping_add(p.p_vaddr as usize);
                         (
-                            start..start + p.p_memsz as usize,
+                            Hidden::new(start),
+                            Hidden::new(start + p.p_memsz as usize),
                             p.p_flags & libc::PF_X != 0,
                         )
                     })
                     .collect();
                 seen.push(Seen {
-                    bias: object.bias,
-                    hdr,
+                    bias: Hidden::new(object.bias),
+                    hdr: (Hidden::new(hdr.start), Hidden::new(hdr.end)),
                     loads,
                 });
             }
@@ -209,17 +213,17 @@ impl Tables {
         for object in seen {
             let kept = old
                 .iter()
-                .position(|i| i.bias == object.bias && i.hdr_address == object.hdr.start)
+                .position(|i| i.bias == object.bias && i.hdr_address == object.hdr.0)
                 .map(|i| old.swap_remove(i));
-            let Some(image) = kept.or_else(|| Self::load(object.bias, &object.hdr, &object.loads))
-            else {
+            let hdr = object.hdr.0.get()..object.hdr.1.get();
+            let Some(image) = kept.or_else(|| Self::load(object.bias, &hdr, &object.loads)) else {
                 continue;
             };
             let index = self.images.len();
             self.images.push(image);
-            for (range, exec) in object.loads {
+            for (start, end, exec) in object.loads {
                 if exec {
-                    self.code.push((range, Source::Image(index)));
+                    self.code.push((start, end, Source::Image(index)));
                 }
             }
         }
@@ -230,7 +234,8 @@ impl Tables {
                 .push((registered.address, registered.eh.clone()));
             for (start, end, offset) in &registered.fdes {
                 self.code.push((
-                    start.get()..end.get(),
+                    *start,
+                    *end,
                     Source::Registered {
                         table,
                         offset: *offset,
@@ -238,15 +243,16 @@ impl Tables {
                 ));
             }
         }
-        self.code.sort_by_key(|(range, _)| range.start);
+        // Hidden values order as the addresses (user addresses have their top 16 bits clear).
+        self.code.sort_by_key(|(start, _, _)| *start);
     }
 
     /// Copies an object's `.eh_frame_hdr` and `.eh_frame` (up to the end of the segment that
     /// holds it: the section's length is not recorded anywhere else in memory).
     fn load(
-        bias: usize,
+        bias: Hidden,
         hdr: &Range<usize>,
-        loads: &[(Range<usize>, bool)],
+        loads: &[(Hidden, Hidden, bool)],
     ) -> Option<ImageTables> {
         let hdr_bytes = copy(hdr.start, hdr.len())?;
         let bases = BaseAddresses::default().set_eh_frame_hdr(hdr.start as u64);
@@ -257,16 +263,18 @@ impl Tables {
             return None;
         };
         let eh_address = eh_address as usize;
-        let segment = loads.iter().find(|(r, _)| r.contains(&eh_address))?;
-        let len = (segment.0.end - eh_address).min(256 << 20);
+        let segment = loads
+            .iter()
+            .find(|(start, end, _)| (start.get()..end.get()).contains(&eh_address))?;
+        let len = (segment.1.get() - eh_address).min(256 << 20);
         let mut eh = vec![0u8; len];
         let read = peek::read(eh_address, &mut eh);
         eh.truncate(read);
         Some(ImageTables {
             bias,
-            hdr_address: hdr.start,
+            hdr_address: Hidden::new(hdr.start),
             hdr: hdr_bytes,
-            eh_address,
+            eh_address: Hidden::new(eh_address),
             eh: eh.into_boxed_slice(),
         })
     }
@@ -283,9 +291,9 @@ impl Tables {
     }
 
     fn source(&self, pc: usize) -> Option<Source> {
-        let i = self.code.partition_point(|(r, _)| r.start <= pc);
-        let (range, source) = self.code.get(i.checked_sub(1)?)?;
-        range.contains(&pc).then_some(*source)
+        let i = self.code.partition_point(|(start, _, _)| start.get() <= pc);
+        let (start, end, source) = self.code.get(i.checked_sub(1)?)?;
+        (start.get()..end.get()).contains(&pc).then_some(*source)
     }
 
     /// The first address of the function (the FDE) whose unwind information covers `pc`.
@@ -295,8 +303,8 @@ impl Tables {
             Source::Image(i) => {
                 let image = &self.images[i];
                 let bases = BaseAddresses::default()
-                    .set_eh_frame_hdr(image.hdr_address as u64)
-                    .set_eh_frame(image.eh_address as u64);
+                    .set_eh_frame_hdr(image.hdr_address.get() as u64)
+                    .set_eh_frame(image.eh_address.get() as u64);
                 let section = EhFrame::new(&image.eh, LittleEndian);
                 let hdr = EhFrameHdr::new(&image.hdr, LittleEndian)
                     .parse(&bases, 8)
@@ -308,8 +316,8 @@ impl Tables {
                 Some(fde.initial_address() as usize)
             }
             Source::Registered { .. } => {
-                let i = self.code.partition_point(|(r, _)| r.start <= pc);
-                Some(self.code[i - 1].0.start)
+                let i = self.code.partition_point(|(start, _, _)| start.get() <= pc);
+                Some(self.code[i - 1].0.get())
             }
         }
     }
@@ -538,8 +546,8 @@ impl Walker {
             Source::Image(i) => {
                 let image = &tables.images[i];
                 let bases = BaseAddresses::default()
-                    .set_eh_frame_hdr(image.hdr_address as u64)
-                    .set_eh_frame(image.eh_address as u64);
+                    .set_eh_frame_hdr(image.hdr_address.get() as u64)
+                    .set_eh_frame(image.eh_address.get() as u64);
                 let section = EhFrame::new(&image.eh, LittleEndian);
                 let Ok(hdr) = EhFrameHdr::new(&image.hdr, LittleEndian).parse(&bases, 8) else {
                     return Step::Failed;

@@ -33,6 +33,7 @@ impl Fixture {
 
     /// Builds a patch of the hot crate against the running `host`.
     pub fn build_patch(&self, host: &Host, name: &str) -> evolve_hot::Result<BuildReport> {
+        let _claim = self.workspace.claim_target();
         build_patch(&BuildOptions {
             manifest_path: self.dir.join("Cargo.toml"),
             package: "hotfix".into(),
@@ -45,6 +46,7 @@ impl Fixture {
             )],
             features: Vec::new(),
             no_default_features: false,
+            built_with: Vec::new(),
         })
     }
 

@@ -58,16 +58,24 @@ impl PlainFixture {
             self.workspace.target.display().to_string(),
         )];
         options.applied = applied.iter().map(|p| (*p).clone()).collect();
+        let _claim = self.workspace.claim_target();
         build_patch(&options)
     }
 
     /// Starts the host with `EVOLVE_STRESS_THREADS` calling threads.
     pub fn start(&self) -> PlainHost {
+        self.start_with(&[], &[])
+    }
+
+    /// Starts the host with arguments (`--agent`) and environment variables.
+    pub fn start_with(&self, args: &[&str], env: &[(&str, &std::path::Path)]) -> PlainHost {
         // The binary as built now: later patch builds rebuild the workspace in place.
         let binary = self.workspace.dir.join("plainhost.running");
         let _ = std::fs::remove_file(&binary);
         std::fs::copy(self.workspace.target.join("release/plainhost"), &binary).unwrap();
         let mut child = Command::new(&binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(
                 "EVOLVE_STRESS_THREADS",
                 evolve_testkit::stress_threads().to_string(),
@@ -83,8 +91,10 @@ impl PlainFixture {
             child,
             stdin,
             lines,
+            socket: None,
         };
         let ready = host.answer();
+        host.socket = ready["socket"].as_str().map(PathBuf::from);
         assert_eq!(ready["ready"], true, "{ready}");
         assert!(
             ready["versions"].as_array().unwrap().iter().all(|v| v == 1),
@@ -99,6 +109,8 @@ pub struct PlainHost {
     child: Child,
     stdin: ChildStdin,
     lines: Lines,
+    /// The agent's socket (started with `--agent`).
+    pub socket: Option<PathBuf>,
 }
 
 impl PlainHost {
@@ -119,6 +131,12 @@ impl PlainHost {
         writeln!(self.stdin, "{command}").unwrap();
         self.stdin.flush().unwrap();
         self.answer()
+    }
+
+    /// Marks a change made from outside (the CLI): calls counted from now on started after it.
+    pub fn epoch(&mut self) {
+        let answer = self.send("epoch");
+        assert!(answer["epoch"].is_u64(), "{answer}");
     }
 
     /// Applies a patch; panics with the host's message if it is refused.

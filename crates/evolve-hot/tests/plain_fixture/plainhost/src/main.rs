@@ -1,7 +1,8 @@
 //! The host of the format-2 tests: `EVOLVE_STRESS_THREADS` threads (default 4) call every
 //! target continuously and check every result (`base << 4 | version`: the base must be right,
 //! the version is counted); commands on stdin apply and revert patches; one JSON line answers
-//! each. Calls are counted by the epoch they started in: the epoch moves on after every apply
+//! each. With `--agent` it also starts the control agent (one line in `main`, no build step),
+//! so the `evolve` CLI reaches it; `epoch` then marks a change made through the CLI. Calls are counted by the epoch they started in: the epoch moves on after every apply
 //! or revert, so a call counted in the current epoch started after the change returned.
 use plainlib::Shape;
 use serde_json::{json, Value};
@@ -30,6 +31,9 @@ const TARGETS: &[Target] = &[
     ("scaled", |x| plainlib::scaled(x), |x| x.wrapping_mul(7) & (u64::MAX >> 4)),
     ("scaled_xor", |x| plainlib::scaled_xor(x), |x| (x.wrapping_mul(7) ^ (x << 4)) & (u64::MAX >> 4)),
     ("other", |x| plainlib::other(x), |x| x + 5),
+    // The stress test's 100 functions: through their table, and through direct calls.
+    ("many", |x| plainlib::MANY[(x % 100) as usize](x), |x| x + x % 100 + 1000),
+    ("many_direct", |x| plainlib::call_many(x), |x| x + x % 100 + 1000),
 ];
 
 /// Per epoch, per target: [errors, v1, v2, v3, v4].
@@ -113,6 +117,9 @@ fn answer(result: Result<Value, String>) {
 }
 
 fn main() {
+    let agent = std::env::args()
+        .any(|a| a == "--agent")
+        .then(|| evolve_agent::start().expect("the agent starts"));
     let threads: usize = std::env::var("EVOLVE_STRESS_THREADS")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -126,7 +133,8 @@ fn main() {
         .collect();
     // Each target once on this thread too: every result of the program's version.
     let direct: Vec<u64> = TARGETS.iter().map(|(_, call, _)| call(3) & 0xf).collect();
-    answer(Ok(json!({ "ready": true, "versions": direct })));
+    let socket = agent.as_ref().map(|a| a.socket().display().to_string());
+    answer(Ok(json!({ "ready": true, "versions": direct, "socket": socket })));
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -140,7 +148,7 @@ fn main() {
                 };
                 let r = evolve_hot::patch::apply_with(path, &options);
                 EPOCH.fetch_add(1, Ordering::AcqRel);
-                r.map(|r| json!({ "ok": true, "patch": r.patch, "updated": r.updated }))
+                r.map(|r| json!({ "ok": true, "patch": r.patch, "updated": r.updated, "verify_ms": r.verify_ms, "load_ms": r.load_ms, "apply_ms": r.apply_ms, "total_ms": r.total_ms }))
                     .map_err(|e| e.to_string())
             }
             ["revert", rest @ ..] => {
@@ -159,6 +167,8 @@ fn main() {
                     .map_err(|e| e.to_string())
             }
             ["stats"] => Ok(stats()),
+            ["serve", n] => Ok(serve(n.parse().unwrap())),
+            ["epoch"] => Ok(json!({ "epoch": EPOCH.fetch_add(1, Ordering::AcqRel) + 1 })),
             ["call", name, x] => TARGETS
                 .iter()
                 .find(|t| t.0 == *name)
@@ -187,6 +197,36 @@ fn main() {
     for w in workers {
         w.join().unwrap();
     }
+}
+
+/// A Tokio service: `n` requests, each a task calling `plainlib::handle` on the runtime's
+/// workers (which catch a panicking task: its `JoinHandle` reports it). Answers the versions
+/// the requests saw, the panics and the wrong results.
+fn serve(n: u64) -> Value {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    });
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|x| tokio::spawn(async move { (x, plainlib::handle(black_box(x))) }))
+            .collect();
+        let (mut versions, mut panics, mut errors) = ([0u64; 4], 0u64, 0u64);
+        for task in tasks {
+            match task.await {
+                Ok((x, r)) if r >> 4 == x + 1 && (1..=4).contains(&(r & 0xf)) => {
+                    versions[(r & 0xf) as usize - 1] += 1
+                }
+                Ok(_) => errors += 1,
+                Err(e) if e.is_panic() => panics += 1,
+                Err(_) => errors += 1,
+            }
+        }
+        json!({ "versions": versions, "panics": panics, "errors": errors })
+    })
 }
 
 /// The first 16 bytes of a target's function (to check that revert restores them exactly).

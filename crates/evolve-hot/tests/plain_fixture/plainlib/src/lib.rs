@@ -73,6 +73,50 @@ pub fn scaled_xor(a: u64) -> u64 {
     scale(a) ^ (a << 8)
 }
 
+/// The handler of the Tokio service (`serve N` on the host): only its tasks call it, on the
+/// runtime's workers, which catch a panic in a task. It may panic in every version: a patch
+/// that made a function unwind which could not would change its callers' code too (their
+/// cleanup paths), the service's async blocks among them.
+#[inline(never)]
+pub fn handle(x: u64) -> u64 {
+    assert!(x != u64::MAX, "handle: no request {x}"); // handle guard v1
+    (x + 1) << 4 | 1 // handle v1
+}
+
+/// The version of the [`MANY`] functions (the stress test's patches change it: each patch
+/// replaces all 100).
+const MANY_VERSION: u64 = 1; // many v1
+
+macro_rules! many {
+    ($($name:ident $n:literal),*) => {
+        $(
+            /// One of the stress test's functions: `(x + N + 1000) << 4 | MANY_VERSION` (distinct from every other function: none is folded into another).
+            #[inline(never)]
+            pub fn $name(x: u64) -> u64 {
+                (x + $n + 1000) << 4 | MANY_VERSION
+            }
+        )*
+        /// The 100 functions, by `N`.
+        pub const MANY: &[fn(u64) -> u64] = &[$($name),*];
+    };
+}
+
+many!(many_0 0, many_1 1, many_2 2, many_3 3, many_4 4, many_5 5, many_6 6, many_7 7, many_8 8, many_9 9, many_10 10, many_11 11, many_12 12, many_13 13, many_14 14, many_15 15, many_16 16, many_17 17, many_18 18, many_19 19, many_20 20, many_21 21, many_22 22, many_23 23, many_24 24, many_25 25, many_26 26, many_27 27, many_28 28, many_29 29, many_30 30, many_31 31, many_32 32, many_33 33, many_34 34, many_35 35, many_36 36, many_37 37, many_38 38, many_39 39, many_40 40, many_41 41, many_42 42, many_43 43, many_44 44, many_45 45, many_46 46, many_47 47, many_48 48, many_49 49, many_50 50, many_51 51, many_52 52, many_53 53, many_54 54, many_55 55, many_56 56, many_57 57, many_58 58, many_59 59, many_60 60, many_61 61, many_62 62, many_63 63, many_64 64, many_65 65, many_66 66, many_67 67, many_68 68, many_69 69, many_70 70, many_71 71, many_72 72, many_73 73, many_74 74, many_75 75, many_76 76, many_77 77, many_78 78, many_79 79, many_80 80, many_81 81, many_82 82, many_83 83, many_84 84, many_85 85, many_86 86, many_87 87, many_88 88, many_89 89, many_90 90, many_91 91, many_92 92, many_93 93, many_94 94, many_95 95, many_96 96, many_97 97, many_98 98, many_99 99);
+
+/// Calls the `x % 100`th of [`MANY`] directly (a call site the patches retarget).
+#[inline(never)]
+pub fn call_many(x: u64) -> u64 {
+    macro_rules! dispatch {
+        ($($name:ident $n:literal),*) => {
+            match x % 100 {
+                $($n => $name(x),)*
+                _ => unreachable!(),
+            }
+        };
+    }
+    dispatch!(many_0 0, many_1 1, many_2 2, many_3 3, many_4 4, many_5 5, many_6 6, many_7 7, many_8 8, many_9 9, many_10 10, many_11 11, many_12 12, many_13 13, many_14 14, many_15 15, many_16 16, many_17 17, many_18 18, many_19 19, many_20 20, many_21 21, many_22 22, many_23 23, many_24 24, many_25 25, many_26 26, many_27 27, many_28 28, many_29 29, many_30 30, many_31 31, many_32 32, many_33 33, many_34 34, many_35 35, many_36 36, many_37 37, many_38 38, many_39 39, many_40 40, many_41 41, many_42 42, many_43 43, many_44 44, many_45 45, many_46 46, many_47 47, many_48 48, many_49 49, many_50 50, many_51 51, many_52 52, many_53 53, many_54 54, many_55 55, many_56 56, many_57 57, many_58 58, many_59 59, many_60 60, many_61 61, many_62 62, many_63 63, many_64 64, many_65 65, many_66 66, many_67 67, many_68 68, many_69 69, many_70 70, many_71 71, many_72 72, many_73 73, many_74 74, many_75 75, many_76 76, many_77 77, many_78 78, many_79 79, many_80 80, many_81 81, many_82 82, many_83 83, many_84 84, many_85 85, many_86 86, many_87 87, many_88 88, many_89 89, many_90 90, many_91 91, many_92 92, many_93 93, many_94 94, many_95 95, many_96 96, many_97 97, many_98 98, many_99 99)
+}
+
 /// Only for the second patch of a stack.
 #[inline(never)]
 pub fn other(x: u64) -> u64 {
