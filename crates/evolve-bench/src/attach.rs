@@ -199,15 +199,40 @@ fn windows(
     lines: &mut impl Iterator<Item = std::io::Result<String>>,
     n: usize,
 ) -> Result<Vec<f64>> {
-    (0..n)
-        .map(|_| {
-            let line = lines.next().context("the target stopped printing")??;
-            line.split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .context("a window line")
-        })
-        .collect()
+    windows_since(lines, n, 0)
+}
+
+/// The next `n` windows (ns per call) that started at or after `since` (CLOCK_MONOTONIC ns):
+/// the lines printed before are skipped — while the CLI changed the probes the target kept
+/// printing, and those lines wait in the pipe.
+fn windows_since(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    n: usize,
+    since: i64,
+) -> Result<Vec<f64>> {
+    let mut taken = Vec::with_capacity(n);
+    while taken.len() < n {
+        let line = lines.next().context("the target stopped printing")??;
+        let mut fields = line.split_whitespace();
+        let ns: f64 = fields
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("a window line")?;
+        let start: i64 = fields
+            .next()
+            .and_then(|v| v.parse().ok())
+            .context("a window line's start")?;
+        if start >= since {
+            taken.push(ns);
+        }
+    }
+    Ok(taken)
+}
+
+/// Now, on the clock the target's windows are stamped with.
+fn monotonic_ns() -> Result<i64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(now.tv_sec() * 1_000_000_000 + now.tv_nsec())
 }
 
 /// `probe-overhead --attached --kind count|latency`.
@@ -254,12 +279,11 @@ pub fn probe_overhead_attached(kind: &str, calls: u64, runs: usize) -> Result<Va
     let (mut base, mut probed) = (vec![], vec![]);
     let mut counted = 0u64;
     for _ in 0..runs {
-        // Drop the window that straddles the change, then take two of each.
-        windows(&mut lines, 1)?;
-        base.extend(windows(&mut lines, 2)?);
+        // Two windows of each, each started after the change took effect (the removal or the
+        // addition returned).
+        base.extend(windows_since(&mut lines, 2, monotonic_ns()?)?);
         cli(&["probe", &pid, "add", "probed", flag])?;
-        windows(&mut lines, 1)?;
-        probed.extend(windows(&mut lines, 2)?);
+        probed.extend(windows_since(&mut lines, 2, monotonic_ns()?)?);
         let read = cli(&["probe", &pid, "read"])?;
         counted += read["readings"][0]["calls"].as_u64().unwrap_or(0);
         cli(&["probe", &pid, "rm", "--all"])?;
