@@ -8,8 +8,6 @@ use common::{Fixture, V2};
 use std::os::unix::process::ExitStatusExt;
 
 #[test]
-#[ignore = "known failure (issue 10, item 6): after `unescape`, the collector keeps patch `first` \
-            for 4 words 56 bytes apart (stub-entry sized copies in the host); see the closing note"]
 fn old_patches_are_unloaded_only_when_nothing_refers_to_them() {
     let fixture = Fixture::new("reclaim");
     let mut host = fixture.start();
