@@ -56,22 +56,7 @@ fn built(run: &Run) -> PathBuf {
 /// `evolve functions PID GLOB --json`: (name, versions) of every matching symbol.
 fn symbols(sockets: &Path, pid: &str, glob: &str) -> Vec<(String, Vec<String>)> {
     let listing = evolve(sockets, &["functions", pid, glob, "--json"]).expect_json();
-    listing["symbols"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["versions"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect()
+    plain::names_and_versions(&listing["symbols"])
 }
 
 fn versions_of(listing: &[(String, Vec<String>)], name: &str) -> Vec<String> {

@@ -22,22 +22,7 @@ const MAIN: &str = "plainhost/src/main.rs";
 /// The names a listing shows, and the versions of each.
 fn replaced(host: &mut PlainHost) -> Vec<(String, Vec<String>)> {
     let listing = host.send("functions");
-    listing
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["name"].as_str().unwrap().to_string(),
-                f["versions"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect()
+    common::plain::names_and_versions(&listing)
 }
 
 #[test]

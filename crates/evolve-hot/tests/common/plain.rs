@@ -202,3 +202,24 @@ impl Drop for PlainHost {
         }
     }
 }
+
+/// A listing of `{name, versions}` objects (the host's `functions` answer, `evolve functions
+/// --json`'s symbols) as (name, versions) pairs.
+pub fn names_and_versions(listing: &Value) -> Vec<(String, Vec<String>)> {
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["versions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
