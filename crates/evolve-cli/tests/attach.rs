@@ -35,28 +35,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// The agent shared object next to the `evolve` binary (built once per test run).
 fn agent_built() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let evolve = Path::new(env!("CARGO_BIN_EXE_evolve"));
-        let so = evolve.parent().unwrap().join("libevolve_attach_agent.so");
-        let profile = evolve
-            .parent()
-            .unwrap()
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .current_dir(repo())
-            .args(["build", "-q", "-p", "evolve-agent-so"]);
-        if profile == "release" {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().unwrap();
-        assert!(status.success() && so.exists(), "building {}", so.display());
-    });
+    evolve_testkit::attach_agent(Path::new(env!("CARGO_BIN_EXE_evolve")));
 }
 
 fn fixture(name: &str) -> PathBuf {

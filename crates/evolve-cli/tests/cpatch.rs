@@ -30,19 +30,7 @@ fn stress_threads() -> usize {
 
 /// The agent shared object next to the `evolve` binary (built once per test run).
 fn agent_built() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let evolve = Path::new(env!("CARGO_BIN_EXE_evolve"));
-        let so = evolve.parent().unwrap().join("libevolve_attach_agent.so");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .current_dir(repo())
-            .args(["build", "-q", "-p", "evolve-agent-so"]);
-        if evolve.parent().unwrap().ends_with("release") {
-            cargo.arg("--release");
-        }
-        assert!(cargo.status().unwrap().success() && so.exists());
-    });
+    evolve_testkit::attach_agent(Path::new(env!("CARGO_BIN_EXE_evolve")));
 }
 
 /// Runs `evolve ARGS --json` with the test's socket directory.

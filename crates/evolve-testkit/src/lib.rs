@@ -62,6 +62,47 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repository().join("target"))
 }
 
+/// Builds the agent shared object `evolve attach` loads (`libevolve_attach_agent.so`, next to
+/// the `evolve` binary `evolve_binary`) once per test process, and returns its path.
+///
+/// It builds `--workspace --all-targets`, the units `cargo test --workspace` builds, in the
+/// profile of `evolve_binary`'s directory: under the README's test command everything else is
+/// already fresh and only the agent is linked. Building `-p evolve-agent-so` alone resolves the
+/// dependencies' features for that package only (no dev-dependencies, fewer users of `libc`,
+/// `serde`, `syn`, …) and compiled much of the dependency graph a second time: ~9 minutes of a
+/// 2-core CI run.
+///
+/// ```no_run
+/// let evolve = std::path::Path::new("target/release/evolve");
+/// let agent = evolve_testkit::attach_agent(evolve);
+/// assert!(agent.ends_with("release/libevolve_attach_agent.so"));
+/// ```
+pub fn attach_agent(evolve_binary: &Path) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile_dir = evolve_binary
+                .parent()
+                .expect("the binary is in a directory");
+            let agent = profile_dir.join("libevolve_attach_agent.so");
+            let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+            cargo
+                .current_dir(repository())
+                .args(["build", "-q", "--workspace", "--all-targets"]);
+            if profile_dir.ends_with("release") {
+                cargo.arg("--release");
+            }
+            let status = cargo.status().expect("cargo runs");
+            assert!(
+                status.success() && agent.exists(),
+                "building {}: {status}",
+                agent.display()
+            );
+            agent
+        })
+        .clone()
+}
+
 /// Where scratch workspaces go: `<cargo target dir>-copies/evolve-e2e`, beside the target
 /// directory and never inside it.
 ///
