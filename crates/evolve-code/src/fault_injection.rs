@@ -24,7 +24,7 @@
 //! reset();
 //! ```
 
-pub use crate::sys::inject::{calls, fail_nth, reset, Failure, Syscall};
+pub use crate::sys::inject::{calls, delay_parking, fail_nth, reset, Failure, Syscall};
 pub use crate::sys::trap::TrapTable;
 
 /// The trap table as the `SIGTRAP` handler sees it.

@@ -1,12 +1,15 @@
 //! Fault injection for the engine's tests (cargo feature `fault-injection`, never in a user's
 //! build): make the n-th `mprotect`, `/proc/self/mem` write or `membarrier` core sync of the
-//! calling thread fail, or panic, to check that every failure leaves the process as it was.
+//! calling thread fail, or panic, to check that every failure leaves the process as it was; and
+//! slow the stop handler down between claiming its slot and parking, to widen a window that
+//! preemption opens only rarely.
 //!
 //! Counting is per thread: a batch makes its system calls on the thread that applies it, so
 //! tests running in parallel in one process do not disturb each other's counts.
 
 use crate::error::{Error, ErrorKind, Result};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The system calls a write can fail in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,4 +87,28 @@ pub(crate) fn check(syscall: Syscall, operation: &'static str) -> Result<()> {
             Err(Error::new(ErrorKind::Os { operation, errno }))
         }
     }
+}
+
+/// Microseconds the stop handler sleeps after claiming its slot, before it publishes `PARKED`.
+static PARK_DELAY_US: AtomicU64 = AtomicU64::new(0);
+
+/// From now on, in every thread: the handler of a stop of the world sleeps `delay` between
+/// claiming its slot and publishing that it parked (its registers half copied), as a thread
+/// preempted there would. `Duration::ZERO` turns it off. Process-wide: the handler runs on the
+/// stopped threads, not on the caller.
+pub fn delay_parking(delay: std::time::Duration) {
+    PARK_DELAY_US.store(delay.as_micros() as u64, Ordering::Relaxed);
+}
+
+/// The injected delay of the stop handler (async-signal-safe: one `nanosleep` system call).
+pub(crate) fn park_delay() {
+    let us = PARK_DELAY_US.load(Ordering::Relaxed);
+    if us == 0 {
+        return;
+    }
+    let time = rustix::thread::Timespec {
+        tv_sec: (us / 1_000_000) as _,
+        tv_nsec: ((us % 1_000_000) * 1000) as _,
+    };
+    let _ = rustix::thread::nanosleep(&time);
 }

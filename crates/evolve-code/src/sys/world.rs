@@ -255,6 +255,8 @@ unsafe fn park(generation: u32, context: *const libc::ucontext_t) {
     // SAFETY: `fpregs` belongs to this signal frame.
     let words = unsafe { regs::capture_extended(mcontext.fpregs as *const u8, &slot.extended) };
     slot.extended_len.store(words, Ordering::Relaxed);
+    #[cfg(feature = "fault-injection")]
+    super::inject::park_delay();
     INSIDE.fetch_add(1, Ordering::AcqRel);
     slot.state
         .store(state(generation, PARKED), Ordering::Release);
@@ -801,20 +803,23 @@ fn wait_for_parking(slots: &[Slot], g: u32, deadline: Instant) -> std::result::R
     let mut ticks = 0u32;
     loop {
         let seen = ARRIVALS.load(Ordering::Acquire);
-        let waiting = slots
-            .iter()
-            .filter(|s| s.state.load(Ordering::Acquire) == state(g, SIGNALLED))
-            .count();
-        if waiting == 0 {
+        // A slot being `WRITING` is a handler still copying its registers: not parked yet. It
+        // must be waited for like a signalled one — counted as parked, it was left out of the
+        // world (`collect` takes `PARKED` slots only) and its PC was never checked: an entry
+        // was then written over the instruction it was about to resume at.
+        let not_parked = |s: &Slot| {
+            let now = s.state.load(Ordering::Acquire);
+            now == state(g, SIGNALLED) || now == state(g, WRITING)
+        };
+        if !slots.iter().any(not_parked) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            let mut stuck = Vec::new();
-            for slot in slots {
-                if slot.state.load(Ordering::Acquire) == state(g, SIGNALLED) {
-                    stuck.push(slot.tid.load(Ordering::Relaxed));
-                }
-            }
+            let stuck = slots
+                .iter()
+                .filter(|s| not_parked(s))
+                .map(|s| s.tid.load(Ordering::Relaxed))
+                .collect();
             return Err(Abort::Stuck(stuck));
         }
         futex_wait_for(&ARRIVALS, seen, Duration::from_millis(1));
@@ -870,7 +875,10 @@ fn collect(scratch: &mut Scratch, slots: &[Slot], g: u32) {
     scratch.frames.clear();
     scratch.stacks.clear();
     for slot in slots {
-        if slot.state.load(Ordering::Acquire) != state(g, PARKED) {
+        let now = slot.state.load(Ordering::Acquire);
+        if now != state(g, PARKED) {
+            // Only a thread that exited is left out (`wait_for_parking`).
+            debug_assert_eq!(now, state(g, GONE), "a thread neither parked nor gone");
             continue;
         }
         let general: [u64; GENERAL] =
