@@ -41,8 +41,10 @@
 //! Traps that are not ours (other addresses, not from `int3`, or foreign `int3`s at sites) are
 //! passed to the handler that was installed before ours, exactly as the kernel would have called
 //! it, or to the default action. If a program installs its own `SIGTRAP` handler after ours,
-//! [`install`] (called before every int3 write) puts ours back in front and chains to it; a
-//! thread-local guard breaks the loop if that handler in turn chains back to us.
+//! [`install`] (called before every int3 write) puts ours back in front and chains to it; if
+//! that handler in turn chains back to us, the default action ends the loop. All of it is
+//! [`Chain`]'s, shared with the engine's other signals (no thread-local: in an engine loaded
+//! with `dlopen` its first use in a handler would allocate).
 //!
 //! # Safety
 //!
@@ -57,10 +59,10 @@
 pub(crate) mod slots;
 
 use crate::arch::{self, SITE_LEN};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::site::SiteInsn;
+use super::signal::Chain;
 use slots::{Resolution, Slot, Table, WriteEpoch};
-use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
@@ -199,48 +201,18 @@ pub struct TrapTable {
     pub write_in_flight: bool,
 }
 
-/// The action that was installed before ours, to chain to (leaked `Box`, or null: default).
-static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
-
-thread_local! {
-    static CHAINING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn current_action() -> Result<libc::sigaction> {
-    // SAFETY: sigaction with a null new action only reads the current one into `old`, which is a
-    // valid, writable sigaction.
-    unsafe {
-        let mut old: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut old) != 0 {
-            return Err(Error::last_os("sigaction(SIGTRAP) query"));
-        }
-        Ok(old)
-    }
-}
+/// The engine's `SIGTRAP` handler in front of the program's action, which traps that are not
+/// ours are passed to (the one chaining helper of every engine signal: [`Chain`]).
+static CHAIN: Chain = Chain::new(
+    || libc::SIGTRAP,
+    on_sigtrap,
+    libc::SA_ONSTACK | libc::SA_RESTART,
+);
 
 /// Installs the handler unless it is already the active `SIGTRAP` action, keeping whatever was
 /// there to chain to. Called by the writer (under its lock) before every int3 write.
 pub fn install() -> Result<()> {
-    let ours = on_sigtrap as *const () as libc::sighandler_t;
-    let current = current_action()?;
-    if current.sa_sigaction == ours {
-        return Ok(());
-    }
-    // SAFETY: we fill a zeroed sigaction completely (handler, flags, empty mask) and pass valid
-    // pointers; `on_sigtrap` has the SA_SIGINFO signature.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = ours;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        let mut previous: libc::sigaction = std::mem::zeroed();
-        if libc::sigaction(libc::SIGTRAP, &action, &mut previous) != 0 {
-            return Err(Error::last_os("sigaction(SIGTRAP) install"));
-        }
-        // Publish the previous action for chaining; the old one is leaked (a handler may read it).
-        PREVIOUS.store(Box::into_raw(Box::new(previous)), Ordering::Release);
-    }
-    Ok(())
+    CHAIN.install()
 }
 
 extern "C" fn on_sigtrap(
@@ -252,8 +224,8 @@ extern "C" fn on_sigtrap(
     if unsafe { handle_site_trap(info, context) } {
         return;
     }
-    // SAFETY: same pointers, passed on unchanged.
-    unsafe { chain(signal, info, context) }
+    // SAFETY: the kernel's arguments, passed on unchanged from the engine's handler.
+    unsafe { CHAIN.forward(signal, info, context) }
 }
 
 /// Handles a trap at one of our sites; `false` if the trap is not ours.
@@ -312,39 +284,3 @@ unsafe fn handle_site_trap(info: *mut libc::siginfo_t, context: *mut libc::c_voi
     true
 }
 
-/// Passes a trap that is not ours to the previously installed action.
-///
-/// # Safety
-///
-/// The arguments are those the kernel passed to our handler.
-unsafe fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
-    // SAFETY: PREVIOUS is null or a leaked, never-freed sigaction.
-    let previous = unsafe { PREVIOUS.load(Ordering::Acquire).as_ref() };
-    let looped = CHAINING.with(|c| c.replace(true));
-    let handler = match previous {
-        Some(p) if !looped => p.sa_sigaction,
-        _ => libc::SIG_DFL,
-    };
-    if handler == libc::SIG_DFL {
-        // What would have happened without us: the default action (terminate with a core dump),
-        // delivered as soon as this handler returns.
-        // SAFETY: signal and raise are async-signal-safe; SIG_DFL is a valid disposition.
-        unsafe {
-            libc::signal(libc::SIGTRAP, libc::SIG_DFL);
-            libc::raise(libc::SIGTRAP);
-        }
-    } else if handler != libc::SIG_IGN {
-        let flags = previous.map_or(0, |p| p.sa_flags);
-        if flags & libc::SA_SIGINFO != 0 {
-            // SAFETY: the previous action declared SA_SIGINFO, so its handler has this signature.
-            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                unsafe { std::mem::transmute(handler) };
-            f(signal, info, context);
-        } else {
-            // SAFETY: without SA_SIGINFO the handler has the one-argument signature.
-            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
-            f(signal);
-        }
-    }
-    CHAINING.with(|c| c.set(false));
-}
