@@ -58,10 +58,10 @@
 
 pub(crate) mod slots;
 
+use super::signal::Chain;
 use crate::arch::{self, SITE_LEN};
 use crate::error::Result;
 use crate::site::SiteInsn;
-use super::signal::Chain;
 use slots::{Resolution, Slot, Table, WriteEpoch};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
@@ -283,4 +283,3 @@ unsafe fn handle_site_trap(info: *mut libc::siginfo_t, context: *mut libc::c_voi
     }
     true
 }
-
