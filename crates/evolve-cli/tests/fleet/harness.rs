@@ -3,8 +3,6 @@
 //! server under a light checked load, with its own agent socket directory, managed by its own
 //! `evolve node` daemon — driven by the real `evolve fleet` commands.
 
-#![allow(dead_code)]
-
 use evolve_demo::client::{Client, Load, LoadCounters};
 use evolve_demo::server::Server;
 use evolve_demo::workspace::{Flavor, KvWorkspace};

@@ -4,11 +4,9 @@
 //! - an unsigned patch and one signed by an untrusted key: refused by the nodes (and by the
 //!   agents themselves), naming the key and the reason.
 
-mod fleet_harness;
-
+use crate::harness::*;
 use evolve_fleet::model::{NodeReport, Phase, ProcessState, RolloutState};
 use evolve_fleet::store::WatchEvent;
-use fleet_harness::*;
 use std::collections::BTreeSet;
 
 const NODES: usize = 6;

@@ -4,11 +4,9 @@
 //! from etcd's revision history); the operators' page in headless Chromium; a server restarted
 //! afterwards is patched again by its node.
 
-mod fleet_harness;
-
+use crate::harness::*;
 use evolve_fleet::model::{position, NodeReport, ProcessState, RolloutState};
 use evolve_fleet::store::WatchEvent;
-use fleet_harness::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -6,11 +6,9 @@
 //! - etcd restarted and compacted while the nodes are away, with an abort issued meanwhile:
 //!   every node re-lists, obeys the abort and reverts.
 
-mod fleet_harness;
-
+use crate::harness::*;
 use evolve_fleet::model::{position, Phase, ProcessState, RolloutState};
 use evolve_fleet::store::WatchEvent;
-use fleet_harness::*;
 use std::time::Duration;
 
 fn spawn_rollout(
