@@ -47,30 +47,34 @@ use syn::{
 /// ```
 #[proc_macro_attribute]
 pub fn hot(attr: TokenStream, item: TokenStream) -> TokenStream {
+    hot_tokens(attr.into(), item.into())
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
+}
+
+/// `#[evolve::hot]` on `proc_macro2` tokens: what [`hot`] expands to, or the error it reports
+/// (a function of its own so that the refusals are tested without compiling a crate).
+fn hot_tokens(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     // `local`: the futures of async functions need not be `Send`.
     let send = match attr.to_string().as_str() {
         "" => true,
         "local" => false,
         _ => {
-            return syn::Error::new(
+            return Err(syn::Error::new(
                 Span::call_site(),
                 "#[evolve::hot] takes no arguments, or `local` (async functions whose futures \
                  are not Send)",
-            )
-            .to_compile_error()
-            .into()
+            ))
         }
     };
-    let item = parse_macro_input!(item as Item);
-    let result = match item {
+    match syn::parse2::<Item>(item)? {
         Item::Fn(f) => hot_fn(f, send),
         Item::Impl(i) => hot_impl(i, send),
         other => Err(syn::Error::new_spanned(
             other,
             "#[evolve::hot] applies to a function or an inherent impl block",
         )),
-    };
-    result.unwrap_or_else(|e| e.to_compile_error()).into()
+    }
 }
 
 /// Marks a function with the *old* signature of a hot function whose signature a patch changes
@@ -594,4 +598,108 @@ fn hot_impl(mut block: ItemImpl, send: bool) -> syn::Result<TokenStream2> {
         #block
         #module
     })
+}
+
+/// Misuse of `#[evolve::hot]` is an error that says what to do, not a raw compiler error about
+/// generated code: the attribute on a single method (it once gave "associated static items are
+/// not allowed"), the forms it refuses (const and generic functions, trait impls) and arguments
+/// other than `local`. Each error is checked with the tokens it points at: rustc shows the
+/// message under them.
+#[cfg(test)]
+mod tests {
+    use super::hot_tokens;
+    use proc_macro2::TokenStream as TokenStream2;
+
+    /// The error `#[evolve::hot(attr)]` reports on `item`: its message, and the tokens its span
+    /// covers (as the compile error's tokens carry them).
+    fn refusal(attr: &str, item: &str) -> String {
+        let parse = |text: &str| text.parse::<TokenStream2>().expect("valid tokens");
+        match hot_tokens(parse(attr), parse(item)) {
+            Ok(expanded) => panic!("expanded instead of refusing: {expanded}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_argument_other_than_local_is_refused() {
+        let message = refusal(
+            "fast",
+            "pub fn price(quantity: u64) -> u64 { quantity * 10 }",
+        );
+        assert_eq!(
+            message,
+            "#[evolve::hot] takes no arguments, or `local` (async functions whose futures are \
+             not Send)"
+        );
+    }
+
+    #[test]
+    fn a_single_method_is_told_to_use_its_impl_block() {
+        let message = refusal(
+            "",
+            "pub fn bump(&mut self, by: u64) -> u64 { self.total += by; self.total }",
+        );
+        assert!(
+            message.starts_with(
+                "#[evolve::hot] on a single method: put #[evolve::hot] on its impl block instead"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn const_generic_and_trait_impl_forms_are_refused_with_what_to_do() {
+        let cases = [
+            (
+                "pub const fn limit() -> u64 { 1 }",
+                "#[evolve::hot] cannot prepare a const fn: it may be evaluated at compile time",
+            ),
+            (
+                "pub fn largest<T: Ord + Copy>(items: &[T]) -> Option<T> { items.iter().copied().max() }",
+                "#[evolve::hot] cannot prepare a generic function (every instantiation is \
+                 separate code): make a hot non-generic function for each type you need, or a \
+                 hot function taking `&dyn Trait`",
+            ),
+            (
+                "impl Clone for Meter { fn clone(&self) -> Meter { Meter } }",
+                "#[evolve::hot] cannot prepare a trait impl: put it on an inherent impl with the \
+                 methods the trait impl calls",
+            ),
+        ];
+        for (item, expected) in cases {
+            assert_eq!(refusal("", item), expected, "{item}");
+        }
+    }
+
+    /// Where in `item` (one line) the first token spelled `token` starts, and where the error
+    /// of `#[evolve::hot]` on `item` starts: rustc underlines from there.
+    fn error_and_token_columns(item: &str, token: &str) -> (usize, usize) {
+        fn find(stream: TokenStream2, token: &str) -> Option<proc_macro2::Span> {
+            stream.into_iter().find_map(|tree| match tree {
+                proc_macro2::TokenTree::Group(g) => find(g.stream(), token),
+                other if other.to_string() == token => Some(other.span()),
+                _ => None,
+            })
+        }
+        let parse = |text: &str| text.parse::<TokenStream2>().expect("valid tokens");
+        let error = hot_tokens(TokenStream2::new(), parse(item)).unwrap_err();
+        let expected = find(parse(item), token).unwrap_or_else(|| panic!("{token} in {item}"));
+        (error.span().start().column, expected.start().column)
+    }
+
+    #[test]
+    fn the_errors_point_at_the_offending_tokens() {
+        for (item, token) in [
+            ("pub const fn limit() -> u64 { 1 }", "const"),
+            ("pub fn largest<T: Ord>(items: &[T]) -> T { items[0] }", "T"),
+            (
+                "impl Clone for Meter { fn clone(&self) -> Meter { Meter } }",
+                "Clone",
+            ),
+            ("pub fn bump(&mut self) -> u64 { self.total }", "&"),
+        ] {
+            let (error, expected) = error_and_token_columns(item, token);
+            assert_eq!(error, expected, "the error on `{item}` starts at `{token}`");
+        }
+    }
 }
