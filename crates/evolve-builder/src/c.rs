@@ -415,7 +415,9 @@ fn check_reproduced(
     .map_err(|e| {
         Error::new(ErrorKind::NotReproducible {
             detail: format!(
-                "the original {} compiled with `{}` cannot be matched with the running code                  ({e}): the program was built with other flags (gcc does not record -D, -I and                  -U: give them with --cflags) or from another source",
+                "the original {} compiled with `{}` cannot be matched with the running code \
+                 ({e}): the program was built with other flags (gcc does not record -D, -I and \
+                 -U: give them with --cflags) or from another source",
                 unit.name,
                 flags.join(" ")
             ),
