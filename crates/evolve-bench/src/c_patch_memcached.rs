@@ -10,7 +10,7 @@
 //!   `gcc_s`; `build_ratio = build_s / gcc_s`.
 //! - **`apply_ms`** (goal ≤ 50): the agent's time to apply that patch (verify, load, switch:
 //!   the `total_ms` it reports), each apply followed by a revert; `apply_cli_ms` is the same seen
-//!   from the `evolve apply` command (process start and socket round trip included). Baseline:
+//!   from the `evolve apply` command (`apply_first_ms`: the first apply alone) (process start and socket round trip included). Baseline:
 //!   `noop_ms`, the `evolve status` command (a no-op round trip to the agent);
 //!   `apply_ratio = apply_cli_ms / noop_ms`. `attach_ms` is the one attach, for scale.
 //!
@@ -73,7 +73,12 @@ fn stats_version(port: u16) -> Result<String> {
 }
 
 /// `set` then `get` in a loop on each connection; counts requests and wrong replies.
-fn load(port: u16, clients: usize, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> Vec<std::thread::JoinHandle<Result<u64>>> {
+fn load(
+    port: u16,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+) -> Vec<std::thread::JoinHandle<Result<u64>>> {
     (0..clients)
         .map(|c| {
             let (stop, done) = (stop.clone(), done.clone());
@@ -86,7 +91,11 @@ fn load(port: u16, clients: usize, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) 
                 while !stop.load(Relaxed) {
                     i += 1;
                     let value = format!("{c}-{i}");
-                    write!(writer, "set b{c} 0 0 {}\r\n{value}\r\nget b{c}\r\n", value.len())?;
+                    write!(
+                        writer,
+                        "set b{c} 0 0 {}\r\n{value}\r\nget b{c}\r\n",
+                        value.len()
+                    )?;
                     let mut replies = Vec::new();
                     for _ in 0..4 {
                         line.clear();
@@ -124,7 +133,10 @@ fn run_inner(args: &Args) -> Result<Value> {
         .context("the bench's directory")?
         .join("evolve");
     if !evolve.exists() {
-        bail!("{} is missing: cargo build --release -p evolve-cli", evolve.display());
+        bail!(
+            "{} is missing: cargo build --release -p evolve-cli",
+            evolve.display()
+        );
     }
     let work = std::env::temp_dir().join(format!("evolve-bench-memcached-{}", std::process::id()));
     let sockets = work.join("sockets");
@@ -140,7 +152,9 @@ fn run_inner(args: &Args) -> Result<Value> {
         .unrecorded_flags(FILE)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut command = Command::new(&source.binary);
     command.args(["-l", "127.0.0.1", "-t", "4", "-p", &port.to_string()]);
     // memcached refuses to run as root unless told which user to be.
@@ -217,14 +231,19 @@ fn run_inner(args: &Args) -> Result<Value> {
     }
 
     // apply / revert, against a no-op round trip.
-    let (mut apply_ms, mut apply_cli_ms, mut revert_ms, mut noop_ms) = (vec![], vec![], vec![], vec![]);
+    let (mut apply_ms, mut apply_cli_ms, mut revert_ms, mut noop_ms) =
+        (vec![], vec![], vec![], vec![]);
     let mut errors = 0u64;
     for _ in 0..args.runs.max(1) {
         let (_, ms) = cli(&["status", &p])?;
         noop_ms.push(ms);
         let (applied, ms) = cli(&["apply", &p, patch.to_str().context("a UTF-8 path")?])?;
         apply_cli_ms.push(ms);
-        apply_ms.push(applied["total_ms"].as_f64().context("total_ms in apply's answer")?);
+        apply_ms.push(
+            applied["total_ms"]
+                .as_f64()
+                .context("total_ms in apply's answer")?,
+        );
         errors += u64::from(stats_version(port)? != format!("{original}-evolve"));
         let (_, ms) = cli(&["revert", &p])?;
         revert_ms.push(ms);
@@ -239,6 +258,8 @@ fn run_inner(args: &Args) -> Result<Value> {
             .unwrap_or(1);
     }
     let _ = std::fs::remove_dir_all(&work);
+    // The first apply loads the patch's code for the first time (later ones reuse pages).
+    let apply_first = apply_ms.first().copied().unwrap_or_default();
     let (build, gcc) = (median(&mut build_s), median(&mut gcc_s));
     let (apply, apply_cli, noop) = (
         median(&mut apply_ms),
@@ -258,6 +279,7 @@ fn run_inner(args: &Args) -> Result<Value> {
         "build_ratio": round3(build / gcc),
         "carried": carried,
         "apply_ms": round3(apply),
+        "apply_first_ms": round3(apply_first),
         "apply_cli_ms": round3(apply_cli),
         "revert_cli_ms": round3(median(&mut revert_ms)),
         "noop_ms": round3(noop),

@@ -718,7 +718,12 @@ fn show_object_report(
         // A C program's units are found in its DWARF, and compiled by gcc, not cargo.
         let c_program = c.found_by == "DW_AT_producer";
         if c_program {
-            outln!("program: {} (C units {} found by {})", c.bin, c.unit, c.found_by);
+            outln!(
+                "program: {} (C units {} found by {})",
+                c.bin,
+                c.unit,
+                c.found_by
+            );
         } else {
             outln!(
                 "program: {} of {} (profile {}, features [{}]; cargo unit {} found by {})",

@@ -108,9 +108,12 @@ impl MemcachedSource {
     pub fn unrecorded_flags(&self, file: &str) -> Result<Vec<String>, Unavailable> {
         let stem = file.trim_end_matches(".c");
         let out = run(
-            Command::new("make")
-                .current_dir(&self.tree)
-                .args(["-n", "-W", file, &format!("memcached-{stem}.o")]),
+            Command::new("make").current_dir(&self.tree).args([
+                "-n",
+                "-W",
+                file,
+                &format!("memcached-{stem}.o"),
+            ]),
             "make -n",
         )?;
         let line = out
