@@ -9,8 +9,9 @@
 //!   run, alternating with it: gcc compiling that translation unit once with the same flags,
 //!   `gcc_s`; `build_ratio = build_s / gcc_s`.
 //! - **`apply_ms`** (goal ≤ 50): the agent's time to apply that patch (verify, load, switch:
-//!   the `total_ms` it reports), each apply followed by a revert; `apply_cli_ms` is the same seen
-//!   from the `evolve apply` command (`apply_first_ms`: the first apply alone) (process start and socket round trip included). Baseline:
+//!   the `total_ms` it reports), each apply followed by a revert; `apply_first_ms` is the
+//!   first apply alone (its code loaded for the first time); `apply_cli_ms` is an apply seen
+//!   from the `evolve apply` command (process start and socket round trip included). Baseline:
 //!   `noop_ms`, the `evolve status` command (a no-op round trip to the agent);
 //!   `apply_ratio = apply_cli_ms / noop_ms`. `attach_ms` is the one attach, for scale.
 //!
