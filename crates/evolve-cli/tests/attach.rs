@@ -11,20 +11,13 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc};
 use std::time::{Duration, Instant};
 
 /// After detach, the target's resident memory may exceed its level before attach by at most
 /// this much: the agent object stays mapped (its code pages that ran), plus its threads' stacks
 /// and allocator arenas touched while serving.
 const RSS_BOUND_KIB: u64 = 48 * 1024;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = evolve_testkit::scratch().join("attach").join(name);
