@@ -86,17 +86,18 @@ fn load(
             std::thread::spawn(move || -> Result<u64> {
                 let stream = TcpStream::connect(("127.0.0.1", port))?;
                 stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                stream.set_nodelay(true)?;
                 let mut writer = stream.try_clone()?;
                 let mut reader = BufReader::new(stream);
                 let (mut wrong, mut line, mut i) = (0u64, String::new(), 0u64);
                 while !stop.load(Relaxed) {
                     i += 1;
                     let value = format!("{c}-{i}");
-                    write!(
-                        writer,
-                        "set b{c} 0 0 {}\r\n{value}\r\nget b{c}\r\n",
-                        value.len()
-                    )?;
+                    // One write per round: `write!` would send each piece in its own segment, held by
+                    // Nagle's algorithm for the server's delayed acknowledgement.
+                    let request =
+                        format!("set b{c} 0 0 {}\r\n{value}\r\nget b{c}\r\n", value.len());
+                    writer.write_all(request.as_bytes())?;
                     let mut replies = Vec::new();
                     for _ in 0..4 {
                         line.clear();
