@@ -264,7 +264,7 @@ impl Load {
                             other => fail(format!("get {key}: {other:?}, expected {value}")),
                         }
                         requests.fetch_add(2, Relaxed);
-                        if round % 10 == 0 {
+                        if round.is_multiple_of(10) {
                             let version = client.stat("version")?;
                             requests.fetch_add(1, Relaxed);
                             match names.iter().position(|n| Some(n) == version.as_ref()) {
