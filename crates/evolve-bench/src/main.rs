@@ -13,6 +13,7 @@ mod build_patch_time;
 mod c_call_overhead;
 mod c_lock_elision;
 mod c_multiverse_spinlock;
+mod c_patch_memcached;
 mod c_programs;
 mod call_overhead;
 mod demo;
@@ -99,6 +100,9 @@ enum Scenario {
     /// C multiverse: musl-style single-threaded lock elision (fputc, malloc) against always
     /// locking (`--iters`, `--runs`, `--only`).
     CLockElision(Raw),
+    /// C: a one-function change of memcached built from Debian's source: `evolve build-patch`
+    /// against gcc compiling that unit, apply against a no-op agent round trip (`--runs`).
+    CPatchMemcached(c_patch_memcached::Args),
     /// Probes: the cost per call of a probe (`--kind count|hist|latency`) on an unprepared
     /// function, against the same function unprobed.
     ProbeOverhead(probe_overhead::Args),
@@ -141,6 +145,7 @@ fn main() {
         Scenario::CCallOverhead(raw) => c_call_overhead::run(&raw.args),
         Scenario::CMultiverseSpinlock(raw) => c_multiverse_spinlock::run(&raw.args),
         Scenario::CLockElision(raw) => c_lock_elision::run(&raw.args),
+        Scenario::CPatchMemcached(args) => c_patch_memcached::run(args),
     };
     if let Ok(record) = &result {
         if !matches!(

@@ -185,8 +185,16 @@ impl Program {
             if let (true, Some(file)) = (local, &source_file) {
                 local_files.insert(symbol.st_value(endian), file.clone());
             }
+            // A library's variable copied into the executable (`stderr`, `optarg`: a copy
+            // relocation) is named with its version in `.symtab` (`stderr@GLIBC_2.2.5`); a
+            // patch's reference names it without, and binds to this copy as the library does.
+            let name = String::from_utf8_lossy(name);
+            let name = name.split('@').next().unwrap_or_default();
+            if name.is_empty() {
+                continue;
+            }
             symbols
-                .entry(String::from_utf8_lossy(name).into_owned())
+                .entry(name.to_string())
                 .or_default()
                 .push(Definition {
                     address: symbol.st_value(endian),

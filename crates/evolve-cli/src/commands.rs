@@ -715,19 +715,31 @@ fn show_object_report(
     });
     print(json, &out, || {
         let c = &report.configuration;
+        // A C program's units are found in its DWARF, and compiled by gcc, not cargo.
+        let c_program = c.found_by == "DW_AT_producer";
+        if c_program {
+            outln!(
+                "program: {} (C units {} found by {})",
+                c.bin,
+                c.unit,
+                c.found_by
+            );
+        } else {
+            outln!(
+                "program: {} of {} (profile {}, features [{}]; cargo unit {} found by {})",
+                c.bin,
+                c.package,
+                c.profile,
+                c.features.join(", "),
+                c.unit,
+                c.found_by
+            );
+        }
         outln!(
-            "program: {} of {} (profile {}, features [{}]; cargo unit {} found by {})",
-            c.bin,
-            c.package,
-            c.profile,
-            c.features.join(", "),
-            c.unit,
-            c.found_by
-        );
-        outln!(
-            "compared {} functions with the running code ({:.1} s of cargo, {:.2} s of comparison)",
+            "compared {} functions with the running code ({:.1} s of {}, {:.2} s of comparison)",
             report.compared,
             report.compile_seconds,
+            if c_program { "gcc" } else { "cargo" },
             report.compare_seconds
         );
         match &report.output {

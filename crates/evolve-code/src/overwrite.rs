@@ -27,7 +27,7 @@
 #![allow(unsafe_code)]
 
 use crate::arch::SITE_LEN;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::sys::memory::{self, Mapping};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
 use std::ops::Range;
@@ -181,20 +181,29 @@ pub(crate) fn entry_bytes(
     Ok(EntryBytes { covered, original })
 }
 
-/// Reads `len` bytes of code at `address`, which must lie in one readable executable mapping
-/// of `maps` (the process's mappings, read by the caller once for many functions).
+/// Reads `len` bytes of code at `address`, which must lie in readable executable mappings of
+/// `maps` (the process's mappings, read by the caller once for many functions).
+///
+/// One function may span several adjacent mappings: writing code splits the executable's text
+/// mapping at the pages written (each becomes a private copy the kernel may keep in a mapping
+/// of its own), so after a patch and its revert a function that crosses a page boundary lies
+/// in two — the next apply of memcached's `server_stats` did.
 pub(crate) fn read_code(maps: &[Mapping], address: usize, len: usize) -> Result<Vec<u8>> {
-    let mapping = memory::mapping_containing(maps, address)
-        .filter(|m| m.protection.exec && m.protection.read)
+    let end = address
+        .checked_add(len)
+        .filter(|_| len > 0)
         .ok_or(ErrorKind::NotExecutable { address })?;
-    if len == 0 || address + len > mapping.range.end {
-        return Err(Error::new(ErrorKind::NotExecutable {
-            address: address + len.saturating_sub(1),
-        }));
+    let mut next = address;
+    while next < end {
+        let mapping = memory::mapping_containing(maps, next)
+            .filter(|m| m.protection.exec && m.protection.read)
+            .ok_or(ErrorKind::NotExecutable { address: next })?;
+        next = mapping.range.end;
     }
-    Ok((address..address + len)
-        // SAFETY: the range lies inside one readable mapping (checked above); code bytes are
-        // read with volatile loads, as the engine may rewrite sites concurrently.
+    Ok((address..end)
+        // SAFETY: every byte of the range lies in a readable mapping (the loop above walked
+        // them without a gap); code bytes are read with volatile loads, as the engine may
+        // rewrite sites concurrently.
         .map(|a| unsafe { std::ptr::read_volatile(a as *const u8) })
         .collect())
 }
@@ -207,6 +216,27 @@ mod tests {
 
     fn check(code: &[u8], size: usize) -> std::result::Result<EntryBytes, String> {
         entry_bytes(code, AT, size)
+    }
+
+    /// This test binary's own code, described as two adjacent mappings (as after a write split
+    /// the text mapping), then with a hole.
+    #[test]
+    fn code_is_read_across_adjacent_mappings_and_not_across_a_hole() {
+        let maps = memory::mappings().unwrap();
+        let here = code_is_read_across_adjacent_mappings_and_not_across_a_hole as fn() as usize;
+        let text = memory::mapping_containing(&maps, here).unwrap();
+        let (start, end) = (text.range.start, text.range.end);
+        // A range of 64 bytes around a point of the text mapping, split at that point.
+        let split = (here & !0xfff).max(start + 64).min(end - 64);
+        let protection = text.protection;
+        let piece = |range: std::ops::Range<usize>| Mapping { range, protection };
+        let whole = read_code(&maps, split - 32, 64).unwrap();
+        let two = [piece(start..split), piece(split..end)];
+        assert_eq!(read_code(&two, split - 32, 64).unwrap(), whole);
+        let hole = [piece(start..split), piece(split + 1..end)];
+        let e = read_code(&hole, split - 32, 64).unwrap_err();
+        assert!(e.to_string().contains(&format!("{split:#x}")), "{e}");
+        assert!(read_code(&two, split, 0).is_err());
     }
 
     #[test]

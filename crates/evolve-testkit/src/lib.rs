@@ -26,6 +26,8 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+pub mod memcached;
+
 /// The number of threads a stress test runs calls on: `EVOLVE_STRESS_THREADS` (default 4).
 ///
 /// Every stress test of the workspace reads it here, so one variable oversubscribes them all

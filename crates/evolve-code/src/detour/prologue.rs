@@ -16,18 +16,8 @@ pub struct Prologue {
 }
 
 pub(super) fn read_code(address: usize, len: usize) -> Result<Vec<u8>> {
-    let maps = memory::mappings()?;
-    for byte in [address, address + len - 1] {
-        match memory::mapping_containing(&maps, byte) {
-            Some(m) if m.protection.exec && m.protection.read => {}
-            _ => return Err(Error::new(ErrorKind::NotExecutable { address: byte })),
-        }
-    }
-    Ok((0..len)
-        // SAFETY: both ends lie in one readable executable mapping (checked above; a function
-        // does not span mappings), so every byte between is readable.
-        .map(|i| unsafe { std::ptr::read_volatile((address + i) as *const u8) })
-        .collect())
+    // A function may span several mappings (see overwrite::read_code).
+    crate::overwrite::read_code(&memory::mappings()?, address, len)
 }
 
 fn show(insn: &Instruction) -> String {
