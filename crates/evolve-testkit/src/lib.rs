@@ -67,12 +67,13 @@ pub fn target_dir() -> PathBuf {
 /// Builds the agent shared object `evolve attach` loads (`libevolve_attach_agent.so`, next to
 /// the `evolve` binary `evolve_binary`) once per test process, and returns its path.
 ///
-/// It builds `--workspace --all-targets`, the units `cargo test --workspace` builds, in the
-/// profile of `evolve_binary`'s directory: under the README's test command everything else is
-/// already fresh and only the agent is linked. Building `-p evolve-agent-so` alone resolves the
-/// dependencies' features for that package only (no dev-dependencies, fewer users of `libc`,
-/// `serde`, `syn`, …) and compiled much of the dependency graph a second time: ~9 minutes of a
-/// 2-core CI run.
+/// It builds the workspace's libraries, binaries, tests and examples — the units `cargo test
+/// --workspace` builds — in the profile of `evolve_binary`'s directory: under the README's test
+/// command everything else is already fresh and only the agent is linked. Building `-p
+/// evolve-agent-so` alone resolved the dependencies' features for that package only and
+/// compiled much of the dependency graph a second time (~9 minutes of a 2-core CI run); and
+/// `--all-targets` would add `--benches`, which builds every library and binary as a benchmark
+/// harness, even those with `test = false` (3 minutes).
 ///
 /// ```no_run
 /// let evolve = std::path::Path::new("target/release/evolve");
@@ -90,7 +91,8 @@ pub fn attach_agent(evolve_binary: &Path) -> PathBuf {
             let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
             cargo
                 .current_dir(repository())
-                .args(["build", "-q", "--workspace", "--all-targets"]);
+                .args(["build", "-q", "--workspace", "--lib", "--bins", "--tests"])
+                .arg("--examples");
             if profile_dir.ends_with("release") {
                 cargo.arg("--release");
             }
